@@ -1,0 +1,33 @@
+# Two user commands: `make demo` and `make test`. Both create .venv (Python 3.11) on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so that nothing resolves a CUDA build of it.
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import importlib.util,sys; sys.exit('transformer_engine must not be installed on a CPU machine' if importlib.util.find_spec('transformer_engine') and not __import__('torch').cuda.is_available() else 0)"
+	touch $(STAMP)
+
+# Train the tiny preset on built-in synthetic data and report the loss curve.
+demo: venv
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 1 magi_train/train.py experiment=tiny
+
+# The whole suite: fast unit tests plus the slow end-to-end tests.
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) outputs runs wandb .pytest_cache

@@ -1,0 +1,1 @@
+"""magi: train and serve MAGI-1-class autoregressive video diffusion models."""

@@ -1,0 +1,309 @@
+"""The released MAGI-1 DiT weight format: safetensors shards, optionally zstd-compressed.
+
+A checkpoint is a directory (``inference_weight/`` in the official release) holding either
+
+* ``model.safetensors.index.json`` -- ``{"metadata": {"total_size": N}, "weight_map": {key: shard}}``
+  -- plus the shard files it names, or
+* a single ``model.safetensors``.
+
+Any safetensors file ``X`` may be shipped as ``X.zst`` instead; it is then decompressed with the
+``zstd`` command-line tool into memory. Our model's state-dict keys equal the official ones, so
+no renaming happens here, and stored dtypes are kept exactly (bf16 stays bf16, fp32 stays fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_ZST_SUFFIX = ".zst"
+_LIST_LIMIT = 10  # how many offending keys an error message shows per category
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_magi1_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a MAGI-1 checkpoint directory, on CPU, in index order, dtypes as stored."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"MAGI-1 checkpoint directory {directory} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"MAGI-1 checkpoint {directory} is not a directory")
+
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        return _load_indexed(directory, _read_weight_map(index_path))
+    single = directory / SINGLE_NAME
+    if single.is_file() or _zst(single).is_file():
+        return _load_safetensors(single)
+
+    present = sorted(p.name for p in directory.iterdir())
+    shown = ", ".join(present[:_LIST_LIMIT]) + (", ..." if len(present) > _LIST_LIMIT else "")
+    raise FileNotFoundError(
+        f"MAGI-1 checkpoint directory {directory} has neither {INDEX_NAME} nor {SINGLE_NAME}[{_ZST_SUFFIX}]"
+        + (f" (it contains: {shown})" if present else " (it is empty)")
+    )
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        # json.loads would silently keep the last of two equal keys, hiding a broken index.
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{index_path}: key {key!r} appears more than once")
+            seen[key] = value
+        return seen
+
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no non-empty 'weight_map' object")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or os.path.basename(shard) != shard:
+            raise ValueError(f"{index_path}: key {key!r} maps to {shard!r}, which is not a file name")
+    return weight_map
+
+
+def _load_indexed(directory: Path, weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    index_path = directory / INDEX_NAME
+    wanted_by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        wanted_by_shard.setdefault(shard, []).append(key)
+
+    loaded: dict[str, torch.Tensor] = {}
+    for shard, wanted in wanted_by_shard.items():
+        shard_path = directory / shard
+        if not shard_path.is_file() and not _zst(shard_path).is_file():
+            raise FileNotFoundError(
+                f"{index_path} names shard {shard}, "
+                f"but neither {shard_path} nor {_zst(shard_path).name} exists"
+            )
+        tensors = _load_safetensors(shard_path)
+        for key in wanted:
+            if key not in tensors:
+                raise ValueError(
+                    f"{index_path} puts {key!r} in {shard_path}, but that shard does not contain it"
+                )
+        for key in tensors:
+            home = weight_map.get(key)
+            if home is None:
+                raise ValueError(f"{shard_path} contains {key!r}, which {index_path} does not list")
+            if home != shard:
+                raise ValueError(f"{key!r} is stored in both {shard_path} and {directory / home}")
+        loaded.update(tensors)
+    # Return keys in index order (shards were read grouped, which may interleave differently).
+    return {key: loaded[key] for key in weight_map}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read ``path``, or ``path.zst`` when only the compressed file is there."""
+    try:
+        if path.is_file():
+            return safetensors.torch.load_file(path, device="cpu")
+        compressed = _zst(path)
+        return safetensors.torch.load(_zstd_decompress(compressed))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def _zstd_decompress(path: Path) -> bytes:
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise RuntimeError(
+            f"{path} is zstd-compressed but the 'zstd' command-line tool is not installed "
+            f"(e.g. apt-get install zstd), or decompress it yourself: zstd -d {path}"
+        )
+    result = subprocess.run([zstd, "-d", "-c", "-q", str(path)], capture_output=True, check=False)
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        raise ValueError(f"zstd could not decompress {path} (exit {result.returncode}): {message}")
+    return result.stdout
+
+
+def _zst(path: Path) -> Path:
+    return path.with_name(path.name + _ZST_SUFFIX)
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_magi1_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    directory: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``state_dict`` as sharded safetensors plus an index, replacing ``directory`` atomically.
+
+    Shards are filled greedily in key order; a tensor larger than ``max_shard_bytes`` gets a shard
+    of its own. An existing ``directory`` is replaced only if it holds nothing but checkpoint files,
+    so a mistyped path cannot wipe unrelated data.
+    """
+    directory = Path(directory)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if not state_dict:
+        raise ValueError(f"refusing to write an empty state dict to {directory}")
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"state dict entry {key!r} must map a str to a Tensor, got {type(tensor).__name__}"
+            )
+    if directory.exists():
+        _check_replaceable(directory)
+
+    shards = _plan_shards(state_dict, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp_", dir=directory.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        for name, keys in zip(names, shards):
+            _write_shard(tmp / name, {key: state_dict[key] for key in keys})
+            weight_map.update({key: name for key in keys})
+        index = {
+            "metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values())},
+            "weight_map": {key: weight_map[key] for key in state_dict},
+        }
+        with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, tensor in state_dict.items():
+        size = _nbytes(tensor)
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    return shards
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors rejects non-contiguous tensors and tensors sharing storage (views, tied
+    # weights), so every tensor that is not the sole owner of its memory is copied.
+    prepared: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen_storage or storage.nbytes() != _nbytes(tensor):
+            tensor = tensor.clone()
+            storage = tensor.untyped_storage()
+        seen_storage.add(storage.data_ptr())
+        prepared[key] = tensor
+    safetensors.torch.save_file(prepared, path, metadata={"format": "pt"})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _check_replaceable(directory: Path) -> None:
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; not overwriting it")
+    foreign = [
+        p.name
+        for p in directory.iterdir()
+        if not (p.is_file() and p.name.startswith("model") and (".safetensors" in p.name))
+    ]
+    if foreign:
+        raise FileExistsError(
+            f"{directory} already exists and holds files that are not MAGI-1 checkpoint files "
+            f"({', '.join(sorted(foreign)[:_LIST_LIMIT])}); not overwriting it"
+        )
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Rename ``tmp`` to ``directory``, keeping any old ``directory`` until the rename succeeded."""
+    aside: Path | None = None
+    if directory.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old_", dir=directory.parent))
+        aside.rmdir()
+        os.rename(directory, aside)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, directory)
+        raise
+    _fsync_dir(directory.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def check_state_dict(
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]],
+    got: dict[str, torch.Tensor],
+    source: str | Path,
+) -> None:
+    """Raise a ``ValueError`` describing every way ``got`` (read from ``source``) misses ``expected``.
+
+    ``expected`` maps each key to ``(shape, dtype)``; a dtype of None accepts any dtype.
+    """
+    missing = [key for key in expected if key not in got]
+    unexpected = [key for key in got if key not in expected]
+    shape_errors: list[str] = []
+    dtype_errors: list[str] = []
+    for key, (shape, dtype) in expected.items():
+        if key not in got:
+            continue
+        tensor = got[key]
+        if tuple(tensor.shape) != tuple(shape):
+            shape_errors.append(f"{key}: expected {tuple(shape)}, checkpoint has {tuple(tensor.shape)}")
+        if dtype is not None and tensor.dtype != dtype:
+            dtype_errors.append(f"{key}: expected {dtype}, checkpoint has {tensor.dtype}")
+
+    sections = [
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shape_errors),
+        ("dtype mismatches", dtype_errors),
+    ]
+    lines = []
+    for title, items in sections:
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines.extend(f"    {item}" for item in items[:_LIST_LIMIT])
+            if len(items) > _LIST_LIMIT:
+                lines.append(f"    ... and {len(items) - _LIST_LIMIT} more")
+    if lines:
+        raise ValueError(f"state dict from {source} does not match the model:\n" + "\n".join(lines))

@@ -1,0 +1,280 @@
+"""Training checkpoints for a single process, written so that a crash never costs the last good one.
+
+Layout under ``root`` (one directory per checkpoint, so per-rank shards can be added later):
+
+    step_00001000/
+        model.pt, optimizer.pt, ...    one ``torch.save`` file per top-level key of the state
+        complete.json                  written last: step, time, and size + sha256 of every file
+    .tmp_new_00002000_<pid>_<rand>/    a save in progress, or one a crash interrupted
+
+A directory counts as a checkpoint only when it has its final ``step_*`` name and a marker whose
+files all exist with the recorded sizes. The final name appears through one ``os.rename`` of a
+fully written, fsynced directory, so readers see either the whole checkpoint or none of it.
+
+One manager per root at a time: construction deletes ``.tmp_*`` directories it thinks are stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARKER_NAME = "complete.json"
+MARKER_FORMAT = "magi-train-checkpoint"
+MARKER_VERSION = 1
+
+_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+# A state key becomes a file name, so keep it to characters that are safe everywhere.
+_STATE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_TMP_PREFIX = ".tmp_"
+_NEW_PREFIX = ".tmp_new_"  # being written
+_OLD_PREFIX = ".tmp_old_"  # a same-step checkpoint moved aside while its replacement goes in
+_DEL_PREFIX = ".tmp_del_"  # pruned; renamed first so a half-deleted dir is never taken for a checkpoint
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files disagree with its ``complete.json`` marker (or the marker is unreadable)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int) -> None:
+        self.root = Path(root)
+        self.keep_last = int(keep_last)  # <= 0 keeps every checkpoint
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._recover_interrupted()
+
+    # ------------------------------------------------------------------ writing
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` as checkpoint ``step`` atomically, then prune old ones. Returns its path."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        if not state:
+            raise ValueError("refusing to save an empty checkpoint state")
+        for key in state:
+            if not isinstance(key, str) or not _STATE_KEY_RE.match(key):
+                raise ValueError(
+                    f"state key {key!r} cannot be a file name; use letters, digits, '_', '.', '-'"
+                )
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
+        try:
+            self._write_files(tmp, step, state)
+            final = self._install(tmp, step)
+        except BaseException:
+            # Only our own unfinished temp dir is removed; anything already installed stays.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune(keep=final)
+        return final
+
+    def _write_files(self, tmp: Path, step: int, state: dict[str, Any]) -> None:
+        files: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            name = f"{key}.pt"
+            path = tmp / name
+            with open(path, "wb") as f:
+                torch.save(value, f)
+                f.flush()
+                os.fsync(f.fileno())
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        marker = {
+            "format": MARKER_FORMAT,
+            "version": MARKER_VERSION,
+            "step": step,
+            "time": time.time(),
+            "files": files,
+        }
+        # The marker goes last: its presence is what makes the directory a checkpoint.
+        with open(tmp / MARKER_NAME, "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+
+    def _install(self, tmp: Path, step: int) -> Path:
+        final = self.root / step_dir_name(step)
+        aside: Path | None = None
+        if final.exists():
+            # Re-saving a step: keep the old copy until the new one holds the name.
+            aside = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
+            aside.rmdir()
+            os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        _fsync_dir(self.root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints; never the one just written.
+
+        ``keep`` is protected because after a rewind (resuming from an earlier step) the new
+        checkpoint can have a lower step than older ones still on disk.
+        """
+        if self.keep_last <= 0:
+            return
+        complete = self.checkpoints()
+        doomed = [p for p in complete[: max(len(complete) - self.keep_last, 0)] if p != keep]
+        for path in doomed:
+            trash = Path(tempfile.mkdtemp(prefix=f"{_DEL_PREFIX}{path.name}_", dir=self.root))
+            trash.rmdir()
+            os.rename(path, trash)
+            _fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _recover_interrupted(self) -> None:
+        """Finish or discard what a crashed save left in ``root``.
+
+        A complete temp dir whose step has no final dir is the only copy of that checkpoint (the
+        crash hit between moving the old copy aside and renaming the new one in), so it is promoted
+        rather than deleted. Everything else under ``.tmp_*`` is debris.
+        """
+        survivors: dict[int, list[tuple[float, Path]]] = {}
+        for entry in sorted(self.root.iterdir()):
+            if not entry.name.startswith(_TMP_PREFIX) or not entry.is_dir():
+                continue
+            marker = None
+            if not entry.name.startswith(_DEL_PREFIX):
+                try:
+                    marker = _verify(entry, check_hashes=False)
+                except (OSError, ValueError):
+                    marker = None
+            if marker is None:
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                survivors.setdefault(marker["step"], []).append((float(marker["time"]), entry))
+        for step, found in survivors.items():
+            found.sort(key=lambda item: item[0])
+            final = self.root / step_dir_name(step)
+            if not final.exists():
+                os.rename(found.pop()[1], final)  # the newest save of that step wins
+                _fsync_dir(self.root)
+            for _, entry in found:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints under root, oldest step first (sizes checked, hashes not)."""
+        found: list[tuple[int, Path]] = []
+        for entry in self.root.iterdir():
+            match = _STEP_DIR_RE.match(entry.name)
+            if match is None or not entry.is_dir():
+                continue
+            try:
+                marker = _verify(entry, check_hashes=False)
+            except (OSError, ValueError):
+                continue
+            if marker["step"] == int(match.group(1)):
+                found.append((marker["step"], entry))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        complete = self.checkpoints()
+        return complete[-1] if complete else None
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`save`, after checking every file's sha256."""
+        path = Path(path)
+        marker = _verify(path, check_hashes=True)
+        state: dict[str, Any] = {}
+        for name in marker["files"]:
+            if name.endswith(".pt"):
+                # weights_only=False: our own files hold RNG states and plain Python objects.
+                state[name[: -len(".pt")]] = torch.load(path / name, map_location="cpu", weights_only=False)
+        return state
+
+    def resolve_resume(self, spec: str) -> Path | None:
+        """``"none"`` -> None, ``"auto"`` -> newest complete checkpoint or None, else a checkpoint path."""
+        if spec == "none":
+            return None
+        if spec == "auto":
+            return self.latest()
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+        if not path.is_dir():
+            raise NotADirectoryError(f"resume checkpoint {path} is not a directory")
+        _verify(path, check_hashes=False)
+        return path
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The parsed ``complete.json`` of checkpoint ``path``; raises if absent or malformed."""
+    path = Path(path)
+    marker_path = path / MARKER_NAME
+    if not marker_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} has no {MARKER_NAME}: it is incomplete (interrupted save?) "
+            "or not a checkpoint directory"
+        )
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{marker_path} is not valid JSON: {e}") from e
+    if (
+        not isinstance(marker, dict)
+        or marker.get("format") != MARKER_FORMAT
+        or not isinstance(marker.get("step"), int)
+        or not isinstance(marker.get("time"), (int, float))
+        or not isinstance(marker.get("files"), dict)
+        or not all(
+            isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str)
+            for info in marker["files"].values()
+        )
+    ):
+        raise CorruptCheckpointError(f"{marker_path} is not a {MARKER_FORMAT} marker")
+    return marker
+
+
+def _verify(path: Path, check_hashes: bool) -> dict[str, Any]:
+    """Check ``path`` against its marker and return the marker; raise naming the first bad file."""
+    marker = read_marker(path)
+    for name, info in marker["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} is missing {name} (listed in {MARKER_NAME})")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CorruptCheckpointError(
+                f"checkpoint file {file} has {size} bytes, {MARKER_NAME} says {info['size']} (truncated?)"
+            )
+        if check_hashes and _sha256(file) != info["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint file {file} does not match its sha256 in {MARKER_NAME}")
+    return marker
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (new names, renames) so they survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,147 @@
+"""Typed configuration schemas.
+
+Every knob of the trainer is a field here; Hydra merges the YAML presets under `conf/` into these
+dataclasses, so an unknown key or a value of the wrong type fails at composition time with the full key
+name. Constraints between fields are checked by `validate()` (see `validate.py`), which also names the
+field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """The DiT. Field names follow the released MAGI-1 `ModelConfig` so presets can be read side by side."""
+
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 256
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 2
+    num_query_groups: int = 1  # GQA: number of KV heads
+    kv_channels: int = 128  # head dim; must be >= 96 because RoPE rotates the first 96 dims
+    layernorm_epsilon: float = 1e-6
+    apply_layernorm_1p: bool = True  # q/k/post/final norms store gamma - 1
+    x_rescale_factor: float = 1.0  # input is multiplied by it, output divided (24B: 0.1)
+    half_channel_vae: bool = False  # 16-channel latent duplicated to 32 input channels (24B)
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the residual stream
+    patch_size: int = 2
+    t_patch_size: int = 1
+    in_channels: int = 16
+    out_channels: int = 16
+    cond_hidden_ratio: float = 0.25  # width of the timestep / adaLN condition = hidden * ratio
+    caption_channels: int = 4096  # T5 width
+    caption_max_length: int = 800  # rows of the learned null caption
+    xattn_cond_hidden_ratio: float = 1.0
+    cond_gating_ratio: float = 1.0
+    gated_linear_unit: bool = False  # SwiGLU (24B) instead of GELU (4.5B)
+    # Step-size ("shortcut") embedding of distilled models: t_emb += t_embedder(dt).
+    distill: bool = False
+    # The released checkpoints interleave [self | cross] attention outputs in 8 groups before
+    # linear_proj (their TP8 training layout); kept configurable only for tiny test models.
+    proj_interleave_groups: int = 8
+    null_caption_length: int = 50  # valid rows of the null caption's cross-attention mask
+    chunk_width: int = 6  # latent frames per chunk
+    rope_temperature: float = 10000.0
+    rope_reference_tokens: int = 16  # RoPE grid rescaled to a 16x16-token reference (256^2 pixels)
+    timestep_rescale_factor: float = 1000.0
+    # Which implementation of the layers: "local" = megatron-core tensor-parallel layers + torch
+    # attention (CPU, exact); "te" = Transformer Engine (GPU only, not in this release).
+    layer_spec: str = "local"
+    # Core attention kernel: "torch" (per-range fp32 softmax, exact on CPU) or "sdpa" (one masked SDPA).
+    attention_backend: str = "torch"
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+    pipeline_parallel: int = 1
+    # Data parallel size is world_size / (tp * cp * pp); -1 means "whatever is left".
+    data_parallel: int = -1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # only the built-in synthetic moving-blob dataset in this release
+    num_samples: int = 4096  # size of one synthetic epoch
+    chunks_per_sample: int = 2
+    latent_frames_per_chunk: int = 6  # must equal model.chunk_width
+    latent_height: int = 8
+    latent_width: int = 8
+    latent_channels: int = 16
+    num_blobs: int = 1
+    caption_length: int = 32  # text tokens per caption row (padded; must be <= model.caption_max_length)
+    micro_batch_size: int = 2
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching with MAGI-1's conventions: t = 0 is noise, t = 1 is clean."""
+
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 0.5
+    t_shift: float = 1.0 / 3.0  # SD3-style shift w: t' = w t / (1 - (1 - w) t)
+    # Probability that a sample's leading chunks are clean context (video continuation); the
+    # number of clean chunks is then uniform in [1, chunks_per_sample - 1]. Loss skips them.
+    clean_prefix_prob: float = 0.25
+    # Clean chunks get up to 5% noise (MAGI-1 report: exposure bias): t ~ U[clean_t_min, 1].
+    clean_t_min: float = 0.95
+    caption_dropout: float = 0.1  # rows replaced by the learned null caption (for CFG)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1.0e-4
+    min_lr: float = 1.0e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 1000
+    decay: str = "constant"  # constant | cosine | linear (after warm-up, down to min_lr at decay_steps)
+    decay_steps: int = 0  # 0 = trainer.max_steps
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "magi"
+    name: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 1
+    save_every: int = 0  # 0 disables periodic checkpoints
+    keep_last: int = 2
+    resume: str = "none"  # none | auto | <path to a checkpoint directory>
+    output_dir: str = "runs/default"
+    progress_bar: bool = True
+    deterministic: bool = True  # torch deterministic algorithms (CPU runs are then bit-reproducible)
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experiment: Optional[str] = None
+    tags: List[str] = field(default_factory=list)

@@ -1,0 +1,250 @@
+"""Cross-field checks of a composed `TrainConfig`.
+
+Hydra and OmegaConf already reject unknown keys and values of the wrong type; what they cannot see is a
+value that is fine on its own but wrong next to another one (hidden size vs. heads x head dim, latent
+size vs. patch size, ...). `validate()` checks those, collects every problem, and raises a single
+`ConfigError` whose lines each name the offending field(s) and their values.
+
+The checks run on the plain dataclasses and touch nothing outside them (no file system, no torch), so
+they are cheap enough to run before anything is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator, List, Sequence
+
+from magi_train.config.schema import (
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that composes (right keys, right types) but cannot be trained as written."""
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Return `cfg` unchanged if it is consistent; otherwise raise one `ConfigError` listing every problem."""
+    problems: List[str] = []
+    problems += _check_model(cfg.model)
+    problems += _check_parallel(cfg.parallel, cfg.model)
+    problems += _check_data(cfg.data, cfg.model, cfg.diffusion)
+    problems += _check_diffusion(cfg.diffusion)
+    problems += _check_optimizer(cfg.optimizer)
+    problems += _check_trainer(cfg.trainer)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+# --- small helpers; each returns the problems it found ------------------------------------------------
+# Comparisons are written as `not (ok)` so that NaN, which compares False to everything, is rejected.
+
+
+def _at_least(section: str, obj: object, names: Iterable[str], low: float) -> List[str]:
+    out = []
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= low:
+            out.append(f"{section}.{name} ({value}) must be >= {low}")
+    return out
+
+
+def _positive(section: str, obj: object, names: Iterable[str]) -> List[str]:
+    out = []
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            out.append(f"{section}.{name} ({value}) must be > 0")
+    return out
+
+
+def _one_of(key: str, value: str, allowed: Sequence[str]) -> List[str]:
+    if value in allowed:
+        return []
+    return [f"{key} ({value!r}) must be one of {', '.join(repr(a) for a in allowed)}"]
+
+
+def _integer_width(key: str, hidden_size: int, ratio: float) -> List[str]:
+    # The released model sizes these layers as int(hidden_size * ratio); demand an exact, non-empty width
+    # rather than silently truncating.
+    width = hidden_size * ratio
+    if math.isfinite(width) and width >= 1 and width == int(width):
+        return []
+    return [f"{key} ({ratio}) must make model.hidden_size x {key} ({hidden_size} x {ratio} = {width}) "
+            "a positive integer"]
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+
+def _check_model(m: ModelConfig) -> Iterator[str]:
+    sizes = _at_least("model", m, (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "kv_channels", "patch_size", "t_patch_size", "in_channels", "out_channels", "caption_channels",
+        "caption_max_length", "proj_interleave_groups", "null_caption_length", "chunk_width",
+        "rope_reference_tokens"), 1)
+    if sizes:
+        # The relations below divide by these sizes; report the sizes alone until they are sane.
+        yield from sizes
+        return
+    yield from _positive("model", m, (
+        "layernorm_epsilon", "x_rescale_factor", "cond_hidden_ratio", "xattn_cond_hidden_ratio",
+        "rope_temperature", "timestep_rescale_factor", "init_std"))
+
+    heads, kv = m.num_attention_heads, m.kv_channels
+    # Attention projects hidden -> heads x head_dim, and RoPE is built for head_dim = hidden // heads.
+    if m.hidden_size != heads * kv:
+        yield (f"model.hidden_size ({m.hidden_size}) must equal model.num_attention_heads x "
+               f"model.kv_channels ({heads} x {kv} = {heads * kv})")
+    # RoPE rotates 6 * (kv // 8) dims: (t, h, w) x (sin, cos) x kv // 8 frequency bands. Multiples of 16
+    # keep the band count even, as in the released head dim of 128 (16 bands, 96 rotated dims).
+    if kv % 16 != 0:
+        yield f"model.kv_channels ({kv}) must be a multiple of 16 (RoPE frequency bands)"
+    if heads % m.num_query_groups != 0:
+        yield (f"model.num_attention_heads ({heads}) must be divisible by model.num_query_groups "
+               f"({m.num_query_groups}) (GQA)")
+    # The released checkpoints interleave [self | cross] attention outputs in groups of whole heads.
+    groups = m.proj_interleave_groups
+    if (heads * kv) % groups != 0:
+        yield (f"model.num_attention_heads x model.kv_channels ({heads} x {kv} = {heads * kv}) must be "
+               f"divisible by model.proj_interleave_groups ({groups})")
+    if heads % groups != 0:
+        yield (f"model.num_attention_heads ({heads}) must be divisible by "
+               f"model.proj_interleave_groups ({groups})")
+    if m.cond_gating_ratio != 1.0:
+        yield f"model.cond_gating_ratio ({m.cond_gating_ratio}) must be 1.0: the adaLN gate is hidden-sized"
+    yield from _integer_width("model.cond_hidden_ratio", m.hidden_size, m.cond_hidden_ratio)
+    yield from _integer_width("model.xattn_cond_hidden_ratio", m.hidden_size, m.xattn_cond_hidden_ratio)
+    if m.null_caption_length > m.caption_max_length:
+        yield (f"model.null_caption_length ({m.null_caption_length}) must be <= model.caption_max_length "
+               f"({m.caption_max_length})")
+    if m.half_channel_vae and m.in_channels % 2 != 0:
+        yield f"model.in_channels ({m.in_channels}) must be even when model.half_channel_vae is true"
+    if m.chunk_width % m.t_patch_size != 0:
+        yield (f"model.chunk_width ({m.chunk_width}) must be divisible by model.t_patch_size "
+               f"({m.t_patch_size})")
+    yield from _one_of("model.params_dtype", m.params_dtype, ("float32", "bfloat16", "float16"))
+    yield from _one_of("model.layer_spec", m.layer_spec, ("local", "te"))
+    yield from _one_of("model.attention_backend", m.attention_backend, ("torch", "sdpa"))
+
+
+def _check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
+    sizes = _at_least("parallel", p, ("tensor_parallel", "context_parallel", "pipeline_parallel"), 1)
+    yield from sizes
+    if not (p.data_parallel == -1 or p.data_parallel >= 1):
+        yield f"parallel.data_parallel ({p.data_parallel}) must be >= 1, or -1 for 'the rest of the world'"
+    if sizes:
+        return
+    for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
+        size = getattr(p, name)
+        if size > 1:
+            yield (f"parallel.{name} ({size}) > 1 is not implemented yet: this release trains "
+                   "single-process (tensor, context and pipeline parallel sizes must be 1)")
+    # Tensor parallelism splits whole heads and whole KV groups across ranks.
+    tp = p.tensor_parallel
+    if m.num_attention_heads % tp != 0:
+        yield (f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+               f"parallel.tensor_parallel ({tp})")
+    if m.num_query_groups >= 1 and m.num_query_groups % tp != 0:
+        yield (f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
+               f"parallel.tensor_parallel ({tp})")
+    if p.sequence_parallel and tp == 1:
+        # Megatron would silently turn it off; say so instead.
+        yield "parallel.sequence_parallel (True) needs parallel.tensor_parallel > 1 (got 1)"
+
+
+def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterator[str]:
+    yield from _one_of("data.kind", d.kind, ("synthetic",))
+    sizes = _at_least("data", d, (
+        "num_samples", "chunks_per_sample", "latent_frames_per_chunk", "latent_height", "latent_width",
+        "latent_channels", "num_blobs", "caption_length", "micro_batch_size"), 1)
+    yield from sizes
+    yield from _at_least("data", d, ("num_workers",), 0)
+    if sizes or m.patch_size < 1 or m.t_patch_size < 1:
+        return  # the model section already reports bad patch sizes
+
+    # The model cuts the sequence into chunks of model.chunk_width latent frames.
+    if d.latent_frames_per_chunk != m.chunk_width:
+        yield (f"data.latent_frames_per_chunk ({d.latent_frames_per_chunk}) must equal model.chunk_width "
+               f"({m.chunk_width})")
+    # Patchify needs whole patches, and RoPE needs a token grid of at least 2 x 2.
+    for axis in ("height", "width"):
+        size = getattr(d, f"latent_{axis}")
+        if size % m.patch_size != 0:
+            yield (f"data.latent_{axis} ({size}) must be divisible by model.patch_size ({m.patch_size})")
+        elif size // m.patch_size < 2:
+            yield (f"data.latent_{axis} // model.patch_size ({size} // {m.patch_size} = "
+                   f"{size // m.patch_size}) must be >= 2 tokens (RoPE grid)")
+    if d.caption_length > m.caption_max_length:
+        yield (f"data.caption_length ({d.caption_length}) must be <= model.caption_max_length "
+               f"({m.caption_max_length})")
+    # half_channel_vae (24B): the 16-channel latent is duplicated into 32 input channels and the first
+    # 16 output channels are kept.
+    if m.half_channel_vae:
+        if d.latent_channels != m.in_channels // 2:
+            yield (f"data.latent_channels ({d.latent_channels}) must equal model.in_channels // 2 "
+                   f"({m.in_channels} // 2 = {m.in_channels // 2}) when model.half_channel_vae is true")
+        if m.out_channels < d.latent_channels:
+            yield (f"model.out_channels ({m.out_channels}) must be >= data.latent_channels "
+                   f"({d.latent_channels})")
+    else:
+        if d.latent_channels != m.in_channels:
+            yield (f"data.latent_channels ({d.latent_channels}) must equal model.in_channels "
+                   f"({m.in_channels})")
+        if m.out_channels != d.latent_channels:
+            yield (f"model.out_channels ({m.out_channels}) must equal data.latent_channels "
+                   f"({d.latent_channels}): the model predicts the velocity of the latent")
+    # A clean prefix is 1 .. chunks_per_sample - 1 chunks, so it needs at least two chunks.
+    if diff.clean_prefix_prob > 0 and d.chunks_per_sample < 2:
+        yield (f"data.chunks_per_sample ({d.chunks_per_sample}) must be >= 2 when "
+               f"diffusion.clean_prefix_prob ({diff.clean_prefix_prob}) > 0")
+
+
+def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
+    yield from _positive("diffusion", f, ("t_shift", "t_logit_std"))
+    if not 0.0 <= f.clean_prefix_prob <= 1.0:
+        yield f"diffusion.clean_prefix_prob ({f.clean_prefix_prob}) must be in [0, 1]"
+    if not 0.0 <= f.caption_dropout < 1.0:
+        yield f"diffusion.caption_dropout ({f.caption_dropout}) must be in [0, 1)"
+    if not 0.0 < f.clean_t_min <= 1.0:
+        yield f"diffusion.clean_t_min ({f.clean_t_min}) must be in (0, 1]"
+    if f.t_logit_mean != f.t_logit_mean:  # NaN
+        yield f"diffusion.t_logit_mean ({f.t_logit_mean}) must be a number"
+
+
+def _check_optimizer(o: OptimizerConfig) -> Iterator[str]:
+    yield from _one_of("optimizer.name", o.name, ("adamw",))
+    yield from _positive("optimizer", o, ("lr", "eps"))
+    if not 0.0 <= o.min_lr <= o.lr:
+        yield f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr ({o.lr})]"
+    for name in ("beta1", "beta2"):
+        beta = getattr(o, name)
+        if not 0.0 <= beta < 1.0:
+            yield f"optimizer.{name} ({beta}) must be in [0, 1)"
+    yield from _at_least("optimizer", o, ("weight_decay", "clip_grad", "warmup_steps", "decay_steps"), 0)
+    yield from _one_of("optimizer.decay", o.decay, ("constant", "cosine", "linear"))
+    # An explicit decay horizon must leave room to decay after the warm-up (Megatron asserts the same).
+    # With decay_steps = 0 the horizon is trainer.max_steps; a run shorter than its warm-up (a smoke
+    # test) is allowed and simply ends inside the warm-up.
+    if o.decay != "constant" and o.decay_steps > 0 and o.decay_steps <= o.warmup_steps:
+        yield (f"optimizer.decay_steps ({o.decay_steps}) must be > optimizer.warmup_steps "
+               f"({o.warmup_steps}) when optimizer.decay is {o.decay!r}")
+
+
+def _check_trainer(t: TrainerConfig) -> Iterator[str]:
+    yield from _at_least("trainer", t, ("max_steps", "log_every"), 1)
+    yield from _at_least("trainer", t, ("save_every", "keep_last", "num_threads"), 0)
+    yield from _one_of("trainer.precision", t.precision, ("fp32", "bf16"))
+    yield from _one_of("trainer.wandb.mode", t.wandb.mode, ("offline", "online", "disabled"))
+    # "none", "auto", or a checkpoint directory; whether that directory exists is the trainer's concern.
+    if not t.resume.strip():
+        yield "trainer.resume ('') must be 'none', 'auto' or a checkpoint path"
+    if not t.output_dir.strip():
+        yield "trainer.output_dir ('') must be a directory path"

@@ -1,0 +1,96 @@
+"""Tensor-parallel linears of the DiT, on megatron-core's ColumnParallelLinear / RowParallelLinear.
+
+Two adaptations, both about the released checkpoint:
+- Their state dict carries no `_extra_state` entries, so our keys equal the official MAGI-1 keys one for one.
+- `compute_dtype`: MAGI-1 computes `linear_proj` in fp32 from bf16 weights and activations (CUDA fp32
+  autocast in the released code). Casting inside `_forward_impl` keeps megatron's TP communication intact.
+They return one tensor (these layers never use megatron's deferred bias add).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+class _NoExtraState:
+    # megatron's layers report an empty `_extra_state` (for TE compatibility) and add one on load; the
+    # official checkpoint has none, so fall back to nn.Module's behaviour.
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _drop_extra_state_hook(self) -> None:
+        self._load_state_dict_pre_hooks.clear()
+
+    def _cast(self, input, weight, kwargs):
+        if self.compute_dtype is not None:
+            input = input.to(self.compute_dtype)
+            weight = weight.to(self.compute_dtype)
+            if kwargs.get("bias") is not None:
+                kwargs["bias"] = kwargs["bias"].to(self.compute_dtype)
+        return input, weight, kwargs
+
+
+class ColumnLinear(_NoExtraState, ColumnParallelLinear):
+    """Output features split across the TP group; input replicated."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method,
+        bias: bool = False,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias, tp_group=tp_group)
+        self.compute_dtype = compute_dtype
+        self._drop_extra_state_hook()
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        input, weight, kwargs = self._cast(input, weight, kwargs)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+class RowLinear(_NoExtraState, RowParallelLinear):
+    """Input features split across the TP group; output all-reduced."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method,
+        bias: bool = False,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=init_method,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
+        self.compute_dtype = compute_dtype
+        self._drop_extra_state_hook()
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        input, weight, kwargs = self._cast(input, weight, kwargs)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]

@@ -1,0 +1,89 @@
+"""Layer specs: which classes build the DiT's linears and attention kernel.
+
+The model file names roles ("a column-parallel linear", "the core attention"), never implementations.
+`local` uses megatron-core's tensor-parallel layers and the exact torch attention kernels (CPU, or GPU
+without extras); a Transformer Engine spec plugs in here later without touching the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from magi_train.model.attention import get_attention_backend
+from magi_train.model.linear import ColumnLinear, RowLinear
+
+
+@dataclass(frozen=True)
+class DiTLayerSpec:
+    column_linear: type
+    row_linear: type
+    core_attention: Callable  # (q, k, v, AttnRanges) -> out
+
+
+@dataclass
+class LinearFactory:
+    """Builds the spec's linears with the shared megatron config, init and TP group."""
+
+    spec: DiTLayerSpec
+    config: ModelParallelConfig
+    init_method: Callable[[torch.Tensor], None]
+    # Row-parallel layers are the residual-branch outputs here (linear_proj, linear_fc2): depth-scaled init.
+    output_init_method: Callable[[torch.Tensor], None]
+    tp_group: Optional[torch.distributed.ProcessGroup]
+
+    def column(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+        return self.spec.column_linear(
+            in_features, out_features, config=self.config, init_method=self.init_method,
+            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype,
+        )
+
+    def row(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+        return self.spec.row_linear(
+            in_features, out_features, config=self.config, init_method=self.output_init_method,
+            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype,
+        )
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.tp_group is None else self.tp_group.size()
+
+
+def local_spec(attention_backend: str = "torch") -> DiTLayerSpec:
+    return DiTLayerSpec(column_linear=ColumnLinear, row_linear=RowLinear, core_attention=get_attention_backend(attention_backend))
+
+
+def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
+    if name == "local":
+        return local_spec(attention_backend)
+    if name == "te":
+        raise NotImplementedError("model.layer_spec='te' (Transformer Engine) is not available in this release; use 'local'")
+    raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    def init(t: torch.Tensor) -> None:
+        nn.init.normal_(t, mean=0.0, std=std)
+
+    return init
+
+
+def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size,
+        params_dtype=params_dtype,
+        # Initialise on the CPU from one master weight: identical weights for every TP size.
+        use_cpu_initialization=True,
+        perform_initialization=init,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def scaled_init_std(std: float, num_layers: int) -> float:
+    # GPT-2 / megatron: residual-branch outputs scaled by 1/sqrt(2L) keep the stream's variance bounded.
+    return std / math.sqrt(2.0 * num_layers)

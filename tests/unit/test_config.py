@@ -1,0 +1,255 @@
+"""The Hydra configuration: presets compose, match the released numbers, and bad values fail loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+
+from magi_train.config import ConfigError, TrainConfig, register_configs, to_train_config
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: Optional[List[str]] = None, with_hydra: bool = False) -> DictConfig:
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose("config", overrides=overrides or [], return_hydra_config=with_hydra)
+
+
+def load(overrides: Optional[List[str]] = None) -> TrainConfig:
+    return to_train_config(compose(overrides))
+
+
+# --- composition ------------------------------------------------------------------------------------
+
+
+def test_default_composes_and_validates():
+    cfg = load()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.name == "tiny"
+    assert cfg.experiment is None
+    # data.latent_frames_per_chunk follows model.chunk_width through an interpolation.
+    assert cfg.data.latent_frames_per_chunk == cfg.model.chunk_width == 6
+
+
+def test_register_configs_is_idempotent():
+    register_configs()
+    register_configs()
+    assert load().model.name == "tiny"
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import magi_train.config\n"
+        "from hydra.core.config_store import ConfigStore\n"
+        "assert 'train_schema.yaml' not in ConfigStore.instance().list('/')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+RELEASED_4_5B = dict(
+    num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24, num_query_groups=8,
+    kv_channels=128, layernorm_epsilon=1e-6, apply_layernorm_1p=True, x_rescale_factor=1.0,
+    half_channel_vae=False, params_dtype="bfloat16", patch_size=2, t_patch_size=1, in_channels=16,
+    out_channels=16, cond_hidden_ratio=0.25, caption_channels=4096, caption_max_length=800,
+    xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0, gated_linear_unit=False, distill=False,
+    proj_interleave_groups=8, chunk_width=6,
+)
+RELEASED_24B = dict(
+    RELEASED_4_5B, num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48,
+    x_rescale_factor=0.1, half_channel_vae=True, in_channels=32, out_channels=32, gated_linear_unit=True,
+)
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("magi1_4.5b", RELEASED_4_5B),
+        ("magi1_24b", RELEASED_24B),
+        ("magi1_4.5b_distill", dict(RELEASED_4_5B, distill=True)),
+        ("magi1_24b_distill", dict(RELEASED_24B, distill=True)),
+    ],
+)
+def test_released_presets(preset, expected):
+    cfg = load([f"model={preset}"])
+    assert cfg.model.name == preset
+    actual = {name: getattr(cfg.model, name) for name in expected}
+    assert actual == expected
+
+
+def test_tiny_preset_is_small():
+    m = load(["model=tiny"]).model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_channels) == (2, 256, 2, 128)
+    assert (m.num_query_groups, m.ffn_hidden_size, m.gated_linear_unit) == (1, 512, False)
+    assert (m.caption_channels, m.caption_max_length, m.proj_interleave_groups) == (64, 64, 2)
+    assert (m.params_dtype, m.chunk_width) == ("float32", 6)
+
+
+def test_experiment_tiny():
+    cfg = load(["experiment=tiny"])
+    assert cfg.experiment == "tiny"
+    assert cfg.model.name == "tiny"
+    d = cfg.data
+    assert (d.chunks_per_sample, d.latent_frames_per_chunk, d.latent_height, d.latent_width) == (2, 6, 8, 8)
+    assert (d.num_blobs, d.micro_batch_size) == (1, 4)
+    assert 1e-3 <= cfg.optimizer.lr <= 2e-3
+    assert cfg.optimizer.decay == "cosine"
+    t = cfg.trainer
+    assert (t.log_every, t.save_every, t.keep_last, t.output_dir) == (10, 100, 2, "runs/tiny")
+    assert t.wandb.mode == "offline"
+
+
+def test_command_line_overrides():
+    assert load(["optimizer.lr=3e-4"]).optimizer.lr == pytest.approx(3e-4)
+    # The command line wins over the experiment file.
+    assert load(["experiment=tiny", "trainer.max_steps=5"]).trainer.max_steps == 5
+
+
+def test_hydra_run_dir_follows_output_dir():
+    cfg = compose(["trainer.output_dir=runs/x"], with_hydra=True)
+    assert cfg.hydra.run.dir.startswith("runs/x/hydra/")
+    assert cfg.hydra.job.chdir is False
+
+
+def test_plain_dict_round_trip():
+    # A config saved as YAML (e.g. next to a checkpoint) types and validates the same way.
+    cfg = load(["experiment=tiny"])
+    saved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    assert to_train_config(OmegaConf.create(saved)) == cfg
+
+
+# --- unknown keys and wrong types ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.hiden_size=3", "model.hiden_size"),
+        ("+model.foo=1", "model.foo"),
+        ("+trainer.wandb.bar=1", "trainer.wandb.bar"),
+    ],
+)
+def test_unknown_key_fails_naming_it(override, key):
+    # A plain override fails at composition; `+key=...` composes but to_train_config rejects it.
+    with pytest.raises((ConfigCompositionException, ConfigError)) as info:
+        load([override])
+    assert key in str(info.value)
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["model.num_layers=abc"])
+    assert "model.num_layers" in str(info.value)
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        to_train_config({"model": {"num_layers": "abc"}})
+
+
+# --- cross-field rules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # model
+        (["model.hidden_size=512"], "model.hidden_size (512) must equal model.num_attention_heads x "
+                                    "model.kv_channels (2 x 128 = 256)"),
+        (["model.kv_channels=120", "model.hidden_size=240"], "model.kv_channels (120)"),
+        (["model.num_query_groups=3"], "model.num_query_groups (3)"),
+        (["model.proj_interleave_groups=4"], "model.proj_interleave_groups (4)"),
+        (["model.cond_gating_ratio=0.5"], "model.cond_gating_ratio (0.5)"),
+        (["model.cond_hidden_ratio=0.001"], "model.cond_hidden_ratio"),
+        (["model.null_caption_length=65"], "model.null_caption_length (65)"),
+        (["model.params_dtype=float64"], "model.params_dtype ('float64')"),
+        (["model.layer_spec=cuda"], "model.layer_spec ('cuda')"),
+        (["model.attention_backend=flash"], "model.attention_backend ('flash')"),
+        (["model.patch_size=0"], "model.patch_size (0)"),
+        (["model.t_patch_size=0"], "model.t_patch_size (0)"),
+        (["model.num_layers=0"], "model.num_layers (0)"),
+        (["model.layernorm_epsilon=0"], "model.layernorm_epsilon (0.0)"),
+        (["model.half_channel_vae=true"], "data.latent_channels (16) must equal model.in_channels // 2"),
+        (["model.half_channel_vae=true", "model.in_channels=33", "model.out_channels=33"],
+         "model.in_channels (33) must be even"),
+        (["model.in_channels=32"], "data.latent_channels (16) must equal model.in_channels (32)"),
+        (["model.out_channels=32"], "model.out_channels (32)"),
+        # data
+        (["data.latent_frames_per_chunk=4"], "data.latent_frames_per_chunk (4) must equal model.chunk_width"),
+        (["data.latent_height=7"], "data.latent_height (7)"),
+        (["data.latent_width=2"], "data.latent_width // model.patch_size (2 // 2 = 1)"),
+        (["data.caption_length=65"], "data.caption_length (65)"),
+        (["data.chunks_per_sample=1"], "data.chunks_per_sample (1)"),
+        (["data.micro_batch_size=0"], "data.micro_batch_size (0)"),
+        (["data.kind=webdataset"], "data.kind ('webdataset')"),
+        # diffusion
+        (["diffusion.t_shift=0"], "diffusion.t_shift (0.0)"),
+        (["diffusion.t_logit_std=-1"], "diffusion.t_logit_std (-1.0)"),
+        (["diffusion.clean_prefix_prob=1.5"], "diffusion.clean_prefix_prob (1.5)"),
+        (["diffusion.caption_dropout=1.0"], "diffusion.caption_dropout (1.0)"),
+        (["diffusion.clean_t_min=0"], "diffusion.clean_t_min (0.0)"),
+        (["diffusion.clean_t_min=1.1"], "diffusion.clean_t_min (1.1)"),
+        # optimizer
+        (["optimizer.lr=0"], "optimizer.lr (0.0)"),
+        (["optimizer.min_lr=1"], "optimizer.min_lr (1.0)"),
+        (["optimizer.min_lr=-1"], "optimizer.min_lr (-1.0)"),
+        (["optimizer.beta1=1.0"], "optimizer.beta1 (1.0)"),
+        (["optimizer.beta2=-0.1"], "optimizer.beta2 (-0.1)"),
+        (["optimizer.warmup_steps=-1"], "optimizer.warmup_steps (-1)"),
+        (["optimizer.decay=step"], "optimizer.decay ('step')"),
+        (["optimizer.decay_steps=500"], "optimizer.decay_steps (500) must be > optimizer.warmup_steps (1000)"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay (-0.1)"),
+        (["optimizer.clip_grad=-1"], "optimizer.clip_grad (-1.0)"),
+        (["optimizer.name=sgd"], "optimizer.name ('sgd')"),
+        # trainer
+        (["trainer.max_steps=0"], "trainer.max_steps (0)"),
+        (["trainer.precision=fp16"], "trainer.precision ('fp16')"),
+        (["trainer.resume=''"], "trainer.resume"),
+        (["trainer.keep_last=-1"], "trainer.keep_last (-1)"),
+        (["trainer.save_every=-1"], "trainer.save_every (-1)"),
+        (["trainer.log_every=0"], "trainer.log_every (0)"),
+        (["trainer.wandb.mode=cloud"], "trainer.wandb.mode ('cloud')"),
+        # parallel
+        (["parallel.tensor_parallel=0"], "parallel.tensor_parallel (0)"),
+        (["parallel.data_parallel=0"], "parallel.data_parallel (0)"),
+        (["parallel.data_parallel=-2"], "parallel.data_parallel (-2)"),
+        (["parallel.tensor_parallel=2"], "parallel.tensor_parallel (2) > 1 is not implemented yet"),
+        (["parallel.context_parallel=2"], "parallel.context_parallel (2) > 1 is not implemented yet"),
+        (["parallel.pipeline_parallel=2"], "parallel.pipeline_parallel (2) > 1 is not implemented yet"),
+        (["parallel.tensor_parallel=2"], "model.num_query_groups (1) must be divisible by "
+                                         "parallel.tensor_parallel (2)"),
+        (["parallel.tensor_parallel=4"], "model.num_attention_heads (2) must be divisible by "
+                                         "parallel.tensor_parallel (4)"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    ],
+)
+def test_validate_rule_names_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load(overrides)
+    assert message in str(info.value)
+
+
+def test_validate_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as info:
+        load(["optimizer.lr=0", "trainer.max_steps=0"])
+    assert "optimizer.lr" in str(info.value) and "trainer.max_steps" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.resume=auto"],
+        ["trainer.resume=/some/checkpoint/dir"],
+        ["parallel.data_parallel=4"],
+        ["trainer.max_steps=3"],  # a smoke test shorter than the 1000-step warm-up is allowed
+        ["optimizer.decay=linear", "optimizer.decay_steps=2000"],
+        ["model=magi1_24b", "trainer.precision=bf16"],
+        ["diffusion.clean_prefix_prob=0", "data.chunks_per_sample=1"],
+    ],
+)
+def test_valid_variants_pass(overrides):
+    load(overrides)
