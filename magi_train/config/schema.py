@@ -22,7 +22,7 @@ class ModelConfig:
     ffn_hidden_size: int = 512
     num_attention_heads: int = 2
     num_query_groups: int = 1  # GQA: number of KV heads
-    kv_channels: int = 128  # head dim; must be >= 96 because RoPE rotates the first 96 dims
+    kv_channels: int = 128  # head dim; RoPE rotates the first 6 * (kv_channels // 8) of them
     layernorm_epsilon: float = 1e-6
     apply_layernorm_1p: bool = True  # q/k/post/final norms store gamma - 1
     x_rescale_factor: float = 1.0  # input is multiplied by it, output divided (24B: 0.1)
@@ -125,6 +125,10 @@ class TrainerConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     log_every: int = 1
+    # Loss on a fixed held-out batch (fixed noise and times): a clean learning signal, unlike the noisy
+    # per-step training loss. 0 disables.
+    eval_every: int = 0
+    eval_batches: int = 2
     save_every: int = 0  # 0 disables periodic checkpoints
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>

@@ -88,7 +88,7 @@ def test_tiny_preset_is_small():
     m = load(["model=tiny"]).model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_channels) == (2, 256, 2, 128)
     assert (m.num_query_groups, m.ffn_hidden_size, m.gated_linear_unit) == (1, 512, False)
-    assert (m.caption_channels, m.caption_max_length, m.proj_interleave_groups) == (64, 64, 2)
+    assert (m.caption_channels, m.caption_max_length, m.proj_interleave_groups) == (64, 64, 8)
     assert (m.params_dtype, m.chunk_width) == ("float32", 6)
 
 
@@ -162,7 +162,7 @@ def test_wrong_type_fails_naming_the_key():
                                     "model.kv_channels (2 x 128 = 256)"),
         (["model.kv_channels=120", "model.hidden_size=240"], "model.kv_channels (120)"),
         (["model.num_query_groups=3"], "model.num_query_groups (3)"),
-        (["model.proj_interleave_groups=4"], "model.proj_interleave_groups (4)"),
+        (["model.proj_interleave_groups=3"], "model.proj_interleave_groups (3)"),
         (["model.cond_gating_ratio=0.5"], "model.cond_gating_ratio (0.5)"),
         (["model.cond_hidden_ratio=0.001"], "model.cond_hidden_ratio"),
         (["model.null_caption_length=65"], "model.null_caption_length (65)"),
