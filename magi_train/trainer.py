@@ -158,15 +158,18 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> List[Dict[str, float]]:
+    def fit(self, until: Optional[int] = None) -> List[Dict[str, float]]:
+        """Train to `trainer.max_steps`, or stop early after step `until` (the schedule still spans
+        max_steps, so a run stopped and resumed is the same run)."""
         tc = self.cfg.trainer
+        last = tc.max_steps if until is None else min(until, tc.max_steps)
         logger = MetricsLogger(tc, self.out_dir, asdict(self.cfg), self.step, enabled=self.parallel.is_main)
         history: List[Dict[str, float]] = []
         try:
             if tc.eval_every and self.step == 0:
                 history.append({"step": 0, "eval_loss": self.evaluate()})
                 logger.log(history[-1])
-            while self.step < tc.max_steps:
+            while self.step < last:
                 rec = self.train_step()
                 history.append(rec)
                 logger.advance(1, rec["loss"])

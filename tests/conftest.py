@@ -1,0 +1,15 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """A one-rank gloo process group (e.g. the TP group of a model run in this single process)."""
+    from magi_train.parallel.groups import init_distributed
+
+    init_distributed()
+    return dist.new_group([0])
