@@ -418,11 +418,136 @@ def test_swiglu_gates_the_first_half(single_process_group):
 def test_gelu_mlp_uses_exact_erf_gelu(single_process_group):
     cfg = tiny_cfg(ffn_hidden_size=64)
     mlp = build_dit(cfg, tp_group=single_process_group).videodit_blocks.layers[0].mlp
-    x = torch.randn(3, 2, 256, generator=torch.Generator().manual_seed(0)) * 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 256, generator=g)
     with torch.no_grad():
+        mlp.linear_fc1.weight.copy_(torch.randn(64, 256, generator=g) * 0.15)  # pre-activations ~ N(0, 2.4^2)
+        mlp.linear_fc2.weight.copy_(torch.eye(256, 64))  # output[:64] = activation
         ln = F.layer_norm(x, (256,), mlp.layer_norm.weight, mlp.layer_norm.bias, EPS)
         u = (ln @ mlp.linear_fc1.weight.T).double()
-        want = (0.5 * u * (1 + torch.erf(u / math.sqrt(2)))) @ mlp.linear_fc2.weight.T.double()
-        got = mlp(x)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        erf_gelu = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+        tanh_gelu = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+        got = mlp(x)[..., :64].double()
+    torch.testing.assert_close(got, erf_gelu, atol=1e-5, rtol=1e-5)
+    assert (got - tanh_gelu).abs().max() > 1e-4
 
+
+def test_linear_proj_computes_in_fp32_from_bf16(single_process_group):
+    model = build_dit(tiny_cfg(params_dtype="bfloat16"), tp_group=single_process_group)
+    proj = model.videodit_blocks.layers[0].self_attention.linear_proj
+    assert proj.weight.dtype == torch.bfloat16
+    x = torch.randn(7, 2, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        out = proj(x)
+        want = (x.double() @ proj.weight.double().T)
+        in_bf16 = (x @ proj.weight.T).double()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert (out.double() - in_bf16).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ input / output conventions (§1.2)
+
+
+def test_x_rescale_and_half_channel_vae(single_process_group):
+    """24B: x * 0.1, 16 latent channels duplicated to 32, first 16 outputs kept, divided by 0.1."""
+    big = tiny_cfg(x_rescale_factor=0.1, half_channel_vae=True, in_channels=32, out_channels=32, num_layers=1)
+    plain = tiny_cfg(in_channels=32, out_channels=32, num_layers=1)
+    a = build_dit(big, tp_group=single_process_group)
+    with torch.no_grad():
+        torch.nn.init.normal_(a.final_linear.linear.weight, 0.0, 0.02)
+    b = build_dit(plain, tp_group=single_process_group)
+    b.load_state_dict(a.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4, generator=g)
+    t = torch.rand(1, 2, generator=g)
+    caption, mask = torch.randn(2, 8, 32, generator=g), torch.ones(2, 8)
+    ranges = block_causal_ranges(1, 2, 4)
+    with torch.no_grad():
+        got = a(x, t, caption, mask, ranges)
+        want = b(torch.cat([0.1 * x, 0.1 * x], dim=1), t, caption, mask, ranges)[:, :16] / 0.1
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _spy_condition(model, monkeypatch):
+    seen = []
+    layer = model.videodit_blocks.layers[0]
+    real = layer.ada_modulate_layer.forward
+    monkeypatch.setattr(layer.ada_modulate_layer, "forward", lambda c: (seen.append(c.detach().clone()), real(c))[1])
+    return seen
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_condition_is_timestep_embedding_plus_adaln_null_row(single_process_group, monkeypatch, distill):
+    model = build_dit(tiny_cfg(distill=distill), tp_group=single_process_group)
+    seen = _spy_condition(model, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    N, dn = 2, 2
+    x = torch.randn(N, 16, dn, 4, 4, generator=g)
+    t = torch.rand(N, dn, generator=g)
+    caption, mask = torch.randn(N * dn, 8, 32, generator=g), torch.ones(N * dn, 8)
+    uncond = torch.tensor([True, False])
+    kwargs = dict(distill_dt=4.0) if distill else {}
+    with torch.no_grad():
+        model(x, t, caption, mask, block_causal_ranges(N, dn, 4), adaln_uncond=uncond, **kwargs)
+        null = model.y_embedder.null_caption_embedding
+        adaln = model.y_embedder.y_proj_adaln(torch.stack([null[-1], null[-2]]))  # sample 0 uncond, 1 cond
+        t_emb = model.t_embedder(t.flatten()).reshape(N, dn, -1)
+        if distill:
+            t_emb = t_emb + model.t_embedder(torch.full((N * dn,), 4.0)).reshape(N, dn, -1)
+        want = t_emb + adaln[:, None, :]
+    assert len(seen) == 1 and seen[0].shape == (N, dn, want.shape[-1])
+    torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=1e-6)
+    if distill:
+        with pytest.raises(ValueError):
+            model(x, t, caption, mask, block_causal_ranges(N, dn, 4))
+
+
+def test_drop_captions_uses_null_caption_and_its_50_row_mask(single_process_group):
+    model = build_dit(tiny_cfg(), tp_group=single_process_group)
+    g = torch.Generator().manual_seed(0)
+    caption = torch.randn(3, 64, 32, generator=g)
+    mask = torch.zeros(3, 64)
+    mask[:, :7] = 1
+    cap, m = model.drop_captions(caption, mask, torch.tensor([False, True, False]))
+    null = model.y_embedder.null_caption_embedding.detach()
+    assert torch.equal(cap[0], caption[0]) and torch.equal(cap[2], caption[2])
+    assert torch.equal(cap[1], null[:64])
+    assert m[1].tolist() == [1] * 50 + [0] * 14
+    assert m[0].tolist() == mask[0].tolist()
+
+
+# ------------------------------------------------------------------ KV cache
+
+
+def test_kv_cache_with_slice_point_equals_joint_block_causal_forward(single_process_group):
+    """Chunk 1 computed alone (slice_point=1, chunk 0's keys/values from a cache) equals chunk 1 of the joint
+    block-causal forward: the RoPE frame offset and the KV hook line up with training."""
+    torch.manual_seed(0)
+    model = build_dit(tiny_cfg(num_layers=2), tp_group=single_process_group)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.final_linear.linear.weight, 0.0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    frames, tpc = 2, 2 * 4 * 4
+    x = torch.randn(1, 16, 2 * frames, 8, 8, generator=g)
+    t = torch.rand(1, 2, generator=g)
+    caption, mask = torch.randn(2, 8, 32, generator=g), torch.ones(2, 8)
+    cache = {}
+
+    def store(layer, k, v):
+        cache[layer] = (k, v)
+        return k, v
+
+    def read(layer, k, v):
+        ck, cv = cache[layer]
+        return torch.cat([ck, k]), torch.cat([cv, v])
+
+    with torch.no_grad():
+        joint = model(x, t, caption, mask, block_causal_ranges(1, 2, tpc))
+        model(x[:, :, :frames], t[:, :1], caption[:1], mask[:1], AttnRanges.from_lists([(0, tpc)], [(0, tpc)]),
+              kv_hook=store)
+        second = model(x[:, :, frames:], t[:, 1:], caption[1:], mask[1:],
+                       AttnRanges.from_lists([(0, tpc)], [(0, 2 * tpc)]), slice_point=1, kv_hook=read)
+    assert len(cache) == 2
+    torch.testing.assert_close(second, joint[:, :, frames:], atol=1e-5, rtol=1e-5)
