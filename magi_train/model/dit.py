@@ -26,7 +26,8 @@ from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmb
 from magi_train.model.layers import KVHook, TransformerLayer
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, split_table
-from magi_train.model.spec import DiTLayerSpec, LinearFactory, megatron_config, normal_init, scaled_init_std
+from magi_train.model.spec import DiTLayerSpec, LinearFactory, get_layer_spec, megatron_config, normal_init, scaled_init_std
+from magi_train.parallel.groups import default_tp_group
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,13 +147,15 @@ class VideoDiT(nn.Module):
 
 
 def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device: Optional[torch.device] = None) -> VideoDiT:
-    """Build the DiT with the configured layer spec. `device="meta"` builds shapes only."""
-    from magi_train.model.spec import get_layer_spec
+    """Build the DiT with the configured layer spec. `device="meta"` builds shapes only.
 
+    Without `tp_group`, a single-process job gets a one-rank group (see `default_tp_group`)."""
     spec = get_layer_spec(cfg.layer_spec, cfg.attention_backend)
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             return VideoDiT(cfg, spec, tp_group, init_weights=False)
+    if tp_group is None:
+        tp_group = default_tp_group()
     model = VideoDiT(cfg, spec, tp_group, init_weights=init_weights)
     return model if device is None else model.to(device)
 

@@ -50,6 +50,18 @@ def init_distributed(backend: str = "gloo", timeout_minutes: int = 10) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def default_tp_group() -> dist.ProcessGroup:
+    """A one-rank tensor-parallel group for single-process use (tests, one-GPU inference).
+
+    megatron-core's linears need a real group even at TP=1 (their reductions assert one). In a
+    multi-process job the caller must pass the job's TP group instead: guessing it would be wrong.
+    """
+    init_distributed()
+    if dist.get_world_size() != 1:
+        raise ValueError("tp_group must be given explicitly when the job has more than one process")
+    return dist.new_group([0])
+
+
 def init_parallel(cfg: ParallelConfig, backend: str = "gloo") -> Parallel:
     init_distributed(backend)
     world = dist.get_world_size()

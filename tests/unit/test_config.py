@@ -102,7 +102,7 @@ def test_experiment_tiny():
     assert 1e-3 <= cfg.optimizer.lr <= 2e-3
     assert cfg.optimizer.decay == "cosine"
     t = cfg.trainer
-    assert (t.log_every, t.save_every, t.keep_last, t.output_dir) == (10, 100, 2, "runs/tiny")
+    assert (t.log_every, t.save_every, t.keep_last, t.output_dir) == (20, 100, 2, "runs/tiny")
     assert t.wandb.mode == "offline"
 
 
