@@ -1,9 +1,10 @@
 """Tensor-parallel linears of the DiT, on megatron-core's ColumnParallelLinear / RowParallelLinear.
 
-Two adaptations, both about the released checkpoint:
+Adaptations (the first two about the released checkpoint):
 - Their state dict carries no `_extra_state` entries, so our keys equal the official MAGI-1 keys one for one.
 - `compute_dtype`: MAGI-1 computes `linear_proj` in fp32 from bf16 weights and activations (CUDA fp32
   autocast in the released code). Casting inside `_forward_impl` keeps megatron's TP communication intact.
+- Under autocast (bf16 training) they cast explicitly to the autocast dtype (see `_linear`).
 They return one tensor (these layers never use megatron's deferred bias add).
 """
 
@@ -17,7 +18,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from torch import nn
 
 
-class _NoExtraState:
+class _MagiLinear:
     # megatron's layers report an empty `_extra_state` (for TE compatibility) and add one on load; the
     # official checkpoint has none, so fall back to nn.Module's behaviour.
     get_extra_state = nn.Module.get_extra_state
@@ -27,15 +28,26 @@ class _NoExtraState:
         self._load_state_dict_pre_hooks.clear()
 
     def _cast(self, input, weight, kwargs):
-        if self.compute_dtype is not None:
-            input = input.to(self.compute_dtype)
-            weight = weight.to(self.compute_dtype)
+        device = input.device.type
+        target = self.compute_dtype
+        if target is None and torch.is_autocast_enabled(device):
+            target = torch.get_autocast_dtype(device)
+        if target is not None:
+            input = input.to(target)
+            weight = weight.to(target)
             if kwargs.get("bias") is not None:
-                kwargs["bias"] = kwargs["bias"].to(self.compute_dtype)
+                kwargs["bias"] = kwargs["bias"].to(target)
         return input, weight, kwargs
 
+    def _linear(self, parent_impl, input, weight, args, kwargs):
+        # megatron's autograd function re-enters autocast only for CUDA in its backward; with CPU autocast
+        # the backward would mix dtypes. Casting explicitly and running without autocast works on both.
+        input, weight, kwargs = self._cast(input, weight, kwargs)
+        with torch.autocast(input.device.type, enabled=False):
+            return parent_impl(input, weight, *args, **kwargs)
 
-class ColumnLinear(_NoExtraState, ColumnParallelLinear):
+
+class ColumnLinear(_MagiLinear, ColumnParallelLinear):
     """Output features split across the TP group; input replicated."""
 
     def __init__(
@@ -54,14 +66,13 @@ class ColumnLinear(_NoExtraState, ColumnParallelLinear):
         self._drop_extra_state_hook()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        input, weight, kwargs = self._cast(input, weight, kwargs)
-        return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._linear(super()._forward_impl, input, weight, args, kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
 
 
-class RowLinear(_NoExtraState, RowParallelLinear):
+class RowLinear(_MagiLinear, RowParallelLinear):
     """Input features split across the TP group; output all-reduced."""
 
     def __init__(
@@ -89,8 +100,7 @@ class RowLinear(_NoExtraState, RowParallelLinear):
         self._drop_extra_state_hook()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        input, weight, kwargs = self._cast(input, weight, kwargs)
-        return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._linear(super()._forward_impl, input, weight, args, kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]

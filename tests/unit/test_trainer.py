@@ -1,5 +1,6 @@
 """The single-process trainer: learning signal, and exact resume (20 steps == 10 + resume + 10 on CPU)."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -65,3 +66,14 @@ def test_tiny_model_learns(tmp_path, parallel):
     cfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=60))
     report = summarize(Trainer(cfg, parallel).fit())
     assert report["eval_loss_drop"] > 0.15, report
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, parallel):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_config(tmp_path / precision)
+        cfg = replace(cfg, trainer=replace(cfg.trainer, precision=precision, max_steps=4))
+        runs[precision] = losses(Trainer(cfg, parallel).fit())
+    assert all(math.isfinite(v) for v in runs["bf16"])
+    assert runs["bf16"] != runs["fp32"], "bf16 autocast had no effect"
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=2e-2)
