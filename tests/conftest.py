@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 
@@ -13,3 +14,12 @@ def single_process_group():
 
     init_distributed()
     return dist.new_group([0])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: bit-reproducible CPU results; the previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _ZST_SUFFIX = ".zst"
@@ -184,8 +186,8 @@ def save_magi1_checkpoint(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, directory)
+        fsync_dir(tmp)
+        replace_dir(tmp, directory, aside_prefix=f".{directory.name}.old_")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -237,34 +239,8 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Rename ``tmp`` to ``directory``, keeping any old ``directory`` until the rename succeeded."""
-    aside: Path | None = None
-    if directory.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old_", dir=directory.parent))
-        aside.rmdir()
-        os.rename(directory, aside)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, directory)
-        raise
-    _fsync_dir(directory.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- checking

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+
 MARKER_NAME = "complete.json"
 MARKER_FORMAT = "magi-train-checkpoint"
 MARKER_VERSION = 1
@@ -104,26 +106,12 @@ class CheckpointManager:
             json.dump(marker, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
     def _install(self, tmp: Path, step: int) -> Path:
-        final = self.root / step_dir_name(step)
-        aside: Path | None = None
-        if final.exists():
-            # Re-saving a step: keep the old copy until the new one holds the name.
-            aside = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
-            aside.rmdir()
-            os.rename(final, aside)
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, final)
-            raise
-        _fsync_dir(self.root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return final
+        # Re-saving a step keeps the old copy (under _OLD_PREFIX, cleaned up on restart) until the new one
+        # holds the name.
+        return replace_dir(tmp, self.root / step_dir_name(step), aside_prefix=f"{_OLD_PREFIX}{step:08d}_{os.getpid()}_")
 
     def _prune(self, keep: Path) -> None:
         """Delete all but the newest ``keep_last`` checkpoints; never the one just written.
@@ -139,7 +127,7 @@ class CheckpointManager:
             trash = Path(tempfile.mkdtemp(prefix=f"{_DEL_PREFIX}{path.name}_", dir=self.root))
             trash.rmdir()
             os.rename(path, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
 
     def _recover_interrupted(self) -> None:
@@ -168,7 +156,7 @@ class CheckpointManager:
             final = self.root / step_dir_name(step)
             if not final.exists():
                 os.rename(found.pop()[1], final)  # the newest save of that step wins
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             for _, entry in found:
                 shutil.rmtree(entry, ignore_errors=True)
 
@@ -269,12 +257,3 @@ def _verify(path: Path, check_hashes: bool) -> dict[str, Any]:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (new names, renames) so they survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,12 +39,15 @@ class _MagiLinear:
                 kwargs["bias"] = kwargs["bias"].to(target)
         return input, weight, kwargs
 
-    def _linear(self, parent_impl, input, weight, args, kwargs):
+    def _forward_impl(self, input, weight, *args, **kwargs):
         # megatron's autograd function re-enters autocast only for CUDA in its backward; with CPU autocast
         # the backward would mix dtypes. Casting explicitly and running without autocast works on both.
         input, weight, kwargs = self._cast(input, weight, kwargs)
         with torch.autocast(input.device.type, enabled=False):
-            return parent_impl(input, weight, *args, **kwargs)
+            return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
 
 
 class ColumnLinear(_MagiLinear, ColumnParallelLinear):
@@ -64,12 +67,6 @@ class ColumnLinear(_MagiLinear, ColumnParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias, tp_group=tp_group)
         self.compute_dtype = compute_dtype
         self._drop_extra_state_hook()
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return self._linear(super()._forward_impl, input, weight, args, kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x)[0]
 
 
 class RowLinear(_MagiLinear, RowParallelLinear):
@@ -98,9 +95,3 @@ class RowLinear(_MagiLinear, RowParallelLinear):
         )
         self.compute_dtype = compute_dtype
         self._drop_extra_state_hook()
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return self._linear(super()._forward_impl, input, weight, args, kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x)[0]

@@ -21,13 +21,7 @@ VALID = [5, 9, 16, 3]  # valid caption tokens of the rows (sample 0 chunk 0, s0 
 SHIFT_INVARIANT = ("k_layernorm_xattn.bias",)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: bit-reproducible CPU results; the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg() -> ModelConfig:
