@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
@@ -151,6 +152,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self.checkpoints.load(path)
+        # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
+        expected = {k: (tuple(v.shape), None) for k, v in self.model.state_dict().items()}
+        check_state_dict(expected, state["model"], path / "model.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["trainer"]["step"])

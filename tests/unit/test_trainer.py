@@ -77,3 +77,11 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path, parallel):
     assert all(math.isfinite(v) for v in runs["bf16"])
     assert runs["bf16"] != runs["fp32"], "bf16 autocast had no effect"
     assert runs["bf16"] == pytest.approx(runs["fp32"], rel=2e-2)
+
+
+def test_resume_with_another_model_preset_names_the_mismatch(tmp_path, parallel):
+    cfg = tiny_config(tmp_path, save_every=2)
+    Trainer(replace(cfg, trainer=replace(cfg.trainer, max_steps=2)), parallel).fit()
+    wider = replace(cfg, model=replace(cfg.model, ffn_hidden_size=256), trainer=replace(cfg.trainer, resume="auto"))
+    with pytest.raises(ValueError, match=r"linear_fc1.weight.*\(512, 256\).*\(256, 256\)|linear_fc1.weight"):
+        Trainer(wider, parallel)
