@@ -72,11 +72,13 @@ class Trainer:
     def batch_indices(self, step: int, batch_size: int) -> List[int]:
         """Sample indices of a step: consecutive slices of per-epoch permutations (seeded by data.seed)."""
         n = len(self.dataset)
+        perms: Dict[int, torch.Tensor] = {}  # a batch spans at most two epochs
         out = []
         for pos in range(step * batch_size, (step + 1) * batch_size):
             epoch, offset = divmod(pos, n)
-            perm = torch.randperm(n, generator=_generator(self.cfg.data.seed * 7_777 + epoch))
-            out.append(int(perm[offset]))
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=_generator(self.cfg.data.seed * 7_777 + epoch))
+            out.append(int(perms[epoch][offset]))
         return out
 
     def get_batch(self, step: int) -> Dict[str, torch.Tensor]:
