@@ -62,7 +62,6 @@ class Trainer:
         p = cfg.model.patch_size
         self.tokens_per_chunk = (cfg.data.latent_frames_per_chunk // cfg.model.t_patch_size) * (
             cfg.data.latent_height // p) * (cfg.data.latent_width // p)
-        self.ranges = block_causal_ranges(cfg.data.micro_batch_size, cfg.data.chunks_per_sample, self.tokens_per_chunk)
         self.step = 0
         resume_from = self.checkpoints.resolve_resume(tc.resume)
         if resume_from is not None:
@@ -101,7 +100,7 @@ class Trainer:
         # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
         null_rows = (dropped.repeat_interleave(n) | clean.flatten()).to(device)
         caption, caption_mask = self.model.drop_captions(caption, caption_mask, null_rows)
-        ranges = self.ranges if N == cfg.data.micro_batch_size else block_causal_ranges(N, n, self.tokens_per_chunk)
+        ranges = block_causal_ranges(N, n, self.tokens_per_chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision == "bf16"):
             v = self.model(x_t, t.to(device), caption, caption_mask, ranges, adaln_uncond=dropped.to(device))
         return masked_mse(v, velocity_target(x, noise), (~clean).to(device), frames)

@@ -138,10 +138,6 @@ class VideoDiT(nn.Module):
         return out / cfg.x_rescale_factor
 
     # ------------------------------------------------------------------ helpers
-    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        p = self.cfg.patch_size
-        return (latent_height // p) * (latent_width // p)
-
     def drop_captions(self, caption, caption_mask, dropped_rows):
         return self.y_embedder.drop(caption, caption_mask, dropped_rows, self.cfg.null_caption_length)
 
