@@ -6,7 +6,8 @@ Inputs of one forward:
     caption  (N*dn, L, Cc)    one caption row per chunk (T5 features), with
     caption_mask (N*dn, L)    its valid tokens
     self_ranges               AttnRanges over the flat, batch-major token index (see attention.py)
-    adaln_uncond (N,)         adaLN "caption dropped" flag (row -1 of the null caption, else row -2)
+    adaln_uncond (N,) or (N, dn)  adaLN "caption dropped" flag per sample or per chunk (row -1 of the
+                              null caption, else row -2)
 Output: the velocity (N, C, T, H, W) in fp32, already divided by `x_rescale_factor`.
 
 The model is written for one process; TP/CP/PP come from the layer spec and the parallel package.
@@ -115,6 +116,8 @@ class VideoDiT(nn.Module):
             t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)))
         if adaln_uncond is None:
             adaln_uncond = torch.zeros(N, dtype=torch.bool, device=x.device)
+        if adaln_uncond.shape not in ((N,), (N, dn)):
+            raise ValueError(f"adaln_uncond has shape {tuple(adaln_uncond.shape)}; expected ({N},) or ({N}, {dn})")
         y_xattn, y_adaln = self.y_embedder(caption.float(), adaln_uncond)
         condition = t_emb.reshape(N, dn, -1) + y_adaln  # (N, dn, Dc)
 

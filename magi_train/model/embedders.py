@@ -46,11 +46,16 @@ class CaptionEmbedder(nn.Module):
         self.null_caption_embedding = nn.Parameter(torch.zeros(max_length, caption_channels))
 
     def forward(self, caption: torch.Tensor, adaln_uncond: torch.Tensor):
-        """caption (R, L, Cc); adaln_uncond (N,) bool. Returns (R, L, H) and (N, 1, Dc)."""
+        """caption (R, L, Cc); adaln_uncond (N,) per sample or (N, dn) per chunk, bool.
+        Returns (R, L, H) and (N, 1 or dn, Dc).
+
+        The per-chunk form exists for inference without a KV cache, where clean context chunks are
+        recomputed in the same call and must see the adaLN row they were cached with."""
         caption = caption.to(self.y_proj_xattn[0].weight.dtype)
         y_xattn = self.y_proj_xattn(caption)
         null = self.null_caption_embedding
-        token = torch.where(adaln_uncond[:, None, None], null[None, -1:, :], null[None, -2:-1, :])
+        flags = adaln_uncond[:, None] if adaln_uncond.ndim == 1 else adaln_uncond
+        token = torch.where(flags[..., None], null[None, -1:, :], null[None, -2:-1, :])
         return y_xattn, self.y_proj_adaln(token)
 
     def drop(self, caption: torch.Tensor, mask: torch.Tensor, dropped: torch.Tensor, null_length: int):

@@ -1,0 +1,273 @@
+"""Chunk-wise generation: the staircase schedule driving the DiT with guidance, a KV cache and Euler steps.
+
+`StaircaseSampler.sample` yields each chunk as soon as it is fully denoised, so the caller can decode and
+write it while later chunks are still being generated. It follows the released `SampleTransport` (spec §2-§4):
+
+* every DiT call denoises the chunks of the current window (oldest = least noisy) and, at the first step of
+  a stage, re-forwards the chunk that just finished at t = clean_t so that its clean keys/values enter the
+  cache (null caption, attending only to itself by default);
+* cfg_number 3: pass 1 text + context (reads the cache), pass 2 null text + context (writes it), pass 3 null
+  text without context (each chunk alone), combined per chunk with t-bucketed scales;
+  cfg_number 1: one text pass that writes the cache; for distilled models the oldest chunk, once nearly
+  clean, also runs alone in the same call and the two predictions are blended;
+* a prefix (i2v image latent, v2v prefix video latents) is pasted over its frames before every call; chunks
+  entirely inside the prefix are run once, clean, to fill the cache, and never denoised.
+
+With `kv_cache=False` nothing is cached: every call prepends all earlier chunks as they were when cached
+(same latents, t, caption and adaLN row, same lookback), which must give the same video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from magi_infer.config import SamplerConfig
+from magi_infer.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
+from magi_infer.kv_cache import KVCache
+from magi_infer.schedule import StepPlan, staircase
+from magi_train.model.attention import AttnRanges
+
+# Lookback of prefix chunks when neither clean_chunk_kvrange nor noise2clean_kvrange says (released).
+_DEFAULT_PREFIX_LOOKBACK = 8
+
+
+@dataclass
+class Captions:
+    """Caption rows of one generation (released layout): row 0 conditional, row 1 null, one entry per chunk."""
+
+    y: torch.Tensor  # (2, num_chunks, L, C)
+    mask: torch.Tensor  # (2, num_chunks, L)
+
+
+@dataclass
+class EmittedChunk:
+    index: int  # absolute chunk index
+    latent: torch.Tensor  # (1, C, chunk_width, H, W), the whole chunk
+    prefix_frames: int  # leading latent frames of this chunk that belong to the prefix
+    step: int  # sampler step after which it was emitted
+    total_steps: int
+
+
+@dataclass
+class _Call:
+    """One DiT evaluation: the chunks in x, their t, caption rows, key ranges (absolute chunk units)."""
+
+    x: torch.Tensor
+    chunks: Tuple[int, ...]
+    t: torch.Tensor  # (len(chunks),) fp32
+    rows: torch.Tensor  # (len(chunks), L, C)
+    masks: torch.Tensor  # (len(chunks), L)
+    kv_chunks: Tuple[Tuple[int, int], ...]
+    adaln_uncond: bool
+    dt: Optional[float]
+    cached: bool  # released: the KV-cache path (read earlier chunks, the writing pass stores these)
+
+
+class StaircaseSampler:
+    def __init__(self, model: torch.nn.Module, cfg: SamplerConfig):
+        self.model = model
+        self.cfg = cfg
+        mc = model.cfg
+        self.chunk_width = mc.chunk_width
+        self.distill = mc.distill
+        if cfg.cfg_number not in (1, 3):
+            raise ValueError(f"sampler.cfg_number must be 1 or 3, got {cfg.cfg_number}")
+        if self.chunk_width % mc.t_patch_size:
+            raise ValueError(f"model.chunk_width ({self.chunk_width}) must be divisible by t_patch_size ({mc.t_patch_size})")
+        self.ts = time_grid(cfg.num_steps, cfg.shortcut_mode)
+        self.intervals = step_intervals(cfg.num_steps, cfg.shortcut_mode)
+        # The cache is written by the pass whose result it must hold: null caption (cfg 3, adaLN row -1) or
+        # the single text pass (cfg 1, row -2).
+        self.write_uncond = cfg.cfg_number == 3
+
+    # ------------------------------------------------------------------ public
+    def plans(self, num_chunks: int, prefix_chunks: int) -> List[StepPlan]:
+        c = self.cfg
+        return staircase(num_chunks, c.window_size, c.num_steps, prefix_chunks, tuple(c.noise2clean_kvrange),
+                         c.clean_chunk_kvrange)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, captions: Captions, prefix: Optional[torch.Tensor] = None,
+               on_step: Optional[Callable[[StepPlan], None]] = None) -> Iterator[EmittedChunk]:
+        """noise (1, C, n*chunk_width, H, W) fp32; prefix (1, C, P, H, W) clean latents or None."""
+        cw = self.chunk_width
+        if noise.ndim != 5 or noise.shape[0] != 1 or noise.shape[2] % cw:
+            raise ValueError(f"noise must be (1, C, num_chunks*{cw}, H, W), got {tuple(noise.shape)}")
+        n = noise.shape[2] // cw
+        if captions.y.shape[:2] != (2, n) or captions.mask.shape[:2] != (2, n):
+            raise ValueError(f"captions must have shape (2, {n}, L, C) / (2, {n}, L); got {tuple(captions.y.shape)}")
+        P = 0 if prefix is None else prefix.shape[2]
+        if P >= n * cw:
+            raise ValueError(f"prefix of {P} latent frames leaves nothing to generate in {n} chunks")
+        self._x = noise.float().clone()
+        self._prefix = prefix
+        self._captions = captions
+        self._tokens = self._tokens_per_chunk(noise)
+        self._cache = KVCache(len(self.model.videodit_blocks.layers), n * self._tokens, self.cfg.kv_offload) \
+            if self.cfg.kv_cache else None
+        # What each cached chunk was computed from, for the cache-free oracle: latent and lookback.
+        self._context: dict = {}
+        off = P // cw
+        plans = self.plans(n, off)
+        for plan in plans:
+            if plan.extract_prefix:
+                self._extract_prefix(off)
+            self._step(plan)
+            if on_step is not None:
+                on_step(plan)
+            if plan.emit is not None:
+                c = plan.emit
+                latent = self._x[:, :, c * cw:(c + 1) * cw].clone()
+                yield EmittedChunk(c, latent, max(0, min(P - c * cw, cw)), plan.step, len(plans))
+
+    # ------------------------------------------------------------------ one sampler step
+    def _step(self, plan: StepPlan) -> None:
+        cfg, cw, ts = self.cfg, self.chunk_width, self.ts
+        per_stage = cfg.num_steps // cfg.window_size
+        idx = plan.step % per_stage
+        forwarded = plan.forwarded
+        x = torch.cat([self._chunk_latent(c) for c in forwarded], dim=2)
+        t = torch.stack([ts[k] for k in plan.step_index])
+        if plan.clean_chunk is not None:
+            t = torch.cat([torch.tensor([cfg.clean_t], dtype=torch.float32), t])
+        x, t = self._paste_prefix(x, t, plan.slice_point)
+        if plan.clean_chunk is not None:
+            self._context[plan.clean_chunk] = (x[:, :, :cw].clone(), plan.kv_chunks[0][0])
+        y, mask = self._captions.y, self._captions.mask
+        dn = len(plan.chunks)
+        # The clean re-forward always takes the null caption (row 1), in the text pass too.
+        cond_rows = torch.cat([y[1, :1]] * (plan.clean_chunk is not None) + [y[0, plan.chunks[0]:plan.range_num]])
+        cond_masks = torch.cat([mask[1, :1]] * (plan.clean_chunk is not None) + [mask[0, plan.chunks[0]:plan.range_num]])
+        null_rows = torch.cat([y[1, :1]] * (plan.clean_chunk is not None) + [y[1, plan.chunks[0]:plan.range_num]])
+        null_masks = torch.cat([mask[1, :1]] * (plan.clean_chunk is not None) + [mask[1, plan.chunks[0]:plan.range_num]])
+        dt = distill_dt(cfg.num_steps, float(self.intervals[idx])) if self.distill else None
+        # Released: decided on the oldest denoising chunk's fp32 t as a Python float (0.3 rounds above 0.3).
+        nearly_clean = t[1 if plan.clean_chunk is not None else 0].item() > cfg.nearly_clean_threshold
+        cached = plan.clean_chunk is not None or plan.slice_point > 0
+        full = lambda rows, masks, uncond: _Call(x, forwarded, t, rows, masks, plan.kv_chunks, uncond, dt, cached)
+
+        if cfg.cfg_number == 3:
+            text = self._forward(full(cond_rows, cond_masks, False), write=False)
+            context = self._forward(full(null_rows, null_masks, True), write=True, skip_last_write=nearly_clean)
+            alone = self._forward_alone(x[:, :, -dn * cw:], t[-dn:], null_rows[-dn:], null_masks[-dn:], True, dt)
+            s_prev, s_text = cfg_scales(t[-dn:], cfg.cfg_t_range, cfg.prev_chunk_scales, cfg.text_scales)
+            v = torch.cat([combine_cfg3(alone[:, :, m * cw:(m + 1) * cw],
+                                        context[:, :, -dn * cw:][:, :, m * cw:(m + 1) * cw],
+                                        text[:, :, -dn * cw:][:, :, m * cw:(m + 1) * cw], s_prev[m], s_text[m])
+                           for m in range(dn)], dim=2)
+        elif self.distill and nearly_clean:
+            # The oldest denoising chunk again, appended, attending only to itself (keys after all others).
+            first = 1 if plan.clean_chunk is not None else 0
+            dup = slice(first * cw, (first + 1) * cw)
+            end = plan.kv_chunks[-1][1]
+            call = _Call(torch.cat([x, x[:, :, dup]], dim=2), forwarded + (forwarded[first],),
+                         torch.cat([t, t[first:first + 1]]), torch.cat([cond_rows, cond_rows[first:first + 1]]),
+                         torch.cat([cond_masks, cond_masks[first:first + 1]]),
+                         plan.kv_chunks + ((end, end + 1),), False, dt, cached)
+            out = self._forward(call, write=True, skip_last_write=True)
+            out, out_alone = out[:, :, :-cw], out[:, :, -cw:]
+            out[:, :, dup] = blend_nearly_clean(out[:, :, dup], out_alone, cfg.nearly_clean_weight)
+            v = out[:, :, -dn * cw:]
+        else:
+            v = self._forward(full(cond_rows, cond_masks, False), write=True, skip_last_write=nearly_clean)[:, :, -dn * cw:]
+
+        # Euler step per chunk, from the (prefix-pasted) input latents.
+        x_active = x[:, :, -dn * cw:]
+        k = torch.tensor(plan.step_index)
+        delta = ts[k + 1] - ts[k]
+        N, C, T, H, W = x_active.shape
+        x_new = x_active.reshape(N, C, dn, cw, H, W) + v.reshape(N, C, dn, cw, H, W) * delta.reshape(1, 1, -1, 1, 1, 1)
+        self._x[:, :, plan.chunks[0] * cw:(plan.chunks[-1] + 1) * cw] = x_new.reshape(N, C, T, H, W)
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, call: _Call, write: bool, skip_last_write: bool = False) -> torch.Tensor:
+        """Run the DiT on one call, with the KV cache (or, without one, with recomputed context).
+
+        Key coordinates are absolute (chunk * tokens): the cache or the recomputed context supplies every
+        chunk before the first one in `call.x`."""
+        tokens, cw = self._tokens, self.chunk_width
+        first = call.chunks[0]
+        x, t, rows, masks, kv = call.x, call.t, call.rows, call.masks, list(call.kv_chunks)
+        uncond = torch.full((len(call.chunks),), call.adaln_uncond)
+        hook, x_first = None, first
+        if self._cache is not None:
+            if call.cached:
+                n_write = (len(call.chunks) - int(skip_last_write)) * tokens if write else 0
+                hook = self._cache.hook(first * tokens, n_write)
+        elif first > 0:
+            # No cache: prepend every earlier chunk as it was cached (its clean latent, clean_t, the null
+            # caption, the writing pass's adaLN row, its own lookback).
+            x = torch.cat([self._context[c][0] for c in range(first)] + [x], dim=2)
+            t = torch.cat([torch.full((first,), self.cfg.clean_t, dtype=torch.float32), t])
+            rows = torch.cat([self._captions.y[1, :1].expand(first, -1, -1), rows])
+            masks = torch.cat([self._captions.mask[1, :1].expand(first, -1), masks])
+            uncond = torch.cat([torch.full((first,), self.write_uncond), uncond])
+            kv = [(self._context[c][1], c + 1) for c in range(first)] + kv
+            x_first = 0
+        ranges = AttnRanges.from_lists([(m * tokens, (m + 1) * tokens) for m in range(len(kv))],
+                                       [(s * tokens, e * tokens) for s, e in kv])
+        # One adaLN flag for the sample unless recomputed context needs another row than the current chunks.
+        flags = uncond[None] if bool(uncond.any()) != bool(uncond.all()) else uncond[:1]
+        out = self.model(x, t[None], rows, masks, ranges, adaln_uncond=flags, slice_point=x_first,
+                         distill_dt=call.dt, kv_hook=hook)
+        return out[:, :, (first - x_first) * cw:]
+
+    def _forward_alone(self, x, t, rows, masks, uncond: bool, dt) -> torch.Tensor:
+        """Each chunk as its own sample, attending only to itself (the unconditional pass of cfg 3)."""
+        cw, tokens = self.chunk_width, self._tokens
+        dn = t.shape[0]
+        xb = x.reshape(1, x.shape[1], dn, cw, *x.shape[3:]).squeeze(0).transpose(0, 1)  # (dn, C, cw, H, W)
+        ranges = AttnRanges.from_lists([(b * tokens, (b + 1) * tokens) for b in range(dn)],
+                                       [(b * tokens, (b + 1) * tokens) for b in range(dn)])
+        out = self.model(xb, t[:, None], rows, masks, ranges, adaln_uncond=torch.full((dn,), uncond),
+                         slice_point=0, distill_dt=dt)
+        return out.transpose(0, 1).reshape(1, out.shape[1], dn * cw, *out.shape[3:])
+
+    def _extract_prefix(self, off: int) -> None:
+        """Fill the cache with the clean prefix chunks 0..off-1 (each attending to its lookback only)."""
+        cw, cfg = self.chunk_width, self.cfg
+        lookback = cfg.clean_chunk_kvrange if cfg.clean_chunk_kvrange != -1 else (
+            cfg.noise2clean_kvrange[-1] if cfg.noise2clean_kvrange else _DEFAULT_PREFIX_LOOKBACK)
+        kv = tuple((max(0, c + 1 - lookback), c + 1) for c in range(off))
+        x = self._prefix[:, :, :off * cw].float()
+        for c in range(off):
+            self._context[c] = (x[:, :, c * cw:(c + 1) * cw], kv[c][0])
+        if self._cache is None:
+            return
+        y, mask = self._captions.y, self._captions.mask
+        dt = distill_dt(cfg.num_steps, float(self.intervals[0])) if self.distill else None
+        call = _Call(x, tuple(range(off)), torch.full((off,), cfg.clean_t, dtype=torch.float32), y[1, :off],
+                     mask[1, :off], kv, self.write_uncond, dt, cached=True)
+        self._forward(call, write=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk_latent(self, c: int) -> torch.Tensor:
+        return self._x[:, :, c * self.chunk_width:(c + 1) * self.chunk_width]
+
+    def _paste_prefix(self, x: torch.Tensor, t: torch.Tensor, first_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Overwrite the prefix frames inside x (released `try_pad_prefix_video`); chunks entirely inside the
+        prefix get t = 1. Partially covered chunks keep their noisy t."""
+        if self._prefix is None:
+            return x, t
+        start = first_chunk * self.chunk_width
+        P = self._prefix.shape[2]
+        if P <= start:
+            return x, t
+        n = min(P - start, x.shape[2])
+        x = x.clone()
+        x[:, :, :n] = self._prefix[:, :, start:start + n]
+        full = (P - start) // self.chunk_width
+        if full > 0:
+            t = t.clone()
+            t[:full] = 1.0
+        return x, t
+
+    def _tokens_per_chunk(self, x: torch.Tensor) -> int:
+        mc = self.model.cfg
+        _, _, _, H, W = x.shape
+        if H % mc.patch_size or W % mc.patch_size:
+            raise ValueError(f"latent size {H}x{W} is not divisible by model.patch_size={mc.patch_size}")
+        return (self.chunk_width // mc.t_patch_size) * (H // mc.patch_size) * (W // mc.patch_size)
