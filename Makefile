@@ -18,9 +18,13 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import importlib.util,sys; sys.exit('transformer_engine must not be installed on a CPU machine' if importlib.util.find_spec('transformer_engine') and not __import__('torch').cuda.is_available() else 0)"
 	touch $(STAMP)
 
-# Train the tiny preset on built-in synthetic data and report the loss curve.
+# Train the tiny preset on built-in synthetic data and report the loss curve, then generate a video with
+# the trained model (chunk-wise prompts; its latents are shown with the synthetic-data colour preview).
 demo: venv
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 1 magi_train/train.py experiment=tiny
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 1 magi_infer/generate.py model=tiny \
+		ckpt.dir=runs/tiny/checkpoints num_frames=72 output=runs/tiny/demo.mp4 \
+		prompt='[a red blob moves right on the left, the red blob moves right in the center, the red blob moves down on the right]'
 
 # The whole suite: fast unit tests plus the slow end-to-end tests.
 test: venv

@@ -95,3 +95,84 @@ class GenerateConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # compute dtype of the DiT: auto = the preset's params_dtype on CUDA, float32 on CPU
     progress: bool = True
+
+
+# ---------------------------------------------------------------------------- Hydra glue and validation
+
+SCHEMA_NAME = "generate_schema"
+MODES = ("t2v", "i2v", "v2v")
+
+
+def register_generate_config() -> None:
+    """Store `GenerateConfig` in Hydra's ConfigStore as `generate_schema`. Safe to call more than once."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=GenerateConfig)
+
+
+def to_generate_config(cfg) -> GenerateConfig:
+    """A composed config -> validated `GenerateConfig`; unknown keys and bad values raise ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from magi_train.config import ConfigError, _unknown_keys
+    from magi_train.config.validate import validate_model
+
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg))
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err)) from err
+    unknown = _unknown_keys(obj, prefix="")
+    if unknown:
+        raise ConfigError("unknown config key(s), not in the schema (magi_infer/config.py): " + ", ".join(unknown))
+    validate_model(obj.model)
+    validate_generate(obj)
+    return obj
+
+
+def validate_generate(c: GenerateConfig) -> GenerateConfig:
+    from magi_train.config import ConfigError
+
+    s = c.sampler
+    errors = []
+    if c.mode not in MODES:
+        errors.append(f"mode={c.mode!r} is not one of {list(MODES)}")
+    if c.mode == "i2v" and not c.image:
+        errors.append("mode=i2v needs image=PATH")
+    if c.mode == "v2v" and not c.prefix_video:
+        errors.append("mode=v2v needs prefix_video=PATH")
+    if not isinstance(c.prompt, (str, list)) or (isinstance(c.prompt, list) and not c.prompt):
+        errors.append(f"prompt must be a string or a non-empty list of strings, got {c.prompt!r}")
+    if c.num_frames < 1:
+        errors.append(f"num_frames={c.num_frames} must be >= 1")
+    # Released rule (MagiConfig.post_validation): guidance was distilled into distill/fp8 weights.
+    guided = not (c.model.distill or s.fp8)
+    if s.cfg_number != (3 if guided else 1):
+        errors.append(f"sampler.cfg_number={s.cfg_number} does not fit model={c.model.name} (model.distill="
+                      f"{c.model.distill}, sampler.fp8={s.fp8}): use {3 if guided else 1}")
+    if s.fp8 and not c.model.distill:
+        errors.append("sampler.fp8=true: the released fp8 weights exist only for distilled models "
+                      "(model=magi1_4.5b_distill_fp8 or magi1_24b_distill_fp8)")
+    if s.num_steps < 1 or s.window_size < 1 or s.num_steps % s.window_size:
+        errors.append(f"sampler.num_steps={s.num_steps} must be a positive multiple of sampler.window_size={s.window_size}")
+    if s.noise2clean_kvrange and s.num_steps % len(s.noise2clean_kvrange):
+        errors.append(f"sampler.num_steps={s.num_steps} must be divisible by len(sampler.noise2clean_kvrange)="
+                      f"{len(s.noise2clean_kvrange)}")
+    if any(r < 1 for r in s.noise2clean_kvrange) or not (s.clean_chunk_kvrange == -1 or s.clean_chunk_kvrange >= 1):
+        errors.append("sampler.noise2clean_kvrange entries must be >= 1 and sampler.clean_chunk_kvrange >= 1 or -1")
+    if not len(s.cfg_t_range) == len(s.prev_chunk_scales) == len(s.text_scales):
+        errors.append("sampler.cfg_t_range, prev_chunk_scales and text_scales must have the same length")
+    if not 0.0 < s.clean_t <= 1.0:
+        errors.append(f"sampler.clean_t={s.clean_t} must be in (0, 1]")
+    if s.num_steps == 12 and s.shortcut_mode not in ("8,16,16", "16,16,8"):
+        errors.append(f"sampler.shortcut_mode={s.shortcut_mode!r} must be '8,16,16' or '16,16,8'")
+    if c.video.fps < 1 or c.video.height < 1 or c.video.width < 1:
+        errors.append("video.fps, video.height and video.width must be positive")
+    p = c.parallel
+    if max(p.tensor_parallel, p.context_parallel, p.pipeline_parallel) > 1:
+        errors.append("parallel.* > 1 for inference is not implemented yet (parallelism issue); use one process")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        errors.append(f"dtype={c.dtype!r} is not one of auto, float32, bfloat16, float16")
+    if errors:
+        raise ConfigError("invalid generate config:\n  " + "\n  ".join(errors))
+    return c

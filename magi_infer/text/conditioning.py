@@ -158,7 +158,7 @@ def build_caption_rows(
     prompt_embs: torch.Tensor,
     prompt_masks: torch.Tensor,
     *,
-    special_tokens: SpecialTokens,
+    special_tokens: SpecialTokens | None,
     null_caption_embedding: torch.Tensor,
     infer_chunk_num: int,
     clean_chunk_num: int = 0,
@@ -188,7 +188,11 @@ def build_caption_rows(
     if prompt_width != width:
         raise ValueError(f"prompt embedding width {prompt_width} does not match the model's caption_channels "
                          f"{width} (width of null_caption_embedding)")
-    if special_tokens.width != width:
+    if special_tokens is None:
+        if options.keys() or options.negative_keys():
+            raise ValueError(f"special tokens {options.keys() + options.negative_keys()} are enabled but no "
+                             "special-token file was given")
+    elif special_tokens.width != width:
         raise ValueError(f"special-token width {special_tokens.width} does not match the model's caption_channels "
                          f"{width}")
     if not 0 < null_length <= length:

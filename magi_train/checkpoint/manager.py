@@ -53,9 +53,13 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int) -> None:
+    def __init__(self, root: str | Path, keep_last: int, read_only: bool = False) -> None:
         self.root = Path(root)
         self.keep_last = int(keep_last)  # <= 0 keeps every checkpoint
+        self.read_only = read_only
+        if read_only:
+            # Readers (inference, conversion) must not tidy up a directory a running trainer is writing to.
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover_interrupted()
 
@@ -63,6 +67,8 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write ``state`` as checkpoint ``step`` atomically, then prune old ones. Returns its path."""
+        if self.read_only:
+            raise RuntimeError(f"CheckpointManager({self.root}) was opened read-only")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
         if not state:

@@ -43,6 +43,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The model section alone (used by the inference entry point, which has no trainer sections)."""
+    problems = list(_check_model(m))
+    if problems:
+        raise ConfigError("invalid model configuration:\n  - " + "\n  - ".join(problems))
+    return m
+
+
 # --- small helpers; each returns the problems it found ------------------------------------------------
 # Comparisons are written as `not (ok)` so that NaN, which compares False to everything, is rejected.
 

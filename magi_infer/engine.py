@@ -1,0 +1,240 @@
+"""The inference engine: built once (DiT, text encoder, VAE), then serves any number of requests.
+
+A request is turned into latent chunks, captions and an optional prefix; the sampler yields each chunk as
+soon as it is clean, and the engine decodes it and appends its frames to the mp4 right away.
+
+Frame accounting (a documented difference from the released pipeline, which rounds up to whole chunks and
+for i2v/v2v returns extra frames, spec §11): the output has exactly `num_frames` frames.
+* t2v: frames 0..num_frames-1 of the generated video.
+* i2v: the video starts at the conditioning image (latent frame 0 is the image latent) and has num_frames
+  frames in total.
+* v2v: the continuation only; the prefix (any length, rounded down to whole latent frames) is not repeated.
+Prefix latent frames are decoded from the clean prefix latents, not from the sampler's final values
+(which carry one last Euler increment on top of them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from magi_infer.config import GenerateConfig
+from magi_infer.sampler import Captions, StaircaseSampler
+from magi_infer.weights import load_into, load_weights
+from magi_train.model.dit import DTYPES, build_dit
+
+TEMPORAL = 4  # pixel frames per latent frame
+SPATIAL = 8  # pixels per latent pixel
+MODES = ("t2v", "i2v", "v2v")
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class Request:
+    prompts: List[str]
+    mode: str = "t2v"
+    num_frames: int = 96
+    seed: int = 1234
+    image: Optional[str] = None
+    prefix_video: Optional[str] = None
+    prefix_frames: Optional[int] = None
+    output: str = "out.mp4"
+
+    @staticmethod
+    def from_config(cfg: GenerateConfig) -> "Request":
+        prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else [str(p) for p in cfg.prompt]
+        return Request(prompts, cfg.mode, cfg.num_frames, cfg.seed, cfg.image, cfg.prefix_video, cfg.prefix_frames,
+                       cfg.output)
+
+
+@dataclass
+class Result:
+    output: Path
+    frames: int
+    chunks: int
+    model_calls: int
+    seconds: float
+    chunk_seconds: List[float] = field(default_factory=list)  # time from start to each chunk's frames on disk
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class InferenceEngine:
+    def __init__(self, cfg: GenerateConfig, tp_group=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        mc = cfg.model
+        if cfg.dtype != "auto":
+            mc.params_dtype = cfg.dtype
+        if cfg.ckpt.dir is None:
+            raise ValueError("ckpt.dir is required: a released MAGI-1 model directory or a checkpoint of ours")
+        state, source = load_weights(cfg.ckpt.dir, mc, cfg.sampler.fp8)
+        model = build_dit(mc, tp_group=tp_group, init_weights=False)
+        if cfg.sampler.fp8:
+            from magi_infer.fp8 import convert_dit_to_fp8
+
+            convert_dit_to_fp8(model)
+        load_into(model, state, source)
+        del state
+        self.model = model.to(self.device).eval()
+        self.source = source
+        self.sampler = StaircaseSampler(self.model, cfg.sampler)
+        self.text_encoder = self._build_text_encoder()
+        self.special_tokens = self._load_special_tokens()
+        self.vae = self._build_vae()
+
+    # ------------------------------------------------------------------ components
+    def _build_text_encoder(self):
+        tc, mc = self.cfg.text, self.cfg.model
+        if tc.encoder == "hash":
+            from magi_train.data.text import HashTextEncoder
+
+            return HashTextEncoder(dim=mc.caption_channels, max_length=mc.caption_max_length)
+        if tc.encoder == "t5":
+            from magi_infer.text import T5TextEncoder
+
+            if tc.t5_dir is None:
+                raise ValueError("text.t5_dir is required for text.encoder=t5 (the t5-v1_1-xxl directory or its parent)")
+            return T5TextEncoder(tc.t5_dir, device=tc.device, max_length=tc.max_length)
+        raise ValueError(f"text.encoder={tc.encoder!r} is not one of ['t5', 'hash']")
+
+    def _caption_options(self):
+        from magi_infer.text import CaptionOptions
+
+        tc = self.cfg.text
+        return CaptionOptions(hq=tc.hq, duration=tc.duration, negative_tokens=tc.negative_tokens,
+                              static_first_frames=tc.static_first_frames, dynamic_first_frames=tc.dynamic_first_frames,
+                              borderness=tc.borderness, three_d_model=tc.three_d_model, two_d_anime=tc.two_d_anime)
+
+    def _load_special_tokens(self):
+        from magi_infer.text import SpecialTokens
+
+        options = self._caption_options()
+        if not (options.keys() or options.negative_keys()):
+            return None
+        return SpecialTokens.load(self.cfg.text.special_tokens or ASSETS / "special_tokens.npz")
+
+    def _build_vae(self):
+        vc = self.cfg.vae
+        if vc.kind == "preview":
+            from magi_infer.preview import LatentPreviewDecoder
+
+            return LatentPreviewDecoder(self.cfg.model.in_channels // (2 if self.cfg.model.half_channel_vae else 1))
+        if vc.kind == "vit":
+            from magi_infer.vae import VaeCodec, ViTVAE
+
+            if vc.dir is None:
+                raise ValueError("vae.dir is required for vae.kind=vit (diffusers-style directory of the released VAE)")
+            dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if vc.dtype == "auto" else DTYPES[vc.dtype]
+            vae = ViTVAE.from_pretrained(vc.dir, dtype=dtype, device=self.device)
+            return VaeCodec(vae, fps=self.cfg.video.fps, tile_px=vc.tile_px, overlap=vc.overlap,
+                            scale_factor=vc.scale_factor)
+        raise ValueError(f"vae.kind={vc.kind!r} is not one of ['vit', 'preview']")
+
+    # ------------------------------------------------------------------ request -> latents
+    def _latent_size(self):
+        v, mc = self.cfg.video, self.cfg.model
+        unit = SPATIAL * mc.patch_size
+        if v.height % unit or v.width % unit:
+            raise ValueError(f"video.height={v.height} and video.width={v.width} must be multiples of {unit} "
+                             f"(VAE factor {SPATIAL} x model.patch_size {mc.patch_size})")
+        return v.height // SPATIAL, v.width // SPATIAL
+
+    def _prefix(self, req: Request) -> Optional[torch.Tensor]:
+        from magi_infer.video_io import read_image, read_video
+
+        v = self.cfg.video
+        if req.mode == "t2v":
+            return None
+        if req.mode == "i2v":
+            if not req.image:
+                raise ValueError("mode=i2v needs image=PATH")
+            frames = read_image(req.image, v.height, v.width)
+        else:
+            if not req.prefix_video:
+                raise ValueError("mode=v2v needs prefix_video=PATH")
+            frames = read_video(req.prefix_video, v.fps, v.height, v.width, max_frames=req.prefix_frames)
+            usable = frames.shape[0] // TEMPORAL * TEMPORAL
+            if usable == 0:
+                raise ValueError(f"prefix_video={req.prefix_video} has {frames.shape[0]} frames at {v.fps} fps; "
+                                 f"v2v needs at least {TEMPORAL}")
+            frames = frames[:usable]
+        latent = self.vae.encode_frames(frames)
+        return latent.to(self.device, torch.float32)
+
+    def _captions(self, prompts: Sequence[str], num_chunks: int, prefix_chunks: int) -> Captions:
+        from magi_infer.text import build_caption_rows, prepare_prompt
+
+        mc = self.cfg.model
+        if self.cfg.text.encoder == "t5":
+            prompts = [prepare_prompt(p) for p in prompts]
+        emb, mask = self.text_encoder.encode(list(prompts))
+        rows = build_caption_rows(emb.float().cpu(), mask.float().cpu(), special_tokens=self.special_tokens,
+                                  null_caption_embedding=self.model.y_embedder.null_caption_embedding.detach().float().cpu(),
+                                  infer_chunk_num=num_chunks, clean_chunk_num=prefix_chunks,
+                                  options=self._caption_options(), caption_length=mc.caption_max_length,
+                                  null_length=mc.null_caption_length)
+        return Captions(rows.y.to(self.device), rows.mask.to(self.device))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, req: Request, output: Optional[str] = None) -> Result:
+        from magi_infer.video_io import StreamingMp4Writer
+
+        if req.mode not in MODES:
+            raise ValueError(f"mode={req.mode!r} is not one of {list(MODES)}")
+        if req.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {req.num_frames}")
+        if not req.prompts:
+            raise ValueError("prompt is empty: give a string or a list of strings (one per chunk)")
+        start = time.perf_counter()
+        cw = self.cfg.model.chunk_width
+        h, w = self._latent_size()
+        prefix = self._prefix(req)
+        P = 0 if prefix is None else prefix.shape[2]
+        new_latents = math.ceil(req.num_frames / TEMPORAL)
+        # i2v: the image latent is latent frame 0 of the output; v2v: the output follows the prefix.
+        total_latents = new_latents if req.mode == "i2v" else P + new_latents
+        num_chunks = math.ceil(total_latents / cw)
+        captions = self._captions(req.prompts, num_chunks, P // cw)
+        gen = torch.Generator(device="cpu").manual_seed(req.seed)  # CPU stream: same noise on any device
+        channels = self.cfg.model.in_channels // (2 if self.cfg.model.half_channel_vae else 1)
+        noise = torch.randn(1, channels, num_chunks * cw, h, w, generator=gen).to(self.device)
+
+        plans = self.sampler.plans(num_chunks, P // cw)
+        out_path = Path(output or req.output)
+        v = self.cfg.video
+        written, chunk_times = 0, []
+        bar = tqdm(total=len(plans), unit="step", disable=not self.cfg.progress, desc="generating")
+        done_chunks = 0
+
+        def on_step(plan) -> None:
+            bar.update(1)
+            bar.set_postfix(chunks=f"{done_chunks}/{num_chunks - P // cw}")
+
+        with StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf) as writer:
+            for chunk in self.sampler.sample(noise, captions, prefix, on_step=on_step):
+                latent = chunk.latent.clone()
+                if chunk.prefix_frames:
+                    lo = chunk.index * cw
+                    latent[:, :, :chunk.prefix_frames] = prefix[:, :, lo:lo + chunk.prefix_frames]
+                frames = self.vae.decode_latents(latent)
+                if req.mode == "v2v":
+                    frames = frames[chunk.prefix_frames * TEMPORAL:]
+                frames = frames[: req.num_frames - written]
+                if len(frames):
+                    writer.write(frames.cpu())
+                    written += len(frames)
+                done_chunks += 1
+                chunk_times.append(time.perf_counter() - start)
+        bar.close()
+        return Result(out_path, written, num_chunks, len(plans), time.perf_counter() - start, chunk_times)

@@ -1,0 +1,59 @@
+"""Inference entry point: generate a video with a released MAGI-1 model or one we trained.
+
+    torchrun --nproc_per_node 1 magi_infer/generate.py model=magi1_4.5b_distill ckpt.dir=ckpt/magi/4.5B_distill \
+        text.t5_dir=ckpt/t5 vae.dir=ckpt/vae mode=t2v prompt="A red fox runs through snow" output=fox.mp4
+    ... mode=i2v image=cat.png          ... mode=v2v prefix_video=clip.mp4 num_frames=48
+    ... prompt='[a calm sea, a storm rises, lightning strikes]'        (one prompt per chunk)
+
+Every runtime knob is a Hydra override (conf/generate.yaml, magi_infer/config.py). The video is written
+chunk by chunk to `<output>.partial` (playable while it grows) and renamed to `output` when complete.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts magi_infer/ first on sys.path; import the installed packages instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from magi_infer.config import register_generate_config, to_generate_config  # noqa: E402
+from magi_infer.engine import InferenceEngine, Request  # noqa: E402
+from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
+
+
+def run(cfg: DictConfig):
+    gen_cfg = to_generate_config(cfg)
+    parallel = init_parallel(gen_cfg.parallel)
+    try:
+        if parallel.world_size > 1:
+            raise ValueError(f"generate.py runs on one process for now ({parallel.world_size} were started); "
+                             "multi-GPU inference (parallel.cp / parallel.pp) comes with the parallelism issue")
+        engine = InferenceEngine(gen_cfg, tp_group=parallel.tp_group)
+        if parallel.is_main:
+            print(f"loaded {engine.source} (model={gen_cfg.model.name}, cfg_number={gen_cfg.sampler.cfg_number}, "
+                  f"{gen_cfg.sampler.num_steps} steps/chunk, fp8={gen_cfg.sampler.fp8}) on {engine.device}", flush=True)
+        result = engine.generate(Request.from_config(gen_cfg))
+        if parallel.is_main:
+            print(f"wrote {result.output}: {result.frames} frames {gen_cfg.video.width}x{gen_cfg.video.height} at "
+                  f"{gen_cfg.video.fps} fps, {result.chunks} chunks, {result.model_calls} sampler steps, "
+                  f"{result.seconds:.1f} s (first chunk on disk after {result.chunk_seconds[0]:.1f} s)", flush=True)
+        return result
+    finally:
+        shutdown()
+
+
+register_generate_config()
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

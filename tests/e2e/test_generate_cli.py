@@ -1,0 +1,69 @@
+"""The real inference program, launched as users launch it: torchrun + Hydra overrides, on a model our
+trainer just saved (the tiny preset, as in `make demo`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from magi_infer.video_io import probe_video
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+
+def launch(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "1", script, *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run = launch("magi_train/train.py", "experiment=tiny", f"trainer.output_dir={out}", "trainer.progress_bar=false",
+                 "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=0", "trainer.wandb.mode=disabled")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out / "checkpoints"
+
+
+@pytest.mark.slow
+def test_generate_writes_the_requested_video(trained, tmp_path):
+    out = tmp_path / "demo.mp4"
+    run = launch("magi_infer/generate.py", "model=tiny", f"ckpt.dir={trained}", "num_frames=30", f"output={out}",
+                 "prompt=[a red blob moves right, the red blob moves down]", "progress=false", "video.fps=12")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrote" in run.stdout and "2 chunks" in run.stdout
+    info = probe_video(out)
+    assert (info.frames, info.width, info.height, info.fps, info.codec) == (30, 64, 64, 12.0, "h264")
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_preset_that_does_not_fit_the_checkpoint_fails_at_startup(trained, tmp_path):
+    out = tmp_path / "never.mp4"
+    run = launch("magi_infer/generate.py", "model=magi1_4.5b", f"ckpt.dir={trained}", f"output={out}", "prompt=x",
+                 "text.t5_dir=/nonexistent", "vae.dir=/nonexistent")
+    assert run.returncode != 0
+    assert "another model config than model=magi1_4.5b" in run.stderr and "hidden_size" in run.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_distilled_preset_on_a_base_released_dir_fails_at_startup(tmp_path):
+    released = tmp_path / "4.5B_base"
+    (released / "inference_weight").mkdir(parents=True)
+    run = launch("magi_infer/generate.py", "model=magi1_4.5b_distill", f"ckpt.dir={released}", "prompt=x",
+                 f"output={tmp_path / 'never.mp4'}")
+    assert run.returncode != 0
+    assert "inference_weight.distill" in run.stderr and "model=<size>" in run.stderr
+
+
+@pytest.mark.slow
+def test_bad_overrides_fail_with_the_key(tmp_path):
+    run = launch("magi_infer/generate.py", "model=tiny", "sampler.num_stepz=3")
+    assert run.returncode != 0 and "num_stepz" in run.stderr
+    run = launch("magi_infer/generate.py", "model=tiny", "sampler.cfg_number=1", "ckpt.dir=x", "prompt=x")
+    assert run.returncode != 0 and "sampler.cfg_number=1 does not fit model=tiny" in run.stderr
