@@ -22,7 +22,11 @@ import torch
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import DTYPES, build_dit, module_dtype_plan
 
-VAE_PARAMS_ESTIMATE = 614_000_000  # 24 + 24 ViT blocks of width 1024 (spec §5.1), bf16
+# The released VAE's shape (spec §5.1: width 1024, 24 + 24 blocks, 8x8x4 patches, 16 latent channels,
+# a 16 x 256^2 reference grid); the head count does not change the parameter count.
+RELEASED_VAE_DDCONFIG = dict(video_size=256, video_length=16, patch_size=8, patch_length=4, in_chans=3, z_chans=16,
+                             double_z=True, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, qkv_bias=True,
+                             ln_in_attn=True, conv_last_layer=True)
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window:
     # the whole attended range (cache + call).
     act = call_tokens * (4 * cfg.hidden_size * 4 + widest * itemsize + 3 * cfg.num_attention_heads * cfg.kv_channels * itemsize)
     act += (window + 1 + window) * chunk_tokens * cfg.num_query_groups * 2 * cfg.kv_channels * itemsize
-    return MemoryEstimate(dit_weight_bytes(cfg, fp8), kv, int(act), 4 * t5_xxl_encoder_params(), 2 * VAE_PARAMS_ESTIMATE)
+    return MemoryEstimate(dit_weight_bytes(cfg, fp8), kv, int(act), 4 * t5_xxl_encoder_params(), 2 * vae_params())
 
 
 def t5_xxl_encoder_params() -> int:
@@ -87,3 +91,10 @@ def t5_xxl_encoder_params() -> int:
 
 def measured_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def vae_params() -> int:
+    from magi_infer.vae import ViTVAE
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in ViTVAE(RELEASED_VAE_DDCONFIG).parameters())
