@@ -69,11 +69,10 @@ class ViTVAEConfig:
         unknown = sorted(set(ddconfig) - known)
         if unknown:
             raise ValueError(f"ddconfig has fields the released ViTEncoder/ViTDecoder do not take: {unknown}")
-        # The released tiler reads these two from the dict itself and falls back to other values than the model
-        # (temporal factor 1 instead of patch_length 4), so a dict without them is ambiguous.
-        for name in ("patch_size", "patch_length"):
-            if name not in ddconfig:
-                raise ValueError(f"ddconfig must set '{name}' explicitly")
+        # Without this field the released tiler assumes temporal factor 1 while the model uses the default 4:
+        # the released code disagrees with itself, so ask for the value.
+        if "patch_length" not in ddconfig:
+            raise ValueError("ddconfig must set 'patch_length' explicitly")
         config = ViTVAEConfig(**dict(ddconfig))
         config.validate()
         return config

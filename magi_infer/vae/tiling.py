@@ -55,7 +55,9 @@ def _code_tiles(fn: Codec, x: torch.Tensor, strides: Sequence[int], sizes: Seque
     ]
 
 
-def _blend_and_assemble(tiles: Grid, extent: Tuple[int, int], keep: Tuple[int, int, int], ramp_from_blended: bool) -> torch.Tensor:
+def _blend_and_assemble(
+    tiles: Grid, extent: Tuple[int, int], keep: Tuple[int, int, int], ramp_from_blended: bool
+) -> torch.Tensor:
     blended: Grid = [[[] for _ in plane] for plane in tiles]
     for f, plane in enumerate(tiles):
         source = blended[f] if ramp_from_blended else plane
