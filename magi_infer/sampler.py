@@ -93,6 +93,24 @@ class StaircaseSampler:
     def sample(self, noise: torch.Tensor, captions: Captions, prefix: Optional[torch.Tensor] = None,
                on_step: Optional[Callable[[StepPlan], None]] = None) -> Iterator[EmittedChunk]:
         """noise (1, C, n*chunk_width, H, W) fp32; prefix (1, C, P, H, W) clean latents or None."""
+        n = self.prepare(noise, captions, prefix)
+        cw = self.chunk_width
+        P = 0 if prefix is None else prefix.shape[2]
+        off = P // cw
+        plans = self.plans(n, off)
+        for plan in plans:
+            if plan.extract_prefix:
+                self._extract_prefix(off)
+            self._step(plan)
+            if on_step is not None:
+                on_step(plan)
+            if plan.emit is not None:
+                c = plan.emit
+                latent = self._x[:, :, c * cw:(c + 1) * cw].clone()
+                yield EmittedChunk(c, latent, max(0, min(P - c * cw, cw)), plan.step, len(plans))
+
+    def prepare(self, noise: torch.Tensor, captions: Captions, prefix: Optional[torch.Tensor] = None) -> int:
+        """Set up one generation (latents, captions, an empty KV cache); returns the number of chunks."""
         cw = self.chunk_width
         if noise.ndim != 5 or noise.shape[0] != 1 or noise.shape[2] % cw:
             raise ValueError(f"noise must be (1, C, num_chunks*{cw}, H, W), got {tuple(noise.shape)}")
@@ -110,18 +128,7 @@ class StaircaseSampler:
             if self.cfg.kv_cache else None
         # What each cached chunk was computed from, for the cache-free oracle: latent and lookback.
         self._context: dict = {}
-        off = P // cw
-        plans = self.plans(n, off)
-        for plan in plans:
-            if plan.extract_prefix:
-                self._extract_prefix(off)
-            self._step(plan)
-            if on_step is not None:
-                on_step(plan)
-            if plan.emit is not None:
-                c = plan.emit
-                latent = self._x[:, :, c * cw:(c + 1) * cw].clone()
-                yield EmittedChunk(c, latent, max(0, min(P - c * cw, cw)), plan.step, len(plans))
+        return n
 
     # ------------------------------------------------------------------ one sampler step
     def _step(self, plan: StepPlan) -> None:
@@ -136,8 +143,25 @@ class StaircaseSampler:
         x, t = self._paste_prefix(x, t, plan.slice_point)
         if plan.clean_chunk is not None:
             self._context[plan.clean_chunk] = (x[:, :, :cw].clone(), plan.kv_chunks[0][0])
-        y, mask = self._captions.y, self._captions.mask
+        v = self.velocity(plan, x, t, idx)
+
+        # Euler step per chunk, from the (prefix-pasted) input latents.
         dn = len(plan.chunks)
+        x_active = x[:, :, -dn * cw:]
+        k = torch.tensor(plan.step_index)
+        delta = ts[k + 1] - ts[k]
+        N, C, T, H, W = x_active.shape
+        x_new = x_active.reshape(N, C, dn, cw, H, W) + v.reshape(N, C, dn, cw, H, W) * delta.reshape(1, 1, -1, 1, 1, 1)
+        self._x[:, :, plan.chunks[0] * cw:(plan.chunks[-1] + 1) * cw] = x_new.reshape(N, C, T, H, W)
+
+    def velocity(self, plan: StepPlan, x: torch.Tensor, t: torch.Tensor, idx: int) -> torch.Tensor:
+        """The guided velocity of the denoising chunks of one call (the released `forward_dispatcher`).
+
+        x holds the forwarded chunks (the clean re-forward first, if any) and t their times; `idx` is the step
+        inside the stage (for the shortcut step size)."""
+        cfg, cw = self.cfg, self.chunk_width
+        y, mask = self._captions.y, self._captions.mask
+        dn, forwarded = len(plan.chunks), plan.forwarded
         # The clean re-forward always takes the null caption (row 1), in the text pass too.
         cond_rows = torch.cat([y[1, :1]] * (plan.clean_chunk is not None) + [y[0, plan.chunks[0]:plan.range_num]])
         cond_masks = torch.cat([mask[1, :1]] * (plan.clean_chunk is not None) + [mask[0, plan.chunks[0]:plan.range_num]])
@@ -173,14 +197,7 @@ class StaircaseSampler:
             v = out[:, :, -dn * cw:]
         else:
             v = self._forward(full(cond_rows, cond_masks, False), write=True, skip_last_write=nearly_clean)[:, :, -dn * cw:]
-
-        # Euler step per chunk, from the (prefix-pasted) input latents.
-        x_active = x[:, :, -dn * cw:]
-        k = torch.tensor(plan.step_index)
-        delta = ts[k + 1] - ts[k]
-        N, C, T, H, W = x_active.shape
-        x_new = x_active.reshape(N, C, dn, cw, H, W) + v.reshape(N, C, dn, cw, H, W) * delta.reshape(1, 1, -1, 1, 1, 1)
-        self._x[:, :, plan.chunks[0] * cw:(plan.chunks[-1] + 1) * cw] = x_new.reshape(N, C, T, H, W)
+        return v
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, call: _Call, write: bool, skip_last_write: bool = False) -> torch.Tensor:

@@ -7,6 +7,7 @@ relative of the released latents (the released code computes in bf16).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -92,3 +93,35 @@ def test_t2v_matches_released_generation(released):
         mx, rms = rel(chunks[c], t2v[f"t2v.chunk_{c}"])
         print(f"chunk {c}: max rel {mx:.3e} rms rel {rms:.3e}")
         assert mx <= MAX_TOL and rms <= RMS_TOL, f"chunk {c}: max {mx:.3e} rms {rms:.3e}"
+
+
+def test_one_guidance_step_matches_released_dispatcher(released):
+    """`out_dispatcher`: one cfg-3 step on two chunks (t = 0.3, 0.05), text rows + null rows, the released
+    combination (with cfg_t_range buckets: s_prev 1.0 / s_text 0 for the first chunk, 1.5 / 7.5 for the second)."""
+    from magi_infer.schedule import StepPlan
+
+    model, cfg = released
+    inputs = safetensors.torch.load_file(GELU / "inputs.safetensors")
+    golden = safetensors.torch.load_file(GELU / "forward.safetensors")["out_dispatcher"]
+    null = model.y_embedder.null_caption_embedding.detach().float()
+    y = torch.stack([inputs["fwd.y"][:, 0], null[None].expand(2, -1, -1)])
+    null_mask = (torch.arange(null.shape[0]) < 50).float()
+    mask = torch.stack([inputs["fwd.xattn_mask"][:, 0].float(), null_mask[None].expand(2, -1)])
+    sampler = StaircaseSampler(model, cfg)
+    sampler.prepare(torch.zeros(1, 16, 12, 8, 12), Captions(y, mask))
+    plan = StepPlan(step=0, chunks=(0, 1), step_index=(0, 0), clean_chunk=None, kv_chunks=((0, 1), (0, 2)), emit=None,
+                    extract_prefix=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        v = sampler.velocity(plan, inputs["fwd.x"], inputs["fwd.t"][0], idx=0)
+    finally:
+        torch.set_num_threads(threads)
+    mx, _ = rel(v, golden[:1])
+    print(f"dispatcher: max rel {mx:.3e}")
+    assert mx <= 1.5e-2, f"guidance step: max rel {mx:.3e}"
+    # the comparison is sharp: text guidance off moves it far away
+    off = dataclasses.replace(cfg, text_scales=[0.0] * 5)
+    sampler = StaircaseSampler(model, off)
+    sampler.prepare(torch.zeros(1, 16, 12, 8, 12), Captions(y, mask))
+    assert rel(sampler.velocity(plan, inputs["fwd.x"], inputs["fwd.t"][0], idx=0), golden[:1])[0] > 0.1
