@@ -1,0 +1,456 @@
+#!/usr/bin/env python
+"""Convert MAGI-1 DiT weights between the released layout and our trainer's checkpoints, both ways.
+
+    python tools/convert_checkpoint.py to-ours --src downloads/4.5B_base --model magi1_4.5b --out runs/ft/checkpoints
+    python tools/convert_checkpoint.py to-released --src runs/ft/checkpoints --out exported/4.5B_ft [--fp8] [--zst]
+
+Released layout (spec §9): MODEL_DIR/inference_weight[.fp8][.distill]/ holding model.safetensors.index.json and
+shards (optionally .zst). Stored dtypes: fp32 for x_embedder.*, t_embedder.*, final_linear.* and rope.bands,
+bf16 for everything else; fp8 checkpoints replace the linears of layers 1 .. L-2 (spec §8).
+
+Ours: CheckpointManager's step_XXXXXXXX/{model.pt, trainer.pt, complete.json}. A converted checkpoint has no
+optimizer state, so the trainer's `trainer.resume` cannot continue from it (it needs optimizer.pt); it is meant for
+inference (`ckpt.dir=ROOT`) and as the starting weights of a fine-tuning run. Keys are the same on both sides;
+only dtypes (and, for fp8, the quantised linears) change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+try:
+    import magi_train  # noqa: F401  (installed editable in the venv)
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, check_state_dict, load_magi1_state_dict,
+                                         save_magi1_checkpoint)
+from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, read_marker
+from magi_train.config.released import load_released_config
+from magi_train.config.schema import ModelConfig
+from magi_train.model.dit import FP32_MODULES, build_dit
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+WEIGHT_DIR = "inference_weight"
+VARIANTS = {"base": WEIGHT_DIR, "distill": f"{WEIGHT_DIR}.distill", "fp8.distill": f"{WEIGHT_DIR}.fp8.distill"}
+# What the released files store in fp32 (checked against tests/fixtures/magi1_gelu); everything else is bf16.
+RELEASED_FP32_PREFIXES = ("x_embedder.", "t_embedder.", "final_linear.")
+RELEASED_FP32_KEYS = ("rope.bands",)
+# Entries of a released fp8 linear besides its weight (spec §8).
+FP8_SCALE_NAMES = ("weight_scale", "input_scale", "smooth_scale")
+_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+NO_OPTIMIZER_NOTE = ("no optimizer state: use it for inference (ckpt.dir) or as fine-tuning weights; "
+                     "trainer.resume needs optimizer.pt and cannot continue from it")
+
+
+class ConversionError(ValueError):
+    """A conversion refused up front (wrong input, wrong preset, unsafe output); the message says what to do."""
+
+
+@dataclass
+class Summary:
+    direction: str
+    source: Path
+    output: Path
+    keys: int
+    parameters: int
+    bytes: int
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"{self.direction}: {self.source} -> {self.output}",
+                 f"  keys: {self.keys}, parameters: {self.parameters:,}, tensor bytes: {self.bytes:,}",
+                 "  files written:"]
+        lines += [f"    {f} ({f.stat().st_size:,} bytes)" for f in self.files]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def load_model_config(spec: str) -> ModelConfig:
+    """A conf/model/<spec>.yaml preset name, or the path of a released config.json."""
+    if spec.endswith(".json"):
+        if not Path(spec).is_file():
+            raise ConversionError(f"--model {spec}: no such released config.json")
+        return load_released_config(spec)
+    presets = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if spec not in presets:
+        raise ConversionError(f"--model {spec!r} is neither a preset in {CONF_DIR / 'model'} ({', '.join(presets)}) "
+                              "nor a released config.json path")
+    # Hydra resolves the presets' `defaults:` (the *_distill ones extend the base) and validates the result.
+    import hydra
+
+    from magi_train.config import register_configs, to_train_config
+
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = hydra.compose("config", overrides=[f"model={spec}"])
+    return to_train_config(composed).model
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], None]]:
+    """Key -> (shape, any dtype) of the model `cfg` describes, built on the meta device (no memory)."""
+    return {key: (tuple(t.shape), None) for key, t in build_dit(cfg, device="meta").state_dict().items()}
+
+
+def check_against_model(state: Mapping[str, torch.Tensor], cfg: ModelConfig, source: Path, what: str) -> None:
+    try:
+        check_state_dict(expected_shapes(cfg), dict(state), source)
+    except ValueError as e:
+        raise ConversionError(f"{e}\n(model: {what}, config name {cfg.name!r})") from e
+
+
+def promote_like_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored dtypes, with the modules our model (and the released loader) keep in fp32 cast to fp32.
+
+    Same rule as `module_dtype_plan`: a key is promoted when one of its dotted parts names an FP32_MODULES entry
+    (so `q_layernorm` is promoted, `q_layernorm_xattn` is not). bf16 -> fp32 is exact, so nothing is lost.
+    """
+    def promoted(key: str) -> bool:
+        return any(part in FP32_MODULES for part in key.split("."))
+
+    return {k: t.float() if promoted(k) and t.is_floating_point() else t for k, t in state.items()}
+
+
+def released_dtype(key: str) -> torch.dtype:
+    return torch.float32 if key.startswith(RELEASED_FP32_PREFIXES) or key in RELEASED_FP32_KEYS else torch.bfloat16
+
+
+def cast_like_released(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whatever the training dtype, store what the released files store (the loader keeps stored dtypes)."""
+    return {k: t.to(released_dtype(k)) if t.is_floating_point() else t for k, t in state.items()}
+
+
+def dequantize_fp8(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every released fp8 linear by the bf16 (out, in) weight that its forward applies.
+
+    The fp8 forward computes y = (x / divisor)_fp8 @ W_q^T * a_scale * weight_scale, with divisor = smooth_scale
+    (per-channel layers) or input_scale (per-tensor layers) and a_scale = input_scale[0]. Ignoring the activation
+    rounding this is x @ W^T with W[:, j] = W_q[:, j] * weight_scale * a_scale / divisor[j], which also undoes
+    SmoothQuant smoothing. Lossy: the fp8 rounding of W_q stays.
+    """
+    out = dict(state)
+    modules = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
+    for module in modules:
+        wq = out.pop(f"{module}.weight")
+        weight_scale = out.pop(f"{module}.weight_scale").float().reshape(())
+        input_scale = out.pop(f"{module}.input_scale").float().flatten()
+        smooth = out.pop(f"{module}.smooth_scale", None)
+        divisor = (smooth if smooth is not None else input_scale).float().reshape(1, -1)
+        weight = wq.reshape(wq.shape[-2:]).float() * (weight_scale * input_scale[0]) / divisor
+        out[f"{module}.weight"] = weight.to(torch.bfloat16)
+    # Keep the model's key order: put each dequantised weight back where the fp8 entries were.
+    order = [k for k in state if not k.endswith(tuple(f".{n}" for n in FP8_SCALE_NAMES))]
+    return {k: out[k] for k in order}
+
+
+def in_model_order(state: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`state` with keys in `order`, each fp8 linear's scales right after its weight, anything else last."""
+    ordered: dict[str, torch.Tensor] = {}
+    for key in order:
+        module = key.removesuffix(".weight")
+        for k in (key, *(f"{module}.{name}" for name in FP8_SCALE_NAMES)):
+            if k in state and k not in ordered:
+                ordered[k] = state[k]
+    ordered.update({k: t for k, t in state.items() if k not in ordered})
+    return ordered
+
+
+def guard_output(path: Path, force: bool, allowed: Optional[re.Pattern[str]] = None) -> None:
+    """Refuse a non-empty output unless --force; with --force still refuse one holding foreign files."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConversionError(f"output {path} exists and is not a directory")
+    present = sorted(p.name for p in path.iterdir())
+    if not present:
+        return
+    if not force:
+        raise ConversionError(f"output {path} already exists and is not empty ({', '.join(present[:5])}"
+                              f"{', ...' if len(present) > 5 else ''}); pass --force to replace it")
+    foreign = [name for name in present if allowed is not None and not allowed.match(name)]
+    if foreign:
+        raise ConversionError(f"output {path} holds files that a conversion did not write ({', '.join(foreign[:5])}); "
+                              "not replacing it even with --force")
+
+
+def tensor_totals(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    return sum(t.numel() for t in state.values()), sum(t.numel() * t.element_size() for t in state.values())
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (10^9), '512MiB' (2^20), '1000000' bytes -> int."""
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB, 2GiB or a byte count")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+# ---------------------------------------------------------------------------------------------- released -> ours
+def resolve_weight_dir(src: Path, variant: Optional[str]) -> tuple[Path, Optional[str]]:
+    """(weight dir, variant) for a model dir or a weight dir. The variant is None when the name does not tell."""
+    if not src.is_dir():
+        raise ConversionError(f"--src {src} is not a directory")
+    if any((src / name).is_file() for name in (INDEX_NAME, SINGLE_NAME, SINGLE_NAME + ".zst")):
+        named = {v: k for k, v in VARIANTS.items()}.get(src.name)
+        if variant is not None and named is not None and variant != named:
+            raise ConversionError(f"--variant {variant} contradicts the weight directory {src} ({named})")
+        return src, variant or named
+    present = {k: src / d for k, d in VARIANTS.items() if (src / d).is_dir()}
+    if not present:
+        raise ConversionError(f"--src {src} holds no released weights: neither {INDEX_NAME} / {SINGLE_NAME} nor a "
+                              f"weight directory ({', '.join(VARIANTS.values())})")
+    if variant is None:
+        if len(present) > 1:
+            names = ", ".join(p.name for p in present.values())
+            raise ConversionError(f"{src} holds several weight directories ({names}); "
+                                  f"choose one with --variant {'|'.join(present)}")
+        variant = next(iter(present))
+    if variant not in present:
+        raise ConversionError(f"--variant {variant}: {src / VARIANTS[variant]} does not exist "
+                              f"(found: {', '.join(p.name for p in present.values())})")
+    return present[variant], variant
+
+
+def released_to_ours(src: Path, model: str, out: Path, step: int = 0, variant: Optional[str] = None,
+                     dequantize: bool = False, force: bool = False) -> Summary:
+    weight_dir, variant = resolve_weight_dir(Path(src), variant)
+    cfg = load_model_config(model)
+    if variant is not None and cfg.distill != variant.endswith("distill"):
+        # Distillation adds no keys, so a wrong preset would pass the shape check and generate garbage.
+        raise ConversionError(f"{weight_dir} holds {'distilled' if variant.endswith('distill') else 'base'} weights "
+                              f"but --model {model} has distill={cfg.distill}; use the matching "
+                              f"{'*_distill preset' if variant.endswith('distill') else 'base preset'} or config.json")
+    guard_output(Path(out), force)
+
+    state = load_magi1_state_dict(weight_dir)
+    fp8_keys = [k for k, t in state.items() if t.dtype == torch.float8_e4m3fn]
+    notes = [NO_OPTIMIZER_NOTE]
+    if fp8_keys:
+        if not dequantize:
+            raise ConversionError(f"{weight_dir} is an fp8 checkpoint ({fp8_keys[0]} is float8_e4m3fn): our trainer "
+                                  "works on bf16/fp32 weights and dequantising is lossy (the fp8 rounding stays). "
+                                  "Convert the bf16 distill weights instead, or pass --dequantize to accept the loss")
+        state = dequantize_fp8(state)
+        notes.append(f"dequantised {len(fp8_keys)} fp8 linears to bf16 (lossy)")
+    files = [weight_dir / n for n in (INDEX_NAME, SINGLE_NAME, SINGLE_NAME + ".zst") if (weight_dir / n).is_file()]
+    check_against_model(state, cfg, files[0], f"--model {model}")
+    state = promote_like_ours(state)  # the file's key order, so a round trip writes the same index
+
+    source = {"format": "magi1-released", "path": str(weight_dir.resolve()), "variant": variant}
+    trainer = {"step": step, "config": {"model": asdict(cfg)}, "source": source}
+    # keep_last=0: a forced conversion into an existing run must not prune that run's checkpoints.
+    manager = CheckpointManager(out, keep_last=0)
+    path = manager.save(step, {"model": state, "trainer": trainer})
+    newest = manager.latest()
+    if newest is not None and newest != path:
+        notes.append(f"{out} also holds {newest.name}, which is newer: ckpt.dir={out} would load that one")
+    parameters, nbytes = tensor_totals(state)
+    return Summary("released -> ours", weight_dir, path, len(state), parameters, nbytes,
+                   sorted(path.iterdir()), notes)
+
+
+# ---------------------------------------------------------------------------------------------- ours -> released
+def find_checkpoint(src: Path) -> Path:
+    """A step directory with complete.json, or the newest complete one under a checkpoint root.
+
+    Read-only on purpose: constructing a CheckpointManager on the source would clean up its `.tmp_*` dirs,
+    i.e. the save in progress of a trainer that is still running.
+    """
+    if (src / MARKER_NAME).is_file():
+        return src
+    if not src.is_dir():
+        raise ConversionError(f"--src {src} is not a directory")
+    steps = sorted(((int(m.group(1)), p) for p in src.iterdir() if (m := _STEP_DIR_RE.match(p.name))), reverse=True)
+    for step, path in steps:
+        try:
+            marker = read_marker(path)
+        except (OSError, ValueError):
+            continue  # interrupted or damaged: the one before it is the newest usable
+        files = marker["files"].items()
+        complete = all((path / n).is_file() and (path / n).stat().st_size == info["size"] for n, info in files)
+        if marker["step"] == step and complete:
+            return path
+    raise ConversionError(f"--src {src} is neither a checkpoint (no {MARKER_NAME}) nor a root holding a complete "
+                          "step_XXXXXXXX checkpoint")
+
+
+def load_checkpoint_file(path: Path, name: str) -> Any:
+    """One file of checkpoint `path`, checked against the sha256 in its complete.json.
+
+    Only model.pt and trainer.pt are ever read: optimizer.pt can be twice the model's size and is not needed.
+    """
+    marker = read_marker(path)
+    info = marker["files"].get(name)
+    if info is None:
+        raise ConversionError(f"checkpoint {path} has no {name} ({MARKER_NAME} lists {', '.join(marker['files'])})")
+    with open(path / name, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != info["sha256"]:
+            raise ConversionError(f"{path / name} does not match its sha256 in {MARKER_NAME} (corrupt?)")
+    if name == "model.pt":
+        # Tensors only; mapped, so a model larger than RAM is read as it is written out.
+        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+    # trainer.pt is our own file of plain Python objects (loaded as CheckpointManager.load does).
+    return torch.load(path / name, map_location="cpu", weights_only=False)
+
+
+def model_config_of(trainer: Mapping[str, Any], path: Path) -> ModelConfig:
+    model = trainer.get("config", {}).get("model") if isinstance(trainer, Mapping) else None
+    if not isinstance(model, Mapping):
+        raise ConversionError(f"{path / 'trainer.pt'} has no config['model']: cannot tell which model this is")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ConversionError(f"{path / 'trainer.pt'}: config['model'] has fields our ModelConfig lacks: {unknown}")
+    return ModelConfig(**model)
+
+
+def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = False, shard_bytes: int = 5 * 10**9,
+                     zst: bool = False, force: bool = False) -> Summary:
+    ckpt = find_checkpoint(Path(src))
+    cfg = model_config_of(load_checkpoint_file(ckpt, "trainer.pt"), ckpt)
+    is_distill = cfg.distill if distill == "auto" else distill == "true"
+    notes = []
+    if is_distill != cfg.distill:
+        notes.append(f"--distill {distill} overrides the checkpoint's model.distill={cfg.distill}")
+    if fp8 and not is_distill:
+        raise ConversionError("--fp8 needs a distilled model: MAGI-1 ships fp8 only as inference_weight.fp8.distill "
+                              "and its fp8 runs force cfg_number=1, which only distilled models support. "
+                              f"{ckpt} has model.distill=false (--distill true overrides, if you know better)")
+    zstd = shutil.which("zstd") if zst else None
+    if zst and zstd is None:
+        raise ConversionError("--zst needs the zstd command-line tool (e.g. apt-get install zstd)")
+    target = Path(out) / (WEIGHT_DIR + (".fp8" if fp8 else "") + (".distill" if is_distill else ""))
+    guard_output(target, force, allowed=re.compile(r"^model.*\.safetensors"))
+
+    state = load_checkpoint_file(ckpt, "model.pt")  # only now: everything cheap to refuse has been checked
+    check_against_model(state, cfg, ckpt / "model.pt", "the checkpoint's own config")
+    released = cast_like_released(state)
+    if fp8:
+        from magi_infer.fp8 import quantize_dit_state_dict  # only --fp8 needs the inference package
+
+        # Quantise from the checkpoint's own precision (fp32 training weights round once, straight to fp8).
+        quantized = quantize_dit_state_dict(state, cfg.num_layers)
+        # Entries passed through unchanged are the very tensors of `state`; those take the released dtype.
+        quantized = {k: released[k] if t is state.get(k) else t for k, t in quantized.items()}
+        released = in_model_order(quantized, list(state))
+        notes.append("fp8 scales are uncalibrated defaults (activations assumed within +-448); "
+                     "see magi_infer.fp8.calibrate_input_absmax for a calibrated export")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if zstd is None:
+        save_magi1_checkpoint(released, target, shard_bytes)  # atomic; refuses to replace foreign files
+    else:
+        write_compressed(released, target, shard_bytes, zstd)
+    parameters, nbytes = tensor_totals(released)
+    return Summary("ours -> released", ckpt, target, len(released), parameters, nbytes, sorted(target.iterdir()), notes)
+
+
+def write_compressed(state: Mapping[str, torch.Tensor], target: Path, shard_bytes: int, zstd: str) -> None:
+    """Shards compressed to X.zst (the index keeps naming X, as released), installed in one rename."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging_", dir=target.parent))
+    try:
+        staged = staging / target.name
+        save_magi1_checkpoint(dict(state), staged, shard_bytes)
+        for shard in sorted(staged.glob("*.safetensors")):
+            mode = shard.stat().st_mode & 0o777
+            result = subprocess.run([zstd, "-q", "--rm", "-T0", str(shard)], capture_output=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"zstd failed on {shard}: {result.stderr.decode(errors='replace').strip()}")
+            compressed = shard.with_name(shard.name + ".zst")
+            compressed.chmod(mode)  # zstd leaves 0600; keep the shard's own permissions
+            with open(compressed, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(staged)
+        replace_dir(staged, target, aside_prefix=f".{target.name}.old_")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Convert MAGI-1 DiT weights between the released layout (inference_weight*/ safetensors) "
+                    "and our trainer's checkpoints (step_XXXXXXXX/ with complete.json).",
+        epilog="Both directions check every key and shape against the model, print a summary, write atomically "
+               "and refuse a non-empty output unless --force.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ours = sub.add_parser(
+        "to-ours", help="released weights -> a checkpoint of our trainer",
+        description="Read released weights and write CheckpointManager(OUT).save(STEP, ...): model.pt (stored "
+                    "dtypes, fp32 promotion list applied) and trainer.pt (step, model config, source). "
+                    + NO_OPTIMIZER_NOTE + ".")
+    ours.add_argument("--src", type=Path, required=True,
+                      help="a released model directory (holding inference_weight[.fp8][.distill]/) "
+                           "or a weight directory")
+    ours.add_argument("--model", required=True,
+                      help="a preset name from conf/model/ (tiny, magi1_4.5b, magi1_24b_distill, ...) "
+                           "or a released config.json")
+    ours.add_argument("--out", type=Path, required=True, help="checkpoint root to write step_XXXXXXXX/ into")
+    ours.add_argument("--step", type=int, default=0, help="step number of the checkpoint (default 0)")
+    ours.add_argument("--variant", choices=sorted(VARIANTS), help="which weight directory, when --src holds several")
+    ours.add_argument("--dequantize", action="store_true",
+                      help="accept an fp8 checkpoint: turn its fp8 linears into bf16 weights (lossy)")
+    ours.add_argument("--force", action="store_true",
+                      help="write into a non-empty --out (other checkpoints there are kept; not while a trainer "
+                           "is saving into it)")
+
+    rel = sub.add_parser(
+        "to-released", help="a checkpoint of our trainer -> released weights",
+        description="Write OUT/inference_weight[.fp8][.distill]/ in the released layout: fp32 for x_embedder, "
+                    "t_embedder, final_linear and rope.bands, bf16 for the rest, whatever the training dtype.")
+    rel.add_argument("--src", type=Path, required=True,
+                     help="a checkpoint directory (with complete.json) or a checkpoint root (its newest complete one)")
+    rel.add_argument("--out", type=Path, required=True, help="model directory to create the weight directory in")
+    rel.add_argument("--distill", choices=("auto", "true", "false"), default="auto",
+                     help="name the weights as distilled (.distill); auto = the checkpoint's model.distill")
+    rel.add_argument("--fp8", action="store_true",
+                     help="quantise layers 1..L-2 to fp8 as in inference_weight.fp8.distill (distilled models only)")
+    rel.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"),
+                     help="largest shard, e.g. 5GB (default), 500MB, 2GiB")
+    rel.add_argument("--zst", action="store_true", help="compress each shard with the zstd CLI (X.safetensors.zst)")
+    rel.add_argument("--force", action="store_true", help="replace an existing non-empty weight directory")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-ours":
+            if args.step < 0:
+                parser.error(f"--step must be >= 0, got {args.step}")
+            summary = released_to_ours(args.src, args.model, args.out, args.step, args.variant, args.dequantize,
+                                       args.force)
+        else:
+            summary = ours_to_released(args.src, args.out, args.distill, args.fp8, args.shard_size, args.zst,
+                                       args.force)
+    except (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"convert_checkpoint.py {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
