@@ -172,6 +172,10 @@ def save_magi1_checkpoint(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp_", dir=directory.parent))
+    # mkdtemp makes the directory private (0700); a published checkpoint gets the usual mode under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         weight_map: dict[str, str] = {}
         for name, keys in zip(names, shards):
