@@ -149,3 +149,16 @@ def test_context_matters(single_process_group):
     a = list(StaircaseSampler(model, base).sample(noise, caps))[-1].latent
     b = list(StaircaseSampler(model, cut).sample(noise, caps))[-1].latent
     assert (a - b).abs().max() / a.abs().max() > 1e-3
+
+
+def test_kv_offload_is_numerically_neutral(single_process_group):
+    model = tiny_model(False, single_process_group)
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(1, 16, 12, 4, 4, generator=g)
+    caps = captions(2, model, g)
+    base = dataclasses.replace(SamplerConfig(), num_steps=4, window_size=2, noise2clean_kvrange=[2])
+    a = [c.latent for c in StaircaseSampler(model, base).sample(noise, caps)]
+    offloaded = StaircaseSampler(model, dataclasses.replace(base, kv_offload=True))
+    b = [c.latent for c in offloaded.sample(noise, caps)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert offloaded._cache.offload and offloaded._cache.nbytes() > 0
