@@ -154,6 +154,7 @@ class StaircaseSampler:
         x_new = x_active.reshape(N, C, dn, cw, H, W) + v.reshape(N, C, dn, cw, H, W) * delta.reshape(1, 1, -1, 1, 1, 1)
         self._x[:, :, plan.chunks[0] * cw:(plan.chunks[-1] + 1) * cw] = x_new.reshape(N, C, T, H, W)
 
+    @torch.no_grad()
     def velocity(self, plan: StepPlan, x: torch.Tensor, t: torch.Tensor, idx: int) -> torch.Tensor:
         """The guided velocity of the denoising chunks of one call (the released `forward_dispatcher`).
 
