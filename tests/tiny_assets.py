@@ -11,7 +11,7 @@ import torch
 
 from magi_infer.fp8 import quantize_dit_state_dict
 from magi_infer.vae import ViTVAE
-from magi_train.checkpoint.magi1 import save_magi1_checkpoint
+from magi_train.checkpoint.magi1 import cast_like_released, save_magi1_checkpoint
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import build_dit
 
@@ -57,20 +57,13 @@ def make_vae(directory: Path) -> Path:
     return directory
 
 
-def released_dtypes(state: dict, cfg: ModelConfig) -> dict:
-    """Stored dtypes of the released checkpoints: fp32 embedders / final linear / rope bands, bf16 otherwise."""
-    fp32 = ("x_embedder.", "t_embedder.", "final_linear.", "rope.bands")
-    return {k: v.float() if k.startswith(fp32) else (v.to(torch.bfloat16) if v.is_floating_point() else v)
-            for k, v in state.items()}
-
-
 def make_released_dit(model_dir: Path, cfg: ModelConfig, fp8: bool = False, seed: int = 0) -> Path:
     """Random weights written as `<model_dir>/inference_weight[.fp8][.distill]/` (two or more shards + index)."""
     torch.manual_seed(seed)
     model = build_dit(cfg)
     with torch.no_grad():
         model.final_linear.linear.weight.normal_(0, 0.02)  # zero-initialised otherwise: nothing would move
-    state = released_dtypes(model.state_dict(), cfg)
+    state = cast_like_released(model.state_dict())
     if fp8:
         state = quantize_dit_state_dict(state, cfg.num_layers)
     name = "inference_weight" + (".fp8" if fp8 else "") + (".distill" if cfg.distill else "")

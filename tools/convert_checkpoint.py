@@ -36,8 +36,8 @@ except ImportError:  # run from a checkout without installing it
 import torch
 
 from magi_train.checkpoint.atomic import fsync_dir, replace_dir
-from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, check_state_dict, load_magi1_state_dict,
-                                         save_magi1_checkpoint)
+from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, cast_like_released, check_state_dict,
+                                         load_magi1_state_dict, save_magi1_checkpoint)
 from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, read_marker
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig
@@ -46,9 +46,6 @@ from magi_train.model.dit import FP32_MODULES, build_dit
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 WEIGHT_DIR = "inference_weight"
 VARIANTS = {"base": WEIGHT_DIR, "distill": f"{WEIGHT_DIR}.distill", "fp8.distill": f"{WEIGHT_DIR}.fp8.distill"}
-# What the released files store in fp32 (checked against tests/fixtures/magi1_gelu); everything else is bf16.
-RELEASED_FP32_PREFIXES = ("x_embedder.", "t_embedder.", "final_linear.")
-RELEASED_FP32_KEYS = ("rope.bands",)
 # Entries of a released fp8 linear besides its weight (spec §8).
 FP8_SCALE_NAMES = ("weight_scale", "input_scale", "smooth_scale")
 _STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
@@ -127,15 +124,6 @@ def promote_like_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         return any(part in FP32_MODULES for part in key.split("."))
 
     return {k: t.float() if promoted(k) and t.is_floating_point() else t for k, t in state.items()}
-
-
-def released_dtype(key: str) -> torch.dtype:
-    return torch.float32 if key.startswith(RELEASED_FP32_PREFIXES) or key in RELEASED_FP32_KEYS else torch.bfloat16
-
-
-def cast_like_released(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whatever the training dtype, store what the released files store (the loader keeps stored dtypes)."""
-    return {k: t.to(released_dtype(k)) if t.is_floating_point() else t for k, t in state.items()}
 
 
 def dequantize_fp8(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -247,6 +247,22 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+# ---------------------------------------------------------------------------- stored dtypes
+
+# What the released files store in fp32 (checked against tests/fixtures/magi1_gelu); everything else is bf16.
+RELEASED_FP32_PREFIXES = ("x_embedder.", "t_embedder.", "final_linear.")
+RELEASED_FP32_KEYS = ("rope.bands",)
+
+
+def released_dtype(key: str) -> torch.dtype:
+    return torch.float32 if key.startswith(RELEASED_FP32_PREFIXES) or key in RELEASED_FP32_KEYS else torch.bfloat16
+
+
+def cast_like_released(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whatever the training dtype, store what the released files store (the loader keeps stored dtypes)."""
+    return {k: t.to(released_dtype(k)) if t.is_floating_point() else t for k, t in state.items()}
+
+
 # ---------------------------------------------------------------------------- checking
 
 
