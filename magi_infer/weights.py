@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
-from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager
+from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, find_checkpoint
 from magi_train.config.schema import ModelConfig
 
 WEIGHT_PREFIX = "inference_weight"
@@ -61,14 +61,6 @@ def resolve_weight_dir(directory: str | Path, distill: bool, fp8: bool) -> Path:
     raise FileNotFoundError(f"ckpt.dir={path} has no {wanted}/ and is not a checkpoint of ours (no {MARKER_NAME})")
 
 
-def _our_checkpoint(path: Path) -> Path | None:
-    if (path / MARKER_NAME).is_file():
-        return path
-    if path.is_dir() and any(p.is_dir() and (p / MARKER_NAME).is_file() for p in path.iterdir()):
-        return CheckpointManager(path, keep_last=0, read_only=True).latest()
-    return None
-
-
 def _check_model_config(saved: Dict, cfg: ModelConfig, source: Path) -> None:
     ours = dataclasses.asdict(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, preset {v!r}" for k, v in ours.items()
@@ -81,7 +73,7 @@ def _check_model_config(saved: Dict, cfg: ModelConfig, source: Path) -> None:
 def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Dict[str, torch.Tensor], str]:
     """(state dict with dtypes as stored, a description of the source) for this preset."""
     path = Path(directory)
-    ours = _our_checkpoint(path) if path.is_dir() else None
+    ours = find_checkpoint(path)
     if ours is not None:
         if fp8:
             raise ValueError(f"ckpt.dir={path} is a checkpoint of our trainer; sampler.fp8=true needs released "

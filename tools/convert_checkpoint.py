@@ -39,6 +39,7 @@ from magi_train.checkpoint.atomic import fsync_dir, replace_dir
 from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, cast_like_released, check_state_dict,
                                          load_magi1_state_dict, save_magi1_checkpoint)
 from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, read_marker
+from magi_train.checkpoint.manager import find_checkpoint as find_our_checkpoint  # read-only lookup
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import FP32_MODULES, build_dit
@@ -48,7 +49,6 @@ WEIGHT_DIR = "inference_weight"
 VARIANTS = {"base": WEIGHT_DIR, "distill": f"{WEIGHT_DIR}.distill", "fp8.distill": f"{WEIGHT_DIR}.fp8.distill"}
 # Entries of a released fp8 linear besides its weight (spec §8).
 FP8_SCALE_NAMES = ("weight_scale", "input_scale", "smooth_scale")
-_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -258,27 +258,14 @@ def released_to_ours(src: Path, model: str, out: Path, step: int = 0, variant: O
 
 # ---------------------------------------------------------------------------------------------- ours -> released
 def find_checkpoint(src: Path) -> Path:
-    """A step directory with complete.json, or the newest complete one under a checkpoint root.
-
-    Read-only on purpose: constructing a CheckpointManager on the source would clean up its `.tmp_*` dirs,
-    i.e. the save in progress of a trainer that is still running.
-    """
-    if (src / MARKER_NAME).is_file():
-        return src
+    """A step directory with complete.json, or the newest complete one under a checkpoint root (read-only)."""
     if not src.is_dir():
         raise ConversionError(f"--src {src} is not a directory")
-    steps = sorted(((int(m.group(1)), p) for p in src.iterdir() if (m := _STEP_DIR_RE.match(p.name))), reverse=True)
-    for step, path in steps:
-        try:
-            marker = read_marker(path)
-        except (OSError, ValueError):
-            continue  # interrupted or damaged: the one before it is the newest usable
-        files = marker["files"].items()
-        complete = all((path / n).is_file() and (path / n).stat().st_size == info["size"] for n, info in files)
-        if marker["step"] == step and complete:
-            return path
-    raise ConversionError(f"--src {src} is neither a checkpoint (no {MARKER_NAME}) nor a root holding a complete "
-                          "step_XXXXXXXX checkpoint")
+    found = find_our_checkpoint(src)
+    if found is None:
+        raise ConversionError(f"--src {src} is neither a checkpoint (no {MARKER_NAME}) nor a root holding a complete "
+                              "step_XXXXXXXX checkpoint")
+    return found
 
 
 def load_checkpoint_file(path: Path, name: str) -> Any:

@@ -213,6 +213,19 @@ class CheckpointManager:
         return path
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it is a checkpoint (has a marker), else the newest complete checkpoint under it, else None.
+
+    Read-only: unlike constructing a writable manager it never tidies ``path``, where a running trainer may
+    be in the middle of a save."""
+    path = Path(path)
+    if (path / MARKER_NAME).is_file():
+        return path
+    if not path.is_dir():
+        return None
+    return CheckpointManager(path, keep_last=0, read_only=True).latest()
+
+
 def read_marker(path: str | Path) -> dict[str, Any]:
     """The parsed ``complete.json`` of checkpoint ``path``; raises if absent or malformed."""
     path = Path(path)
