@@ -15,6 +15,7 @@ Prefix latent frames are decoded from the clean prefix latents, not from the sam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,13 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from magi_infer.config import GenerateConfig
+from magi_infer.config import MODES, GenerateConfig
 from magi_infer.sampler import Captions, StaircaseSampler
 from magi_infer.weights import load_into, load_weights
 from magi_train.model.dit import DTYPES, build_dit
 
 TEMPORAL = 4  # pixel frames per latent frame
 SPATIAL = 8  # pixels per latent pixel
-MODES = ("t2v", "i2v", "v2v")
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -71,11 +71,11 @@ def resolve_device(name: str) -> torch.device:
 
 class InferenceEngine:
     def __init__(self, cfg: GenerateConfig, tp_group=None):
-        self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if cfg.dtype != "auto":  # a copy: the caller's config keeps describing the preset
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype=cfg.dtype))
+        self.cfg = cfg
         mc = cfg.model
-        if cfg.dtype != "auto":
-            mc.params_dtype = cfg.dtype
         if cfg.ckpt.dir is None:
             raise ValueError("ckpt.dir is required: a released MAGI-1 model directory or a checkpoint of ours")
         state, source = load_weights(cfg.ckpt.dir, mc, cfg.sampler.fp8)
