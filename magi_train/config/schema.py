@@ -58,12 +58,16 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    context_parallel: int = 1
-    pipeline_parallel: int = 1
-    # Data parallel size is world_size / (tp * cp * pp); -1 means "whatever is left".
-    data_parallel: int = -1
-    sequence_parallel: bool = False
+    """Sizes of the process grid, laid out tp-cp-pp-dp (tp ranks are neighbours, dp ranks the farthest apart)."""
+
+    tp: int = 1  # tensor parallel: heads and ffn columns split
+    cp: int = 1  # context parallel: the token sequence split (Ulysses all-to-all in attention)
+    pp: int = 1  # pipeline parallel: contiguous layer stages
+    dp: int = -1  # data parallel: world / (tp * cp * pp); -1 means "whatever is left"
+    sequence_parallel: bool = False  # with tp > 1: activations outside attention/MLP split over the tp ranks
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
+    backend: str = "auto"  # torch.distributed backend: gloo | nccl | auto (nccl when CUDA is available)
 
 
 @dataclass
@@ -77,7 +81,11 @@ class DataConfig:
     latent_channels: int = 16
     num_blobs: int = 1
     caption_length: int = 32  # text tokens per caption row (padded; must be <= model.caption_max_length)
-    micro_batch_size: int = 2
+    micro_batch_size: int = 2  # samples per forward on one data-parallel rank
+    # Samples per optimizer step over all data-parallel ranks; a multiple of micro_batch_size * dp.
+    # The quotient is the number of micro-batches (gradient accumulation / pipeline micro-batches).
+    # 0 = micro_batch_size * dp (one micro-batch).
+    global_batch_size: int = 0
     num_workers: int = 0
     seed: int = 0
 
@@ -136,6 +144,11 @@ class TrainerConfig:
     progress_bar: bool = True
     deterministic: bool = True  # torch deterministic algorithms (CPU runs are then bit-reproducible)
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # Activation recompute: none | full (each layer re-runs its forward in backward) | selective (only the
+    # attention kernels are re-run: their inputs are small, their score matrices large).
+    recompute: str = "none"
+    recompute_layers: int = 0  # recompute the first N layers of every pipeline stage; 0 = all of them
+    fp8_recipe: str = "none"  # Transformer Engine fp8 autocast (layer_spec=te): none | delayed | tensorwise | mxfp8 | blockwise
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -38,6 +38,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     problems += _check_diffusion(cfg.diffusion)
     problems += _check_optimizer(cfg.optimizer)
     problems += _check_trainer(cfg.trainer)
+    problems += _check_sequence_split(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -142,28 +143,64 @@ def _check_model(m: ModelConfig) -> Iterator[str]:
 
 
 def _check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
-    sizes = _at_least("parallel", p, ("tensor_parallel", "context_parallel", "pipeline_parallel"), 1)
+    yield from check_parallel(p, m)
+
+
+def check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
+    """Layout rules that depend only on the model (the world size is checked when the groups are built)."""
+    sizes = list(_at_least("parallel", p, ("tp", "cp", "pp", "vpp"), 1))
     yield from sizes
-    if not (p.data_parallel == -1 or p.data_parallel >= 1):
-        yield f"parallel.data_parallel ({p.data_parallel}) must be >= 1, or -1 for 'the rest of the world'"
+    if not (p.dp == -1 or p.dp >= 1):
+        yield f"parallel.dp ({p.dp}) must be >= 1, or -1 for 'the rest of the world'"
+    yield from _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved_1f1b", "gpipe"))
+    yield from _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     if sizes:
         return
-    for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
-        size = getattr(p, name)
-        if size > 1:
-            yield (f"parallel.{name} ({size}) > 1 is not implemented yet: this release trains "
-                   "single-process (tensor, context and pipeline parallel sizes must be 1)")
-    # Tensor parallelism splits whole heads and whole KV groups across ranks.
-    tp = p.tensor_parallel
-    if m.num_attention_heads % tp != 0:
-        yield (f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
-               f"parallel.tensor_parallel ({tp})")
-    if m.num_query_groups >= 1 and m.num_query_groups % tp != 0:
-        yield (f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
-               f"parallel.tensor_parallel ({tp})")
+    if (p.vpp > 1) != (p.pp_schedule == "interleaved_1f1b"):
+        yield (f"parallel.vpp ({p.vpp}) > 1 goes with parallel.pp_schedule=interleaved_1f1b and only with it "
+               f"(got {p.pp_schedule!r})")
+    tp, cp = p.tp, p.cp
+    # Tensor parallelism splits whole heads, whole ffn columns and whole groups of the released
+    # [self | cross] interleave that feeds linear_proj.
+    for name, value in (("num_attention_heads", m.num_attention_heads), ("ffn_hidden_size", m.ffn_hidden_size),
+                        ("proj_interleave_groups", m.proj_interleave_groups)):
+        if value % tp:
+            yield f"model.{name} ({value}) must be divisible by parallel.tp ({tp})"
+    kv = m.num_query_groups
+    # GQA: fewer KV heads than ranks is allowed when each KV head is replicated on tp / kv ranks.
+    if kv % tp and tp % kv:
+        yield (f"model.num_query_groups ({kv}) and parallel.tp ({tp}): one must divide the other "
+               f"(KV heads are split over tp ranks, or each replicated on tp / num_query_groups ranks)")
     if p.sequence_parallel and tp == 1:
         # Megatron would silently turn it off; say so instead.
-        yield "parallel.sequence_parallel (True) needs parallel.tensor_parallel > 1 (got 1)"
+        yield "parallel.sequence_parallel (True) needs parallel.tp > 1 (got 1)"
+    # Ulysses context parallelism hands every cp rank a slice of the (tp-local) heads.
+    if cp > 1 and m.num_attention_heads % tp == 0:
+        local_heads = m.num_attention_heads // tp
+        if local_heads % cp:
+            yield (f"model.num_attention_heads / parallel.tp ({local_heads}) must be divisible by parallel.cp ({cp}) "
+                   f"(Ulysses context parallelism splits heads over the cp ranks)")
+        local_kv = max(1, kv // tp) if (kv % tp == 0 or tp % kv == 0) else 0
+        if local_kv and local_kv % cp and cp % local_kv:
+            yield (f"KV heads per tp rank ({local_kv}) and parallel.cp ({cp}): one must divide the other")
+    stages = p.pp * p.vpp
+    if m.num_layers % stages:
+        yield f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp x parallel.vpp ({p.pp} x {p.vpp})"
+
+
+def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
+    """Context and sequence parallelism cut every sample's token sequence into equal slices."""
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    if min(p.tp, p.cp, m.patch_size, m.t_patch_size) < 1:
+        return
+    split = p.cp * (p.tp if p.sequence_parallel else 1)
+    tokens = (d.chunks_per_sample * (d.latent_frames_per_chunk // m.t_patch_size)
+              * (d.latent_height // m.patch_size) * (d.latent_width // m.patch_size))
+    if split > 1 and tokens % split:
+        yield (f"tokens per sample ({tokens} = data.chunks_per_sample x frames x height x width in patches) must be "
+               f"divisible by parallel.cp{' x parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
+    if cfg.trainer.fp8_recipe != "none" and m.layer_spec != "te":
+        yield f"trainer.fp8_recipe ({cfg.trainer.fp8_recipe!r}) needs model.layer_spec=te (Transformer Engine, GPU)"
 
 
 def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterator[str]:
@@ -172,7 +209,10 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
         "num_samples", "chunks_per_sample", "latent_frames_per_chunk", "latent_height", "latent_width",
         "latent_channels", "num_blobs", "caption_length", "micro_batch_size"), 1)
     yield from sizes
-    yield from _at_least("data", d, ("num_workers",), 0)
+    yield from _at_least("data", d, ("num_workers", "global_batch_size"), 0)
+    if d.global_batch_size and d.micro_batch_size >= 1 and d.global_batch_size % d.micro_batch_size:
+        yield (f"data.global_batch_size ({d.global_batch_size}) must be a multiple of data.micro_batch_size "
+               f"({d.micro_batch_size})")
     if sizes or m.patch_size < 1 or m.t_patch_size < 1:
         return  # the model section already reports bad patch sizes
 
@@ -249,6 +289,9 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
     yield from _at_least("trainer", t, ("save_every", "keep_last", "num_threads", "eval_every"), 0)
     yield from _at_least("trainer", t, ("eval_batches",), 1)
     yield from _one_of("trainer.precision", t.precision, ("fp32", "bf16"))
+    yield from _one_of("trainer.recompute", t.recompute, ("none", "full", "selective"))
+    yield from _at_least("trainer", t, ("recompute_layers",), 0)
+    yield from _one_of("trainer.fp8_recipe", t.fp8_recipe, ("none", "delayed", "tensorwise", "mxfp8", "blockwise"))
     yield from _one_of("trainer.wandb.mode", t.wandb.mode, ("offline", "online", "disabled"))
     # "none", "auto", or a checkpoint directory; whether that directory exists is the trainer's concern.
     if not t.resume.strip():

@@ -15,20 +15,25 @@ The model is written for one process; TP/CP/PP come from the layer spec and the 
 
 from __future__ import annotations
 
-from typing import Optional
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from magi_train.config.schema import ModelConfig
-from magi_train.model.attention import AttnRanges, segment_ranges
+from magi_train.model.attention import AttnRanges
 from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmbedder
 from magi_train.model.layers import KVHook, TransformerLayer
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, split_table
-from magi_train.model.spec import DiTLayerSpec, LinearFactory, get_layer_spec, megatron_config, normal_init, scaled_init_std
+from magi_train.model.spec import DiTLayerSpec, LinearFactory, get_layer_spec, megatron_config, scaled_init_std
 from magi_train.parallel.groups import default_tp_group
+from magi_train.parallel.sequence import TokenWindow, gather_tokens
+from magi_train.parallel.sharding import local_from_full, tp_shard_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,62 +41,158 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FP32_MODULES = ("x_embedder", "t_embedder", "y_embedder", "final_linear", "rope", "q_layernorm", "k_layernorm",
                 "self_attn_post_norm", "mlp_post_norm", "final_layernorm")
 
+# Parameters whose gradient is partial on each tensor-parallel rank even without sequence parallel: they
+# act on every head, and each rank holds only its heads.
+_HEAD_SHARED = ("q_layernorm", "k_layernorm", "q_layernorm_xattn", "k_layernorm_xattn", "rope")
+
+
+@dataclass
+class Stream:
+    """What flows between pipeline stages: the residual stream and the conditioning every layer reads."""
+
+    h: torch.Tensor  # (S_local, N, H) this rank's tokens
+    condition: torch.Tensor  # (N, dn, Dc) timestep + adaLN caption token per chunk
+    y_xattn: torch.Tensor  # (N*dn, L, Hx) projected caption rows (padded)
+    caption_mask: torch.Tensor  # (N*dn, L) valid caption tokens
+    sin: torch.Tensor  # (S_cp, R/2) RoPE of the context-parallel slice's tokens
+    cos: torch.Tensor
+
+
+def local_cross_ranges(N: int, dn: int, tokens_per_chunk: int, window: TokenWindow, caption_lengths: Sequence[int]) -> AttnRanges:
+    """Each chunk's query tokens inside the context-parallel slice attend to their own caption row's tokens.
+
+    Queries are numbered batch-major over the slice (b * cp_length + s - cp_start); keys are the valid
+    caption tokens of all rows, row-major."""
+    q, k = [], []
+    key_start = 0
+    lo, hi = window.cp_start, window.cp_start + window.cp_length
+    for row, length in enumerate(caption_lengths):
+        b, c = divmod(row, dn)
+        s0, s1 = max(lo, c * tokens_per_chunk), min(hi, (c + 1) * tokens_per_chunk)
+        if s1 > s0:
+            base = b * window.cp_length - lo
+            q.append((base + s0, base + s1))
+            k.append((key_start, key_start + int(length)))
+        key_start += int(length)
+    return AttnRanges.from_lists(q, k)
+
+
+class LayerDict(nn.ModuleDict):
+    """Layers keyed by their global index ("0", "1", ...); indexed and iterated like a ModuleList."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key))
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+def _skip_init(_: torch.Tensor) -> None:
+    """megatron's init hook; unused because VideoDiT._init_weights draws full-size weights itself."""
+
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, linears: LinearFactory, core_attention, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, linears: LinearFactory, core_attention, dtype: torch.dtype,
+                 layer_ids: Sequence[int], final_norm: bool, cp_group=None):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, linears, core_attention, i, dtype) for i in range(cfg.num_layers))
-        self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.apply_layernorm_1p, torch.float32)
+        # Keyed by the global layer index, so a pipeline stage's parameter names equal the full model's.
+        self.layers = LayerDict(
+            {str(i): TransformerLayer(cfg, linears, core_attention, i, dtype, cp_group) for i in layer_ids})
+        if final_norm:
+            self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.apply_layernorm_1p, torch.float32)
 
 
 class VideoDiT(nn.Module):
+    """The DiT, or one pipeline stage of it (`layer_ids`, `pre_process`, `post_process`).
+
+    Parallel groups are injected: `tp_group` (heads), `cp_group` (tokens, Ulysses) and `sequence_parallel`.
+    `forward` runs the whole model; a pipeline runs `embed` on the first stage, `run_layers` on every
+    stage and `head` on the last."""
+
     def __init__(self, cfg: ModelConfig, spec: DiTLayerSpec, tp_group: Optional[torch.distributed.ProcessGroup] = None,
-                 init_weights: bool = True):
+                 init_weights: bool = True, *, cp_group: Optional[torch.distributed.ProcessGroup] = None,
+                 sequence_parallel: bool = False, layer_ids: Optional[Sequence[int]] = None,
+                 pre_process: bool = True, post_process: bool = True, init_seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.dtype = DTYPES[cfg.params_dtype]
         H = cfg.hidden_size
         cond_size = int(H * cfg.cond_hidden_ratio)
-        tp_size = 1 if tp_group is None else tp_group.size()
-        linears = LinearFactory(spec, megatron_config(self.dtype, tp_size, init_weights), normal_init(cfg.init_std),
-                                normal_init(scaled_init_std(cfg.init_std, cfg.num_layers)), tp_group)
+        self.tp_group = tp_group
+        self.tp_size = 1 if tp_group is None else tp_group.size()
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        self.pre_process, self.post_process = pre_process, post_process
+        layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        linears = LinearFactory(spec, megatron_config(self.dtype, self.tp_size, init_weights), _skip_init, _skip_init, tp_group,
+                                self.sequence_parallel)
         patch = (cfg.t_patch_size, cfg.patch_size, cfg.patch_size)
 
-        self.x_embedder = nn.Conv3d(cfg.in_channels, H, kernel_size=patch, stride=patch, bias=False)
-        self.t_embedder = TimestepEmbedder(cond_size, 256, cfg.timestep_rescale_factor, feature_dtype=self.dtype)
-        self.y_embedder = CaptionEmbedder(cfg.caption_channels, int(H * cfg.xattn_cond_hidden_ratio), cond_size, cfg.caption_max_length)
-        self.rope = LearnableRope3D(H // cfg.num_attention_heads, cfg.rope_temperature, cfg.rope_reference_tokens)
-        self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype)
-        self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
+        if pre_process:
+            self.x_embedder = nn.Conv3d(cfg.in_channels, H, kernel_size=patch, stride=patch, bias=False)
+            self.t_embedder = TimestepEmbedder(cond_size, 256, cfg.timestep_rescale_factor, feature_dtype=self.dtype)
+            self.y_embedder = CaptionEmbedder(cfg.caption_channels, int(H * cfg.xattn_cond_hidden_ratio), cond_size, cfg.caption_max_length)
+            self.rope = LearnableRope3D(H // cfg.num_attention_heads, cfg.rope_temperature, cfg.rope_reference_tokens)
+        self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype, layer_ids, post_process, self.cp_group)
+        if post_process:
+            self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
+        self.recompute = "none"
+        self.recompute_layers = 0
         if init_weights:
-            self._init_replicated_weights()
+            self._init_weights(init_seed)
 
+    # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def _init_replicated_weights(self) -> None:
-        std = self.cfg.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and "final_linear" not in name:
-                nn.init.normal_(module.weight, 0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
-        nn.init.normal_(self.y_embedder.null_caption_embedding, 0.0, std)
-        # Zero output layer: the untrained model predicts zero velocity (standard DiT practice).
-        nn.init.zeros_(self.final_linear.linear.weight)
+    def _init_weights(self, seed: int) -> None:
+        """Every parameter is drawn at full (TP=1) size from a generator seeded by (seed, its name), then
+        sliced for this rank: any TP/PP layout starts from exactly the same model."""
+        cfg = self.cfg
+        full_shapes = {k: tuple(v.shape) for k, v in build_dit(cfg, device="meta").named_parameters()}
+        row_std = scaled_init_std(cfg.init_std, cfg.num_layers)
+        for name, p in self.named_parameters():
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            shape = full_shapes[name]
+            full = None
+            if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+                # Residual-branch outputs: depth-scaled (GPT-2 / megatron output_init_method).
+                full = torch.empty(shape).normal_(0.0, row_std, generator=gen)
+            elif name == "final_linear.linear.weight":
+                full = torch.zeros(shape)  # the untrained model predicts zero velocity (standard DiT)
+            elif name == "x_embedder.weight":
+                fan_in, fan_out = shape[1] * shape[2] * shape[3] * shape[4], shape[0]
+                bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier-uniform of the flattened kernel
+                full = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+            elif name.endswith("null_caption_embedding") or (p.ndim == 2 and "norm" not in name):
+                full = torch.empty(shape).normal_(0.0, cfg.init_std, generator=gen)
+            elif name.endswith(".bias") and "norm" not in name:
+                full = torch.zeros(shape)
+            if full is not None:
+                p.copy_(local_from_full(full, self.shard_spec(name, shape)).to(p.dtype))
+
+    def shard_spec(self, name: str, full_shape):
+        rank = 0 if self.tp_group is None else self.tp_group.rank()
+        return tp_shard_spec(name, full_shape, self.cfg, rank, self.tp_size)
+
+    def tp_partial_grad(self, name: str) -> bool:
+        """Whether this TP-replicated parameter's gradient is a partial sum per TP rank (to be all-reduced)."""
+        if self.tp_size == 1 or tp_shard_spec(name, (1, 1), self.cfg, 0, self.tp_size).dim is not None:
+            return False
+        return self.sequence_parallel or any(part in _HEAD_SHARED for part in name.split("."))
+
+    # ------------------------------------------------------------------ parallel helpers
+    def _window(self, total_tokens: int) -> TokenWindow:
+        cp = 1 if self.cp_group is None else self.cp_group.size()
+        cp_rank = 0 if self.cp_group is None else self.cp_group.rank()
+        split = self.tp_size if self.sequence_parallel else 1
+        tp_rank = self.tp_group.rank() if split > 1 else 0
+        return TokenWindow.of(total_tokens, cp_rank, cp, tp_rank, split)
+
+    def _split_factor(self) -> int:
+        return (1 if self.cp_group is None else self.cp_group.size()) * (self.tp_size if self.sequence_parallel else 1)
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        caption: torch.Tensor,
-        caption_mask: torch.Tensor,
-        self_ranges: AttnRanges,
-        adaln_uncond: Optional[torch.Tensor] = None,
-        slice_point: int = 0,
-        distill_dt: Optional[float] = None,
-        kv_hook: Optional[KVHook] = None,
-    ) -> torch.Tensor:
+    def embed(self, x, t, caption, caption_mask, adaln_uncond=None, slice_point: int = 0,
+              distill_dt: Optional[float] = None) -> Tuple[Stream, Tuple[int, int, int]]:
         cfg = self.cfg
         N, dn = t.shape
         if caption.shape[0] != N * dn or caption_mask.shape[:2] != caption.shape[:2]:
@@ -105,7 +206,7 @@ class VideoDiT(nn.Module):
         _, _, T, Hp, Wp = x.shape
         if T % dn:
             raise ValueError(f"{T} latent frames do not split into {dn} chunks")
-        tokens_per_chunk = (T // dn) * Hp * Wp
+        window = self._window(T * Hp * Wp)
         sin, cos = split_table(self.rope.table(T, Hp, Wp, frame_offset=(T // dn) * slice_point))
 
         t_flat = t.flatten().float()
@@ -121,41 +222,88 @@ class VideoDiT(nn.Module):
         y_xattn, y_adaln = self.y_embedder(caption.float(), adaln_uncond)
         condition = t_emb.reshape(N, dn, -1) + y_adaln  # (N, dn, Dc)
 
-        # Token s of sample b takes the condition of its chunk: row b*dn + s // tokens_per_chunk.
-        condition_map = torch.arange(N * dn, device=x.device).repeat_interleave(tokens_per_chunk).reshape(N, -1).t()
-        mask = caption_mask.bool()
-        y_flat = y_xattn[mask]  # valid caption tokens of every (sample, chunk) row, row-major
-        cross_ranges = segment_ranges([tokens_per_chunk] * (N * dn), mask.sum(-1).tolist())
+        h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c")
+        # This rank's tokens; `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py).
+        h = h.narrow(0, window.start, window.length).contiguous()
+        sin = sin.narrow(0, window.cp_start, window.cp_length)
+        cos = cos.narrow(0, window.cp_start, window.cp_length)
+        stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
+        return stream, (T, Hp, Wp)
 
-        h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c").contiguous()
-        condition = condition.to(self.dtype)
-        y_flat = y_flat.to(self.dtype)
-        for layer in self.videodit_blocks.layers:
-            h = layer(h, condition, condition_map, sin, cos, self_ranges, y_flat, cross_ranges, kv_hook)
+    def _layer(self, layer, position: int, *args):
+        if self.recompute == "full" and torch.is_grad_enabled() and (self.recompute_layers == 0 or position < self.recompute_layers):
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def run_layers(self, s: Stream, self_ranges: AttnRanges, kv_hook: Optional[KVHook] = None) -> Stream:
+        N, dn = s.condition.shape[:2]
+        total = s.h.shape[0] * self._split_factor()
+        tokens_per_chunk = total // dn
+        window = self._window(total)
+        # Token s of sample b takes the condition of its chunk: row b*dn + s // tokens_per_chunk.
+        condition_map = torch.arange(N * dn, device=s.h.device).repeat_interleave(tokens_per_chunk).reshape(N, -1).t()
+        condition_map = condition_map[window.start: window.start + window.length]
+        mask = s.caption_mask.bool()
+        y_flat = s.y_xattn[mask]  # valid caption tokens of every (sample, chunk) row, row-major
+        cross_ranges = local_cross_ranges(N, dn, tokens_per_chunk, window, mask.sum(-1).tolist())
+        h = s.h
+        for position, layer in enumerate(self.videodit_blocks.layers):
+            layer.self_attention.recompute_attention = self.recompute == "selective" and (
+                self.recompute_layers == 0 or position < self.recompute_layers)
+            h = self._layer(layer, position, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
+        return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos)
+
+    def head(self, h: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+        cfg = self.cfg
+        T, Hp, Wp = grid
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear(h)
+        # All tokens on every rank; the backward keeps each rank's own slice.
+        if self.sequence_parallel:
+            out = gather_tokens(out, self.tp_group)
+        out = gather_tokens(out, self.cp_group)
         out = rearrange(out, "(t h w) n (pt ph pw c) -> n c (t pt) (h ph) (w pw)", t=T, h=Hp, w=Wp,
                         pt=cfg.t_patch_size, ph=cfg.patch_size, pw=cfg.patch_size)
         if cfg.half_channel_vae:
             out = out[:, : cfg.out_channels // 2]
         return out / cfg.x_rescale_factor
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        caption: torch.Tensor,
+        caption_mask: torch.Tensor,
+        self_ranges: AttnRanges,
+        adaln_uncond: Optional[torch.Tensor] = None,
+        slice_point: int = 0,
+        distill_dt: Optional[float] = None,
+        kv_hook: Optional[KVHook] = None,
+    ) -> torch.Tensor:
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("forward() runs the whole model; a pipeline stage runs embed / run_layers / head")
+        stream, grid = self.embed(x, t, caption, caption_mask, adaln_uncond, slice_point, distill_dt)
+        stream = self.run_layers(stream, self_ranges, kv_hook)
+        return self.head(stream.h, grid)
+
     # ------------------------------------------------------------------ helpers
     def drop_captions(self, caption, caption_mask, dropped_rows):
         return self.y_embedder.drop(caption, caption_mask, dropped_rows, self.cfg.null_caption_length)
 
 
-def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device: Optional[torch.device] = None) -> VideoDiT:
+def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device: Optional[torch.device] = None,
+              **stage) -> VideoDiT:
     """Build the DiT with the configured layer spec. `device="meta"` builds shapes only.
 
-    Without `tp_group`, a single-process job gets a one-rank group (see `default_tp_group`)."""
+    Without `tp_group`, a single-process job gets a one-rank group (see `default_tp_group`). `stage` passes
+    the parallel keywords of `VideoDiT` (cp_group, sequence_parallel, layer_ids, pre/post_process, init_seed)."""
     spec = get_layer_spec(cfg.layer_spec, cfg.attention_backend)
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
-            return VideoDiT(cfg, spec, tp_group, init_weights=False)
+            return VideoDiT(cfg, spec, tp_group, init_weights=False, **stage)
     if tp_group is None:
         tp_group = default_tp_group()
-    model = VideoDiT(cfg, spec, tp_group, init_weights=init_weights)
+    model = VideoDiT(cfg, spec, tp_group, init_weights=init_weights, **stage)
     return model if device is None else model.to(device)
 
 

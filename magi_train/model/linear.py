@@ -5,6 +5,9 @@ Adaptations (the first two about the released checkpoint):
 - `compute_dtype`: MAGI-1 computes `linear_proj` in fp32 from bf16 weights and activations (CUDA fp32
   autocast in the released code). Casting inside `_forward_impl` keeps megatron's TP communication intact.
 - Under autocast (bf16 training) they cast explicitly to the autocast dtype (see `_linear`).
+- Sequence parallel is done here with `sp_gather` / `sp_reduce_scatter` (megatron's own SP path allocates
+  with `torch.cuda.current_device()` and cannot run on CPU); megatron's layers run with SP off, the
+  column layer's internal input-gradient all-reduce disabled (the gather's backward reduce-scatters instead).
 They return one tensor (these layers never use megatron's deferred bias add).
 """
 
@@ -16,6 +19,8 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+from magi_train.parallel.tensor import sp_gather, sp_reduce_scatter
 
 
 class _MagiLinear:
@@ -63,10 +68,18 @@ class ColumnLinear(_MagiLinear, ColumnParallelLinear):
         bias: bool = False,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         compute_dtype: Optional[torch.dtype] = None,
+        sequence_parallel: bool = False,
     ):
-        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias, tp_group=tp_group)
+        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias, tp_group=tp_group,
+                         disable_grad_reduce=sequence_parallel)
         self.compute_dtype = compute_dtype
+        self.sp = sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1
         self._drop_extra_state_hook()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp:
+            x = sp_gather(x, self.tp_group)
+        return super().forward(x)
 
 
 class RowLinear(_MagiLinear, RowParallelLinear):
@@ -82,6 +95,7 @@ class RowLinear(_MagiLinear, RowParallelLinear):
         bias: bool = False,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         compute_dtype: Optional[torch.dtype] = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__(
             input_size,
@@ -94,4 +108,15 @@ class RowLinear(_MagiLinear, RowParallelLinear):
             tp_group=tp_group,
         )
         self.compute_dtype = compute_dtype
+        self.sp = sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1
         self._drop_extra_state_hook()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sp:
+            return super().forward(x)
+        # megatron's forward minus its reduction, which becomes a reduce-scatter over the sequence.
+        partial = self._forward_impl(
+            input=x, weight=self.weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+            sequence_parallel=False, tp_group=None, grad_output_buffer=None,
+        )
+        return sp_reduce_scatter(partial, self.tp_group)

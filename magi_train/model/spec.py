@@ -36,17 +36,21 @@ class LinearFactory:
     # Row-parallel layers are the residual-branch outputs here (linear_proj, linear_fc2): depth-scaled init.
     output_init_method: Callable[[torch.Tensor], None]
     tp_group: Optional[torch.distributed.ProcessGroup]
+    # Activations entering column layers / leaving row layers are split over the tp ranks by token.
+    sequence_parallel: bool = False
 
-    def column(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    def column(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None,
+               sequence_parallel: Optional[bool] = None) -> nn.Module:
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
         return self.spec.column_linear(
             in_features, out_features, config=self.config, init_method=self.init_method,
-            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype,
+            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype, sequence_parallel=sp,
         )
 
     def row(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
         return self.spec.row_linear(
             in_features, out_features, config=self.config, init_method=self.output_init_method,
-            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype,
+            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype, sequence_parallel=self.sequence_parallel,
         )
 
     @property
@@ -62,7 +66,16 @@ def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
     if name == "local":
         return local_spec(attention_backend)
     if name == "te":
-        raise NotImplementedError("model.layer_spec='te' (Transformer Engine) is not available in this release; use 'local'")
+        # Imported here: te_spec builds on this module, and Transformer Engine loads only when asked for.
+        from magi_train.model import te_spec
+
+        reason = te_spec.te_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"model.layer_spec='te' needs Transformer Engine on a CUDA GPU, which is not usable here: {reason}. "
+                f"Use model.layer_spec=local on CPU."
+            )
+        return te_spec.te_spec(attention_backend)
     raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
 
 
@@ -77,9 +90,11 @@ def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool) -> Mode
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         params_dtype=params_dtype,
-        # Initialise on the CPU from one master weight: identical weights for every TP size.
+        # The DiT initialises its sharded weights itself, from full-size tensors drawn in a fixed order
+        # (see VideoDiT._init_weights): the same model for every TP size, including the SwiGLU [gate | up]
+        # and replicated-KV layouts that megatron's contiguous master-weight split would get wrong.
         use_cpu_initialization=True,
-        perform_initialization=init,
+        perform_initialization=False,
         gradient_accumulation_fusion=False,
     )
 

@@ -1,7 +1,10 @@
 """Process groups, created once by the entry point and passed explicitly to everything that communicates.
 
-megatron-core's `parallel_state` builds the groups (it works as is on CPU with gloo); we hand them on as a
-`ProcessGroupCollection` instead of letting modules look them up from its globals.
+The grid is megatron-core's `HyperCommGrid` in the order tp-cp-pp-dp: tensor-parallel ranks are
+neighbours (the heaviest traffic stays inside a node), data-parallel ranks the farthest apart. Its groups
+are handed on as a `ProcessGroupCollection`; no module looks them up from globals.
+
+    rank = tp_rank + tp * (cp_rank + cp * (pp_rank + pp * dp_rank))
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from magi_train.config.schema import ParallelConfig
@@ -24,10 +27,35 @@ class Parallel:
     rank: int
     world_size: int
     device: torch.device
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def tp_group(self):
         return self.groups.tp
+
+    @property
+    def cp_group(self):
+        return self.groups.cp if self.cp > 1 else None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
+    def pp_rank(self) -> int:
+        return (self.rank // (self.tp * self.cp)) % self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.cp * self.pp)
 
     @property
     def is_main(self) -> bool:
@@ -62,29 +90,50 @@ def default_tp_group() -> dist.ProcessGroup:
     return dist.new_group([0])
 
 
-def init_parallel(cfg: ParallelConfig, backend: str = "gloo") -> Parallel:
-    init_distributed(backend)
-    world = dist.get_world_size()
-    model_parallel = cfg.tensor_parallel * cfg.context_parallel * cfg.pipeline_parallel
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def check_world(cfg: ParallelConfig, world: int) -> int:
+    """The data-parallel size the world leaves, or a ValueError naming the fields that do not fit."""
+    model_parallel = cfg.tp * cfg.cp * cfg.pp
     if world % model_parallel:
         raise ValueError(
-            f"world size {world} is not divisible by parallel.tensor_parallel x context_parallel x pipeline_parallel "
-            f"= {cfg.tensor_parallel} x {cfg.context_parallel} x {cfg.pipeline_parallel}"
+            f"world size {world} is not divisible by parallel.tp x parallel.cp x parallel.pp "
+            f"= {cfg.tp} x {cfg.cp} x {cfg.pp} = {model_parallel}"
         )
-    if cfg.data_parallel not in (-1, world // model_parallel):
-        raise ValueError(f"parallel.data_parallel={cfg.data_parallel} but the world of {world} ranks leaves {world // model_parallel}")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=cfg.tensor_parallel,
-            pipeline_model_parallel_size=cfg.pipeline_parallel,
-            context_parallel_size=cfg.context_parallel,
-        )
+    dp = world // model_parallel
+    if cfg.dp not in (-1, dp):
+        raise ValueError(f"parallel.dp={cfg.dp} but the world of {world} ranks with tp x cp x pp = {model_parallel} leaves {dp}")
+    return dp
+
+
+def init_parallel(cfg: ParallelConfig, backend: str | None = None) -> Parallel:
+    backend = resolve_backend(backend or cfg.backend)
+    if backend == "nccl":
+        # torchrun's LOCAL_RANK says which GPU of the node this process drives.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(backend)
+    world = dist.get_world_size()
+    dp = check_world(cfg, world)
+    grid = HyperCommGrid([cfg.tp, cfg.cp, cfg.pp, dp], ["tp", "cp", "pp", "dp"], backend=backend)
+    groups = ProcessGroupCollection(
+        tp=grid.create_pg("tp"),
+        cp=grid.create_pg("cp"),
+        pp=grid.create_pg("pp"),
+        dp=grid.create_pg("dp"),
+        # Gradients are summed over data and context parallel ranks alike (both see different tokens).
+        dp_cp=grid.create_pg(["cp", "dp"]),
+        tp_cp=grid.create_pg(["tp", "cp"]),
+        mp=grid.create_pg(["tp", "cp", "pp"]),
+    )
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return Parallel(ProcessGroupCollection.use_mpu_process_groups(), dist.get_rank(), world, device)
+    return Parallel(groups, dist.get_rank(), world, device, tp=cfg.tp, cp=cfg.cp, pp=cfg.pp, dp=dp,
+                    sequence_parallel=cfg.sequence_parallel)
 
 
 def shutdown() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

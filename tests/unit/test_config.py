@@ -86,8 +86,8 @@ def test_released_presets(preset, expected):
 
 def test_tiny_preset_is_small():
     m = load(["model=tiny"]).model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_channels) == (2, 256, 2, 128)
-    assert (m.num_query_groups, m.ffn_hidden_size, m.gated_linear_unit) == (1, 512, False)
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_channels) == (2, 256, 4, 64)
+    assert (m.num_query_groups, m.ffn_hidden_size, m.gated_linear_unit) == (2, 512, False)
     assert (m.caption_channels, m.caption_max_length, m.proj_interleave_groups) == (64, 64, 8)
     assert (m.params_dtype, m.chunk_width) == ("float32", 6)
 
@@ -159,7 +159,7 @@ def test_wrong_type_fails_naming_the_key():
     [
         # model
         (["model.hidden_size=512"], "model.hidden_size (512) must equal model.num_attention_heads x "
-                                    "model.kv_channels (2 x 128 = 256)"),
+                                    "model.kv_channels (4 x 64 = 256)"),
         (["model.kv_channels=120", "model.hidden_size=240"], "model.kv_channels (120)"),
         (["model.num_query_groups=3"], "model.num_query_groups (3)"),
         (["model.proj_interleave_groups=3"], "model.proj_interleave_groups (3)"),
@@ -214,16 +214,24 @@ def test_wrong_type_fails_naming_the_key():
         (["trainer.log_every=0"], "trainer.log_every (0)"),
         (["trainer.wandb.mode=cloud"], "trainer.wandb.mode ('cloud')"),
         # parallel
-        (["parallel.tensor_parallel=0"], "parallel.tensor_parallel (0)"),
-        (["parallel.data_parallel=0"], "parallel.data_parallel (0)"),
-        (["parallel.data_parallel=-2"], "parallel.data_parallel (-2)"),
-        (["parallel.tensor_parallel=2"], "parallel.tensor_parallel (2) > 1 is not implemented yet"),
-        (["parallel.context_parallel=2"], "parallel.context_parallel (2) > 1 is not implemented yet"),
-        (["parallel.pipeline_parallel=2"], "parallel.pipeline_parallel (2) > 1 is not implemented yet"),
-        (["parallel.tensor_parallel=2"], "model.num_query_groups (1) must be divisible by "
-                                         "parallel.tensor_parallel (2)"),
-        (["parallel.tensor_parallel=4"], "model.num_attention_heads (2) must be divisible by "
-                                         "parallel.tensor_parallel (4)"),
+        (["parallel.tp=0"], "parallel.tp (0)"),
+        (["parallel.dp=0"], "parallel.dp (0)"),
+        (["parallel.dp=-2"], "parallel.dp (-2)"),
+        (["parallel.tp=3"], "model.num_attention_heads (4) must be divisible by parallel.tp (3)"),
+        (["model=magi1_4.5b", "parallel.tp=3"], "model.num_query_groups (8) and parallel.tp (3): one must divide the other"),
+        (["model=magi1_24b", "parallel.tp=16"], "model.proj_interleave_groups (8) must be divisible by parallel.tp (16)"),
+        (["parallel.tp=2", "parallel.cp=4"], "model.num_attention_heads / parallel.tp (2) must be divisible by parallel.cp (4)"),
+        (["parallel.pp=3"], "model.num_layers (2) must be divisible by parallel.pp x parallel.vpp (3 x 1)"),
+        (["parallel.vpp=2"], "parallel.vpp (2) > 1 goes with parallel.pp_schedule=interleaved_1f1b"),
+        (["parallel.pp_schedule=zb"], "parallel.pp_schedule ('zb')"),
+        (["parallel.backend=mpi"], "parallel.backend ('mpi')"),
+        (["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true", "data.latent_height=6",
+          "data.latent_width=6", "data.chunks_per_sample=1", "diffusion.clean_prefix_prob=0"],
+         "tokens per sample (54 = data.chunks_per_sample x frames x height x width in patches) must be divisible by "
+         "parallel.cp x parallel.tp (sequence_parallel) (4)"),
+        (["data.global_batch_size=3"], "data.global_batch_size (3) must be a multiple of data.micro_batch_size (2)"),
+        (["trainer.recompute=some"], "trainer.recompute ('some')"),
+        (["trainer.fp8_recipe=delayed"], "trainer.fp8_recipe ('delayed') needs model.layer_spec=te"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
     ],
 )
@@ -244,7 +252,10 @@ def test_validate_reports_every_problem_at_once():
     [
         ["trainer.resume=auto"],
         ["trainer.resume=/some/checkpoint/dir"],
-        ["parallel.data_parallel=4"],
+        ["parallel.dp=4"],
+        ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"],
+        ["parallel.pp=2", "parallel.vpp=1", "data.global_batch_size=8"],
+        ["model=magi1_24b", "parallel.tp=8", "parallel.cp=6", "parallel.pp=4", "trainer.recompute=full"],
         ["trainer.max_steps=3"],  # a smoke test shorter than the 1000-step warm-up is allowed
         ["optimizer.decay=linear", "optimizer.decay_steps=2000"],
         ["model=magi1_24b", "trainer.precision=bf16"],

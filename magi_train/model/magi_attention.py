@@ -1,0 +1,193 @@
+"""MagiAttention (SandAI) as the DiT's core attention (`model.attention_backend: magi`).
+
+MagiAttention takes attention as a list of (query range, key range, mask type) slices, the same description
+as `AttnRanges` with every slice FULL, so nothing is translated beyond dtypes and devices:
+
+- `flex_attention_backend`: the single-GPU Flex-Flash-Attention kernel (`flex_flash_attn_func`). It computes
+  what `range_attention` computes (fp32 softmax of q kᵀ / sqrt(d) per slice, GQA with query head h reading KV
+  head h // (Hq / Hkv)) in one launch for all slices instead of a Python loop.
+- `to_magi_ranges`: the pure-Python conversion of `AttnRanges` into the kernel's int32 inputs (tested on CPU).
+- `MagiContextParallel`: the distributed API (dispatch / calc_attn / undispatch over a context-parallel group).
+
+`magi_attention` is GPU-only (Hopper kernels built against CUDA); it is imported inside the functions that need
+it, never at module import. Written against MagiAttention v1.1.1 (SandAI-org/MagiAttention, commit 2c641357);
+the single-GPU call also accepts the v1.0.x signature, which MAGI-1's own inference code uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from magi_train.model.attention import AttnRanges
+
+# MagiAttention's attn_type_map code for a slice without a mask inside it (1-3 are the causal variants).
+FULL = 0
+# The kernels compute in fp16/bf16 only (their own check: "only supports fp16 and bf16 data type").
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def to_magi_ranges(ranges: AttnRanges) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(q_ranges, k_ranges, attn_type_map, max_seqlen_q, max_seqlen_k) for MagiAttention, on the CPU.
+
+    Ranges are int32 (n, 2), as the kernel requires; the type map is int32 (n,) of FULL. Slices with an empty
+    query or key range are dropped: they contribute nothing (`range_attention` skips them too; queries no slice
+    covers stay zero) and the kernel has no use for zero-length tiles. The max seqlens are the longest kept
+    query / key range (0 when none is left).
+    """
+    q, k = ranges.q_ranges, ranges.k_ranges
+    if q.numel() and int(torch.cat([q, k]).max()) > torch.iinfo(torch.int32).max:
+        raise ValueError("AttnRanges: token coordinates exceed int32, the range type of MagiAttention's kernels")
+    keep = (q[:, 1] > q[:, 0]) & (k[:, 1] > k[:, 0])
+    q = q[keep].to(torch.int32).contiguous()
+    k = k[keep].to(torch.int32).contiguous()
+    attn_type_map = torch.full((q.shape[0],), FULL, dtype=torch.int32)
+    max_q = int((q[:, 1] - q[:, 0]).max()) if q.shape[0] else 0
+    max_k = int((k[:, 1] - k[:, 0]).max()) if k.shape[0] else 0
+    return q, k, attn_type_map, max_q, max_k
+
+
+def magi_unavailable_reason() -> Optional[str]:
+    """Why the magi backend cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    # Flex-Flash-Attention is a Hopper (sm90) kernel; newer releases reach other GPUs only through an
+    # optional FlashAttention-4 path, which this backend does not select.
+    if major != 9:
+        return f"the GPU has compute capability {major}.{minor}, not 9.x (Hopper)"
+    try:
+        import magi_attention.api  # noqa: F401
+    except Exception as e:  # a broken CUDA build fails with more than ImportError (OSError, RuntimeError)
+        return f"magi_attention is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def magi_attention_available() -> bool:
+    return magi_unavailable_reason() is None
+
+
+def magi_backend():
+    """The core-attention function registered as `model.attention_backend: magi`."""
+    reason = magi_unavailable_reason()
+    if reason is not None:
+        raise ValueError(
+            f"model.attention_backend='magi' needs MagiAttention (the magi_attention package) on a Hopper GPU "
+            f"(compute capability 9.x); here: {reason}. Use model.attention_backend=torch or sdpa instead."
+        )
+    return flex_attention_backend
+
+
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: AttnRanges) -> torch.Tensor:
+    """Core attention with MagiAttention's Flex-Flash-Attention kernel; same contract as `range_attention`.
+
+    q: (Tq, Hq, D); k, v: (Tk, Hkv, D), bf16 or fp16, on a Hopper GPU. Returns (Tq, Hq, D) in q's dtype.
+    """
+    from magi_attention.api import flex_flash_attn_func
+
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"model.attention_backend='magi' computes in bf16/fp16 only; got q/k/v of dtypes "
+            f"{q.dtype}/{k.dtype}/{v.dtype} (use model.params_dtype=bfloat16, or attention_backend=torch)"
+        )
+    q_ranges, k_ranges, attn_type_map, max_q, max_k = to_magi_ranges(ranges)
+    if q_ranges.shape[0] == 0:
+        return q.new_zeros(q.shape)
+    # One host-to-device copy for the three small tensors.
+    packed = torch.cat([q_ranges, k_ranges, attn_type_map[:, None]], dim=1).to(q.device, non_blocking=True)
+    kwargs = dict(
+        q_ranges=packed[:, 0:2].contiguous(),
+        k_ranges=packed[:, 2:4].contiguous(),
+        attn_type_map=packed[:, 4].contiguous(),
+        softmax_scale=1.0 / math.sqrt(q.shape[-1]),
+    )
+    if "max_seqlen_k" in inspect.signature(flex_flash_attn_func).parameters:
+        # v1.0.0-v1.0.3 require the longest range lengths; v1.0.4 dropped them (v1.1 keeps an unrelated
+        # sparse-attention max_seqlen_q, left at its default).
+        kwargs.update(max_seqlen_q=max_q, max_seqlen_k=max_k)
+    # Returns (out, lse) in v1.0.x and (out, AttnForwardMeta) in v1.1; only `out` is needed.
+    out = flex_flash_attn_func(q, k, v, **kwargs)[0].to(q.dtype)
+
+    lengths = q_ranges[:, 1] - q_ranges[:, 0]
+    if int(lengths.sum()) < q.shape[0]:
+        # Queries no slice covers must be zero (the AttnRanges contract). v1.1's kernel zero-fills them;
+        # enforcing it here keeps the contract whatever the release (query ranges never overlap).
+        covered = torch.zeros(q.shape[0], dtype=torch.bool)
+        for start, end in q_ranges.tolist():
+            covered[start:end] = True
+        out = out * covered.to(out.device)[:, None, None]
+    return out
+
+
+class MagiContextParallel:
+    """Context parallelism with MagiAttention's distributed API, over one NCCL context-parallel group.
+
+    The packed sequence (all samples, flat and batch-major: the token coordinates of `AttnRanges`) is cut into
+    dispatch chunks that MagiAttention spreads over the cp ranks so that each rank gets the same number of
+    tokens and about the same attention area (later chunks of a block-causal sample see more keys):
+
+        cp = MagiContextParallel(cp_group, num_heads_q=Hq, num_heads_kv=Hkv, head_dim=D)
+        key = cp.key(block_causal_ranges(N, chunks, tokens_per_chunk), total_seqlen=N * chunks * tokens_per_chunk)
+        local_x = cp.dispatch(x, key)                  # (T, ...) -> this rank's padded, permuted (T_local, ...)
+        local_q, local_k, local_v = ...                # any token-wise op runs on local_x unchanged
+        local_out = cp.calc_attn(local_q, local_k, local_v, key)
+        out = cp.undispatch(local_out, key)            # (T_local, ...) -> (T, ...) in global order
+
+    Dispatch permutes tokens: per-token inputs such as RoPE tables or timestep maps must be dispatched with
+    the same key. Every rank of the group makes the same calls with the same ranges.
+
+    Written against MagiAttention v1.1.1 (`magi_attn_flex_key` with `pad_size` deprecated and `chunk_size`
+    given through `DispatchConfig`; v1.0.x/v1.1.0 took them as required arguments). It needs several Hopper
+    GPUs and is exercised only there: no test in this repository runs it.
+    """
+
+    def __init__(self, cp_group, num_heads_q: int, num_heads_kv: int, head_dim: int, chunk_size: Optional[int] = None):
+        self.cp_group = cp_group
+        self.num_heads_q = num_heads_q
+        self.num_heads_kv = num_heads_kv
+        self.head_dim = head_dim
+        # None: MagiAttention derives it from the sequence length and the cp size.
+        self.chunk_size = chunk_size
+
+    def key(self, ranges: AttnRanges, total_seqlen: int):
+        """The runtime key of one attention pattern (self-attention: queries and keys are the same tokens)."""
+        from magi_attention.api import AttnRanges as MagiRanges
+        from magi_attention.api import DispatchConfig, DistAttnConfig, magi_attn_flex_key
+
+        q_ranges, k_ranges, _, _, _ = to_magi_ranges(ranges)
+        return magi_attn_flex_key(
+            q_ranges=MagiRanges.from_ranges(q_ranges.tolist()),
+            k_ranges=MagiRanges.from_ranges(k_ranges.tolist()),
+            attn_mask_type="full",  # broadcast to every slice
+            total_seqlen_q=total_seqlen,
+            total_seqlen_k=total_seqlen,
+            num_heads_q=self.num_heads_q,
+            num_heads_kv=self.num_heads_kv,
+            head_dim=self.head_dim,
+            pad_size=0,  # deprecated: the padding is computed from the chunk size
+            cp_group_or_mesh=self.cp_group,
+            dist_attn_config=DistAttnConfig(dispatch_config=DispatchConfig(chunk_size=self.chunk_size)),
+            is_same_source=True,
+            is_q_permutable=True,
+            is_k_permutable=True,
+        )
+
+    def dispatch(self, x: torch.Tensor, key) -> torch.Tensor:
+        from magi_attention.api import dispatch
+
+        return dispatch(x, key)
+
+    def calc_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key) -> torch.Tensor:
+        """Local (T_local, H, D) q/k/v of dispatched tokens -> local output in q's dtype."""
+        from magi_attention.api import calc_attn
+
+        out, _meta = calc_attn(q, k, v, key, softmax_scale=1.0 / math.sqrt(q.shape[-1]))
+        return out.to(q.dtype)
+
+    def undispatch(self, y: torch.Tensor, key) -> torch.Tensor:
+        from magi_attention.api import undispatch
+
+        return undispatch(y, key)
