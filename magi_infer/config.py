@@ -101,6 +101,8 @@ class GenerateConfig:
 
 SCHEMA_NAME = "generate_schema"
 MODES = ("t2v", "i2v", "v2v")
+TEMPORAL = 4  # pixel frames per latent frame (the VAE's temporal factor)
+SPATIAL = 8  # pixels per latent pixel (the VAE's spatial factor)
 
 
 def register_generate_config() -> None:
@@ -128,6 +130,34 @@ def to_generate_config(cfg) -> GenerateConfig:
     validate_model(obj.model)
     validate_generate(obj)
     return obj
+
+
+def _check_parallel(c: GenerateConfig) -> List[str]:
+    """The model-parallel layout of inference: tp x cp x pp processes serve one request together."""
+    from magi_train.config.validate import check_parallel
+
+    p, m, v = c.parallel, c.model, c.video
+    errors = list(check_parallel(p, m))
+    # One request runs on all ranks; independent replicas would each need their own request and output.
+    if p.dp not in (-1, 1):
+        errors.append(f"parallel.dp={p.dp}: inference runs one request on all ranks, data-parallel replicas are not "
+                      f"supported; start tp x cp x pp = {p.tp * p.cp * p.pp} processes (parallel.dp=1)")
+    if p.vpp != 1:
+        errors.append(f"parallel.vpp={p.vpp}: inference pipelines hold one contiguous stage per rank; use parallel.vpp=1")
+    if c.sampler.fp8 and p.tp > 1:
+        errors.append(f"sampler.fp8=true with parallel.tp={p.tp}: the fp8 linears do no tensor-parallel "
+                      "communication; use parallel.cp and/or parallel.pp")
+    # Every DiT call holds whole chunks (one sample, or one sample per chunk), so the tokens of one chunk
+    # must split evenly over the ranks that split the sequence.
+    split = p.cp * (p.tp if p.sequence_parallel else 1)
+    unit = SPATIAL * m.patch_size
+    if split > 1 and min(m.patch_size, m.t_patch_size) >= 1 and v.height % unit == 0 and v.width % unit == 0:
+        tokens = (m.chunk_width // m.t_patch_size) * (v.height // unit) * (v.width // unit)
+        if tokens % split:
+            errors.append(f"tokens per chunk ({tokens} = model.chunk_width / t_patch_size x video.height / {unit} x "
+                          f"video.width / {unit}) must be divisible by parallel.cp"
+                          f"{' x parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
+    return errors
 
 
 def validate_generate(c: GenerateConfig) -> GenerateConfig:
@@ -168,9 +198,7 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
         errors.append(f"sampler.shortcut_mode={s.shortcut_mode!r} must be '8,16,16' or '16,16,8'")
     if c.video.fps < 1 or c.video.height < 1 or c.video.width < 1:
         errors.append("video.fps, video.height and video.width must be positive")
-    p = c.parallel
-    if max(p.tensor_parallel, p.context_parallel, p.pipeline_parallel) > 1:
-        errors.append("parallel.* > 1 for inference is not implemented yet (parallelism issue); use one process")
+    errors.extend(_check_parallel(c))
     if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
         errors.append(f"dtype={c.dtype!r} is not one of auto, float32, bfloat16, float16")
     if errors:

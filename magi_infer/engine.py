@@ -18,20 +18,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from magi_infer.config import MODES, GenerateConfig
+from magi_infer.comm import broadcast_tensor
+from magi_infer.config import MODES, SPATIAL, TEMPORAL, GenerateConfig
+from magi_infer.pipeline import PipelinedDiT, stage_of
 from magi_infer.sampler import Captions, StaircaseSampler
 from magi_infer.weights import load_into, load_weights
+from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import DTYPES, build_dit
-
-TEMPORAL = 4  # pixel frames per latent frame
-SPATIAL = 8  # pixels per latent pixel
+from magi_train.parallel.groups import Parallel
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -69,28 +71,62 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_model(mc: ModelConfig, state: Dict[str, torch.Tensor], source: str, parallel: Optional[Parallel] = None,
+                fp8: bool = False) -> torch.nn.Module:
+    """This rank's part of the DiT, loaded from a full (released-layout) state dict: the whole model in one
+    process; under model parallelism its TP slices of its pipeline stage's layers, with the context-parallel
+    group, wrapped as a `PipelinedDiT` when pp > 1. The sampler drives any of them the same way."""
+    whole = parallel is None or parallel.world_size == 1
+    tp_group = None if parallel is None else parallel.tp_group
+    layout = {} if whole else dict(cp_group=parallel.cp_group, sequence_parallel=parallel.sequence_parallel,
+                                   **stage_of(mc.num_layers, parallel.pp, parallel.pp_rank))
+    model = build_dit(mc, tp_group=tp_group, init_weights=False, **layout)
+    reference = None if whole else build_dit(mc, device="meta")  # the whole model's shapes: what the checkpoint holds
+    if fp8:
+        from magi_infer.fp8 import convert_dit_to_fp8  # raises for tensor-parallel linears
+
+        convert_dit_to_fp8(model)
+        if reference is not None:
+            convert_dit_to_fp8(reference)
+    if whole:
+        load_into(model, state, source)
+        return model
+    full_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    load_into(model, state, source, full_shapes=full_shapes, tp_rank=parallel.tp_rank, tp=parallel.tp)
+    return PipelinedDiT(model, parallel.groups.pp) if parallel.pp > 1 else model
+
+
 class InferenceEngine:
-    def __init__(self, cfg: GenerateConfig, tp_group=None):
+    """Built on every rank of a model-parallel job (`parallel`: tp x cp x pp ranks, one request at a time).
+
+    Every rank runs the same sampler loop on identical inputs: the noise comes from the seed, the captions
+    are encoded on rank 0 and broadcast. The VAE tiles of each chunk are spread over all ranks, and only
+    rank 0 writes the video."""
+
+    def __init__(self, cfg: GenerateConfig, parallel: Optional[Parallel] = None):
         self.device = resolve_device(cfg.device)
+        self.parallel = parallel
+        self.distributed = parallel is not None and parallel.world_size > 1
+        self.is_main = parallel is None or parallel.is_main
+        if self.distributed and self.device.type != parallel.device.type:
+            raise ValueError(f"device={cfg.device} ({self.device.type}) does not fit the process group's backend "
+                             f"(parallel.backend={cfg.parallel.backend}, tensors on {parallel.device.type}): "
+                             "nccl needs device=cuda, gloo device=cpu")
         if cfg.dtype != "auto":  # a copy: the caller's config keeps describing the preset
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype=cfg.dtype))
         self.cfg = cfg
-        mc = cfg.model
         if cfg.ckpt.dir is None:
             raise ValueError("ckpt.dir is required: a released MAGI-1 model directory or a checkpoint of ours")
-        state, source = load_weights(cfg.ckpt.dir, mc, cfg.sampler.fp8)
-        model = build_dit(mc, tp_group=tp_group, init_weights=False)
-        if cfg.sampler.fp8:
-            from magi_infer.fp8 import convert_dit_to_fp8
-
-            convert_dit_to_fp8(model)
-        load_into(model, state, source)
+        state, source = load_weights(cfg.ckpt.dir, cfg.model, cfg.sampler.fp8)
+        self.model = build_model(cfg.model, state, source, parallel, cfg.sampler.fp8).to(self.device).eval()
+        # Every rank builds caption rows, but with pipeline parallelism only the first stage has y_embedder.
+        self.null_caption = state["y_embedder.null_caption_embedding"].detach().float().cpu()
         del state
-        self.model = model.to(self.device).eval()
         self.source = source
         self.sampler = StaircaseSampler(self.model, cfg.sampler)
-        self.text_encoder = self._build_text_encoder()
-        self.special_tokens = self._load_special_tokens()
+        # Rank 0 encodes the prompts and broadcasts the caption rows: one T5 in the job, identical captions.
+        self.text_encoder = self._build_text_encoder() if self.is_main else None
+        self.special_tokens = self._load_special_tokens() if self.is_main else None
         self.vae = self._build_vae()
 
     # ------------------------------------------------------------------ components
@@ -132,13 +168,16 @@ class InferenceEngine:
             return LatentPreviewDecoder(self.cfg.model.in_channels // (2 if self.cfg.model.half_channel_vae else 1))
         if vc.kind == "vit":
             from magi_infer.vae import VaeCodec, ViTVAE
+            from magi_infer.vae.split import SplitTiles
 
             if vc.dir is None:
                 raise ValueError("vae.dir is required for vae.kind=vit (diffusers-style directory of the released VAE)")
             dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if vc.dtype == "auto" else DTYPES[vc.dtype]
             vae = ViTVAE.from_pretrained(vc.dir, dtype=dtype, device=self.device)
+            # Multi-process: every rank codes its share of the tiles and all ranks get the whole result.
+            tiles = {} if not self.distributed else dict(tile_map=SplitTiles(self.parallel.groups.mp))
             return VaeCodec(vae, fps=self.cfg.video.fps, tile_px=vc.tile_px, overlap=vc.overlap,
-                            scale_factor=vc.scale_factor)
+                            scale_factor=vc.scale_factor, **tiles)
         raise ValueError(f"vae.kind={vc.kind!r} is not one of ['vit', 'preview']")
 
     # ------------------------------------------------------------------ request -> latents
@@ -176,15 +215,20 @@ class InferenceEngine:
         from magi_infer.text import build_caption_rows, prepare_prompt
 
         mc = self.cfg.model
-        if self.cfg.text.encoder == "t5":
-            prompts = [prepare_prompt(p) for p in prompts]
-        emb, mask = self.text_encoder.encode(list(prompts))
-        rows = build_caption_rows(emb.float().cpu(), mask.float().cpu(), special_tokens=self.special_tokens,
-                                  null_caption_embedding=self.model.y_embedder.null_caption_embedding.detach().float().cpu(),
-                                  infer_chunk_num=num_chunks, clean_chunk_num=prefix_chunks,
-                                  options=self._caption_options(), caption_length=mc.caption_max_length,
-                                  null_length=mc.null_caption_length)
-        return Captions(rows.y.to(self.device), rows.mask.to(self.device))
+        y = mask = None
+        if self.is_main:
+            if self.cfg.text.encoder == "t5":
+                prompts = [prepare_prompt(p) for p in prompts]
+            emb, emb_mask = self.text_encoder.encode(list(prompts))
+            rows = build_caption_rows(emb.float().cpu(), emb_mask.float().cpu(), special_tokens=self.special_tokens,
+                                      null_caption_embedding=self.null_caption, infer_chunk_num=num_chunks,
+                                      clean_chunk_num=prefix_chunks, options=self._caption_options(),
+                                      caption_length=mc.caption_max_length, null_length=mc.null_caption_length)
+            y, mask = rows.y.to(self.device), rows.mask.to(self.device)
+        if self.distributed:
+            group = self.parallel.groups.mp
+            y, mask = (broadcast_tensor(v, group, 0, self.device) for v in (y, mask))
+        return Captions(y, mask)
 
     # ------------------------------------------------------------------ generation
     def generate(self, req: Request, output: Optional[str] = None) -> Result:
@@ -214,14 +258,16 @@ class InferenceEngine:
         out_path = Path(output or req.output)
         v = self.cfg.video
         written, chunk_times = 0, []
-        bar = tqdm(total=len(plans), unit="step", disable=not self.cfg.progress, desc="generating")
+        bar = tqdm(total=len(plans), unit="step", disable=not (self.cfg.progress and self.is_main), desc="generating")
         done_chunks = 0
 
         def on_step(plan) -> None:
             bar.update(1)
             bar.set_postfix(chunks=f"{done_chunks}/{num_chunks - P // cw}")
 
-        with StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf) as writer:
+        # Only rank 0 writes; the other ranks take part in the sampling and the decode (a collective).
+        output_file = StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf) if self.is_main else nullcontext()
+        with output_file as writer:
             for chunk in self.sampler.sample(noise, captions, prefix, on_step=on_step):
                 latent = chunk.latent.clone()
                 if chunk.prefix_frames:
@@ -232,7 +278,8 @@ class InferenceEngine:
                     frames = frames[chunk.prefix_frames * TEMPORAL:]
                 frames = frames[: req.num_frames - written]
                 if len(frames):
-                    writer.write(frames.cpu())
+                    if writer is not None:
+                        writer.write(frames.cpu())
                     written += len(frames)
                 done_chunks += 1
                 chunk_times.append(time.perf_counter() - start)

@@ -192,8 +192,13 @@ def convert_dit_to_fp8(model: nn.Module) -> nn.Module:
         # fp8 linears return bf16 like the released model; a fp32/fp16 residual stream would then mix dtypes.
         raise ValueError(f"fp8 linears need a bfloat16 model (model.params_dtype='bfloat16'), got {model.dtype}")
     layers = model.get_submodule(LAYER_PREFIX)
+    # A pipeline stage holds some of the layers, keyed by their global index: which ones are fp8 follows
+    # from the whole model's depth.
+    num_layers = model.cfg.num_layers if hasattr(model, "cfg") else len(layers)
     swaps = []
-    for i in fp8_layer_indices(len(layers)):
+    for i in fp8_layer_indices(num_layers):
+        if str(i) not in layers._modules:
+            continue
         for name in PER_TENSOR_LINEARS + PER_CHANNEL_LINEARS:
             parent_name, _, attr = name.rpartition(".")
             parent = layers[i].get_submodule(parent_name)

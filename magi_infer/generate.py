@@ -7,6 +7,13 @@
 
 Every runtime knob is a Hydra override (conf/generate.yaml, magi_infer/config.py). The video is written
 chunk by chunk to `<output>.partial` (playable while it grows) and renamed to `output` when complete.
+
+Several GPUs serve one request together (same video as one process):
+
+    torchrun --nproc_per_node 8 magi_infer/generate.py model=magi1_24b_distill parallel.cp=8 ...
+    torchrun --nproc_per_node 4 magi_infer/generate.py ... parallel.cp=2 parallel.pp=2   (or parallel.tp=...)
+
+Only rank 0 prints and writes the video.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ def run(cfg: DictConfig):
     gen_cfg = to_generate_config(cfg)
     parallel = init_parallel(gen_cfg.parallel)
     try:
-        if parallel.world_size > 1:
-            raise ValueError(f"generate.py runs on one process for now ({parallel.world_size} were started); "
-                             "multi-GPU inference (parallel.cp / parallel.pp) comes with the parallelism issue")
-        engine = InferenceEngine(gen_cfg, tp_group=parallel.tp_group)
+        if parallel.dp > 1:
+            raise ValueError(f"{parallel.world_size} processes with parallel.tp x parallel.cp x parallel.pp = "
+                             f"{parallel.tp} x {parallel.cp} x {parallel.pp} leave parallel.dp={parallel.dp}: inference "
+                             "runs one request on all ranks; start exactly tp x cp x pp processes")
+        engine = InferenceEngine(gen_cfg, parallel=parallel)
         if parallel.is_main:
             print(f"loaded {engine.source} (model={gen_cfg.model.name}, cfg_number={gen_cfg.sampler.cfg_number}, "
                   f"{gen_cfg.sampler.num_steps} steps/chunk, fp8={gen_cfg.sampler.fp8}) on {engine.device}", flush=True)

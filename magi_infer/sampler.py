@@ -15,6 +15,10 @@ write it while later chunks are still being generated. It follows the released `
 
 With `kv_cache=False` nothing is cached: every call prepends all earlier chunks as they were when cached
 (same latents, t, caption and adaLN row, same lookback), which must give the same video.
+
+Under model parallelism every rank runs this same loop on identical inputs (same noise, captions and
+velocities): the model is then a tensor/context-parallel DiT, whose output is gathered on every rank, or a
+pipeline stage (`magi_infer/pipeline.py`), which broadcasts it.
 """
 
 from __future__ import annotations
@@ -124,7 +128,9 @@ class StaircaseSampler:
         self._prefix = prefix
         self._captions = captions
         self._tokens = self._tokens_per_chunk(noise)
-        self._cache = KVCache(len(self.model.videodit_blocks.layers), n * self._tokens, self.cfg.kv_offload) \
+        # Indexed by global layer; a pipeline stage's cache allocates only its own layers (on first write).
+        # Under context parallelism each rank caches all tokens of its heads (the keys after the all-to-all).
+        self._cache = KVCache(self.model.cfg.num_layers, n * self._tokens, self.cfg.kv_offload) \
             if self.cfg.kv_cache else None
         # What each cached chunk was computed from, for the cache-free oracle: latent and lookback.
         self._context: dict = {}

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
 from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, find_checkpoint
 from magi_train.config.schema import ModelConfig
+from magi_train.parallel.sharding import shard_state_dict
 
 WEIGHT_PREFIX = "inference_weight"
 # Fields that only steer how we run a model, never what its weights are.
@@ -86,9 +87,20 @@ def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Di
     return load_magi1_state_dict(weight_dir), f"released weights {weight_dir}"
 
 
-def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names every missing / unexpected / mis-shaped key. Values are copied into the
-    model's parameters, whose dtypes follow the released run-time plan (model dtype + fp32 promotions)."""
-    expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items()}
-    check_state_dict(expected, state_dict, source)
-    model.load_state_dict(state_dict, strict=True)
+def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+              full_shapes: Optional[Dict[str, Tuple[int, ...]]] = None, tp_rank: int = 0, tp: int = 1) -> None:
+    """Strict load of a full (released-layout) state dict that names every missing / unexpected / mis-shaped
+    key. Values are copied into the model's parameters, whose dtypes follow the released run-time plan
+    (model dtype + fp32 promotions).
+
+    The model may be one tensor-parallel rank and/or one pipeline stage of the DiT: `full_shapes` then holds
+    the whole TP=1 model's key -> shape. The checkpoint is checked against the whole model first (so errors
+    read the same on any layout), then this rank's slices of its own keys are cut (`shard_state_dict`:
+    SwiGLU halves, KV-head replication) and loaded strictly."""
+    local_keys = list(model.state_dict())
+    if full_shapes is None:
+        if tp != 1:
+            raise ValueError("load_into: a tensor-parallel model needs the whole model's full_shapes")
+        full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict({k: (tuple(s), None) for k, s in full_shapes.items()}, state_dict, source)
+    model.load_state_dict(shard_state_dict(state_dict, model.cfg, tp_rank, tp, keys=local_keys), strict=True)

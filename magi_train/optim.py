@@ -11,7 +11,7 @@ from torch import nn
 from magi_train.config.schema import OptimizerConfig
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     # Norm gains, biases, the RoPE frequency bands and the learned null caption are not weights to shrink.
     return p.ndim < 2 or name.endswith(".bias") or "norm" in name or name.endswith("null_caption_embedding")
 
@@ -20,7 +20,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,13 +1,15 @@
-"""The flow-matching trainer (single process in this release; the groups it receives carry TP/CP/PP/DP later).
+"""The flow-matching trainer, for any tp x cp x pp x dp layout (one process is the 1 x 1 x 1 x 1 case).
 
 One step:
     x (N, C, T, H, W) clean latents of `n` chunks, captions per chunk
     t (N, n)  per-chunk times, non-increasing along the chunk index; leading chunks may be clean context
     x_t = (1 - t) noise + t x,  v* = x - noise
-    loss = mean over noisy chunks of |DiT(x_t, t, captions, block-causal ranges) - v*|^2
-Everything random in a step (noise, times, caption dropout) comes from a generator seeded by
-(trainer.seed, step), and the batch of step s is a pure function of s, so a resumed run repeats the
-uninterrupted one exactly.
+    loss = sum over noisy chunks of the global batch of |DiT(x_t, ...) - v*|^2 / their element count
+The global batch (data.global_batch_size) is split over the data-parallel ranks and, on each, into
+micro-batches (gradient accumulation, or the pipeline's micro-batches). Everything random about a sample
+(noise, times, caption dropout) comes from a generator seeded by (trainer.seed, step, the sample's position
+in the global batch), and the batch of step s is a pure function of s, so every layout trains on exactly
+the same numbers and a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,24 +18,29 @@ import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
-from magi_train.diffusion.flow_matching import interpolate, masked_mse, velocity_target
+from magi_train.diffusion.flow_matching import chunk_times_to_frames, interpolate, velocity_target
 from magi_train.diffusion.timesteps import sample_training_times
 from magi_train.metrics import MetricsLogger
-from magi_train.model.attention import block_causal_ranges
 from magi_train.model.dit import build_dit
-from magi_train.optim import build_optimizer, grad_norm, lr_at, set_lr
+from magi_train.optim import lr_at, set_lr
+from magi_train.parallel.grads import finalize_model_grads
 from magi_train.parallel.groups import Parallel
+from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule, stage_layers
+from magi_train.parallel.sharding import tp_shard_spec
+from magi_train.parallel.zero import ShardedAdamW
 
 # Streams derived from the run seed; distinct multipliers keep them independent.
 _STEP_STREAM = 1_000_003
+_SAMPLE_STREAM = 10_007
 _EVAL_STREAM = 7_919
 
 
@@ -41,31 +48,76 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed % (2**63))
 
 
+def weighted_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum(|pred - v*|^2 * w) with target = [v* | w] along channels (w already divided by the count)."""
+    return ((pred.float() - target[:, :-1]).square() * target[:, -1:]).sum()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, parallel: Parallel):
         self.cfg = cfg
-        self.parallel = parallel
-        tc = cfg.trainer
+        self.parallel = p = parallel
+        tc, d, m = cfg.trainer, cfg.data, cfg.model
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
         torch.use_deterministic_algorithms(tc.deterministic)
-        torch.manual_seed(tc.seed)  # model initialisation
-        self.model = build_dit(cfg.model, tp_group=parallel.tp_group).to(parallel.device)
-        self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.dataset = SyntheticBlobDataset(cfg.data, cfg.model.caption_channels, cfg.model.caption_max_length)
+        global_batch = d.global_batch_size or d.micro_batch_size * p.dp
+        if global_batch % (d.micro_batch_size * p.dp):
+            raise ValueError(f"data.global_batch_size ({global_batch}) must be a multiple of data.micro_batch_size x "
+                             f"data-parallel size ({d.micro_batch_size} x {p.dp})")
+        self.global_batch = global_batch
+        self.num_micro = global_batch // (d.micro_batch_size * p.dp)
+        if p.pp > 1 and self.num_micro < p.pp:
+            raise ValueError(f"the pipeline needs at least parallel.pp ({p.pp}) micro-batches per step; "
+                             f"data.global_batch_size ({global_batch}) gives {self.num_micro} of data.micro_batch_size "
+                             f"({d.micro_batch_size}) per data-parallel rank")
+        if p.pp > 1 and tc.eval_every:
+            raise ValueError("trainer.eval_every > 0 is not supported with parallel.pp > 1 yet (set trainer.eval_every=0)")
+
+        stages = p.pp * cfg.parallel.vpp
+        held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
+        self.stage_ids = [sid for sid, _ in held]
+        self.models = [
+            build_dit(m, tp_group=p.tp_group, cp_group=p.cp_group, sequence_parallel=p.sequence_parallel, layer_ids=ids,
+                      pre_process=sid == 0, post_process=sid == stages - 1, init_seed=tc.seed).to(p.device)
+            for sid, ids in held
+        ]
+        for model in self.models:
+            model.train()
+            model.recompute, model.recompute_layers = tc.recompute, tc.recompute_layers
+        self.full_shapes = {k: tuple(v.shape) for k, v in build_dit(m, device="meta").named_parameters()}
+        self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
+
+        self.dataset = SyntheticBlobDataset(d, m.caption_channels, m.caption_max_length)
         # Another data seed gives held-out samples that the training stream never shows.
-        self.held_out = SyntheticBlobDataset(replace(cfg.data, seed=cfg.data.seed + 1_000_000),
-                                             cfg.model.caption_channels, cfg.model.caption_max_length)
+        self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels, m.caption_max_length)
         self.out_dir = Path(tc.output_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", tc.keep_last)
-        p = cfg.model.patch_size
-        self.tokens_per_chunk = (cfg.data.latent_frames_per_chunk // cfg.model.t_patch_size) * (
-            cfg.data.latent_height // p) * (cfg.data.latent_width // p)
+        patch = m.patch_size
+        grid = (d.latent_frames_per_chunk * d.chunks_per_sample // m.t_patch_size, d.latent_height // patch, d.latent_width // patch)
+        self.tokens_per_chunk = (d.latent_frames_per_chunk // m.t_patch_size) * grid[1] * grid[2]
+        self.shape = MicroBatchShape(
+            d.micro_batch_size, d.chunks_per_sample, self.tokens_per_chunk, m.caption_max_length, grid,
+            (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample, d.latent_height, d.latent_width))
+        self.schedule = None
+        if p.pp > 1:
+            split = p.cp * (p.tp if p.sequence_parallel else 1)
+            self.schedule, _ = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
+                                              self.num_micro, weighted_sq_error, p.device, split, p.cp)
         self.step = 0
         resume_from = self.checkpoints.resolve_resume(tc.resume)
         if resume_from is not None:
             self.load(resume_from)
+
+    @property
+    def model(self):
+        """The whole model (single-stage runs)."""
+        if len(self.models) != 1 or not (self.models[0].pre_process and self.models[0].post_process):
+            raise AttributeError("Trainer.model is the whole model; with pipeline stages use Trainer.models")
+        return self.models[0]
+
+    def named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
+        return [kv for model in self.models for kv in model.named_parameters()]
 
     # ------------------------------------------------------------------ data
     def batch_indices(self, step: int, batch_size: int) -> List[int]:
@@ -80,30 +132,104 @@ class Trainer:
             out.append(int(perms[epoch][offset]))
         return out
 
-    def get_batch(self, step: int) -> Dict[str, torch.Tensor]:
-        return collate([self.dataset[i] for i in self.batch_indices(step, self.cfg.data.micro_batch_size)])
+    def _draws(self, stream: int, position: int):
+        """Times, clean-context flags and caption dropout of the sample at `position` of a batch."""
+        g = _generator(stream + position * _SAMPLE_STREAM)
+        t, clean = sample_training_times(1, self.cfg.data.chunks_per_sample, self.cfg.diffusion, g)
+        dropped = torch.rand(1, generator=g) < self.cfg.diffusion.caption_dropout
+        return t[0], clean[0], bool(dropped)
 
-    # ------------------------------------------------------------------ loss
-    def loss(self, batch: Dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        device = self.parallel.device
-        x = batch["latent"].to(device)
-        N, n = x.shape[0], cfg.data.chunks_per_sample
-        frames = cfg.data.latent_frames_per_chunk
-        t, clean = sample_training_times(N, n, cfg.diffusion, gen)
-        noise = torch.randn(x.shape, generator=gen).to(device)
-        dropped = torch.rand(N, generator=gen) < cfg.diffusion.caption_dropout
-        x_t = interpolate(x, noise, t.to(device), frames)
+    def _noise(self, stream: int, position: int, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=_generator(stream + position * _SAMPLE_STREAM + 1))
 
-        caption = batch["caption"].flatten(0, 1).to(device)
-        caption_mask = batch["caption_mask"].flatten(0, 1).to(device)
-        # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
-        null_rows = (dropped.repeat_interleave(n) | clean.flatten()).to(device)
-        caption, caption_mask = self.model.drop_captions(caption, caption_mask, null_rows)
-        ranges = block_causal_ranges(N, n, self.tokens_per_chunk)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision == "bf16"):
-            v = self.model(x_t, t.to(device), caption, caption_mask, ranges, adaln_uncond=dropped.to(device))
-        return masked_mse(v, velocity_target(x, noise), (~clean).to(device), frames)
+    def micro_batches(self, dataset, indices: List[int], stream: int):
+        """This rank's micro-batches of a global batch: stage-0 inputs and [v* | loss weight] targets."""
+        cfg, p = self.cfg, self.parallel
+        d = cfg.data
+        n, frames = d.chunks_per_sample, d.latent_frames_per_chunk
+        elements = d.latent_channels * frames * d.latent_height * d.latent_width  # per chunk
+        draws = [self._draws(stream, pos) for pos in range(len(indices))]
+        count = sum(int((~clean).sum()) for _, clean, _ in draws) * elements
+        if count == 0:
+            raise ValueError("no noisy chunk in the global batch (all chunks are clean context)")
+        per_rank = len(indices) // p.dp
+        out = []
+        for k in range(per_rank // d.micro_batch_size):
+            lo = p.dp_rank * per_rank + k * d.micro_batch_size
+            pos = list(range(lo, lo + d.micro_batch_size))
+            batch = collate([dataset[indices[i]] for i in pos])
+            x = batch["latent"]
+            t = torch.stack([draws[i][0] for i in pos])
+            clean = torch.stack([draws[i][1] for i in pos])
+            dropped = torch.tensor([draws[i][2] for i in pos])
+            noise = torch.stack([self._noise(stream, i, x.shape[1:]) for i in pos])
+            x_t = interpolate(x, noise, t, frames)
+            # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
+            null_rows = dropped.repeat_interleave(n) | clean.flatten()
+            weight = chunk_times_to_frames((~clean).float(), frames).expand(x.shape[0], 1, *x.shape[2:]) / count
+            inputs = (x_t, t, batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1), null_rows, dropped)
+            target = torch.cat([velocity_target(x, noise), weight], dim=1)
+            dev = p.device
+            out.append((tuple(v.to(dev) for v in inputs), target.to(dev)))
+        return out
+
+    def step_micro_batches(self, step: int):
+        indices = self.batch_indices(step, self.global_batch)
+        return self.micro_batches(self.dataset, indices, self.cfg.trainer.seed * _STEP_STREAM + step * 1_000_000_007)
+
+    # ------------------------------------------------------------------ forward/backward
+    def _autocast(self):
+        return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16")
+
+    def forward_backward(self, micro, backward: bool = True) -> torch.Tensor:
+        """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage)."""
+        total = torch.zeros((), dtype=torch.float64)
+        if self.schedule is None:
+            stage = DiTStage(self.models[0], self.shape)
+            for inputs, target in micro:
+                with self._autocast():
+                    loss = weighted_sq_error(stage(*inputs), target)
+                if backward:
+                    loss.backward()
+                total += loss.detach().double().cpu()
+            return total
+        # Pipeline: one call runs every micro-batch through the stages (forward and backward interleaved).
+        inputs = tuple(torch.cat([m[0][i] for m in micro]) for i in range(len(micro[0][0])))
+        target = torch.cat([m[1] for m in micro])
+        has_first = any(m.pre_process for m in self.models)
+        has_last = any(m.post_process for m in self.models)
+        losses: List[torch.Tensor] = []
+        with self._autocast():
+            self.schedule.step(*(inputs if has_first else ()), target=target if has_last else None,
+                               losses=losses if has_last else None)
+        for loss in losses:
+            total += loss.detach().double().cpu()
+        return total
+
+    def _sum_loss(self, local: torch.Tensor) -> float:
+        """Global loss: sum over pipeline ranks (only the last stage has it) and data-parallel ranks."""
+        p = self.parallel
+        for group, size in ((p.groups.pp, p.pp), (p.groups.dp, p.dp)):
+            if size > 1:
+                dist.all_reduce(local, group=group)
+        return float(local)
+
+    def grad_norm(self) -> float:
+        """Global gradient norm: every parameter element counted once, whatever the layout."""
+        p = self.parallel
+        sq = torch.zeros((), dtype=torch.float64)
+        tp_rank = p.tp_rank
+        for model in self.models:
+            for name, param in model.named_parameters():
+                if param.grad is None:
+                    continue
+                # Tensor-parallel replicas (replicated params, replicated KV heads) are counted on one rank.
+                if tp_shard_spec(name, self.full_shapes[name], self.cfg.model, tp_rank, p.tp).writer:
+                    sq += param.grad.detach().double().square().sum().cpu()
+        for group, size in ((p.groups.tp, p.tp), (p.groups.pp, p.pp)):
+            if size > 1:
+                dist.all_reduce(sq, group=group)
+        return float(sq.sqrt())
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> Dict[str, float]:
@@ -111,40 +237,45 @@ class Trainer:
         started = time.perf_counter()
         lr = lr_at(step, self.cfg.optimizer, self.cfg.trainer.max_steps)
         set_lr(self.optimizer, lr)
-        batch = self.get_batch(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch, _generator(self.cfg.trainer.seed * _STEP_STREAM + step))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.optimizer.clip_grad > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.clip_grad))
-        else:
-            norm = grad_norm(params)
+        micro = self.step_micro_batches(step)
+        self.optimizer.zero_grad()
+        loss = self._sum_loss(self.forward_backward(micro))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
+        finalize_model_grads(self.models, self.parallel.groups.dp_cp)
+        norm = self.grad_norm()
+        clip = self.cfg.optimizer.clip_grad
+        if clip > 0:
+            # torch.nn.utils.clip_grad_norm_'s formula, applied with the global norm.
+            coef = min(1.0, clip / (norm + 1e-6))
+            for _, param in self.named_parameters():
+                if param.grad is not None:
+                    param.grad.mul_(coef)
         self.optimizer.step()
         self.step += 1
         elapsed = time.perf_counter() - started
-        tokens = batch["latent"].shape[0] * self.cfg.data.chunks_per_sample * self.tokens_per_chunk
-        return {"step": self.step, "loss": loss.item(), "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed}
+        tokens = self.global_batch * self.cfg.data.chunks_per_sample * self.tokens_per_chunk
+        return {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Loss on fixed held-out samples (indices past the training set) with fixed noise and times."""
-        self.model.eval()
+        """Loss on fixed held-out samples (a separate data seed) with fixed noise and times."""
+        for model in self.models:
+            model.eval()
         total = 0.0
-        B = self.cfg.data.micro_batch_size
+        B = self.cfg.data.micro_batch_size * self.parallel.dp
         for i in range(self.cfg.trainer.eval_batches):
-            batch = collate([self.held_out[j] for j in range(i * B, (i + 1) * B)])
-            total += self.loss(batch, _generator(self.cfg.trainer.seed * _EVAL_STREAM + i)).item()
-        self.model.train()
+            micro = self.micro_batches(self.held_out, list(range(i * B, (i + 1) * B)), self.cfg.trainer.seed * _EVAL_STREAM + i)
+            total += self._sum_loss(self.forward_backward(micro, backward=False))
+        for model in self.models:
+            model.train()
         return total / self.cfg.trainer.eval_batches
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> Dict[str, object]:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.inner.state_dict(),
             "trainer": {"step": self.step, "config": asdict(self.cfg)},
         }
 
@@ -157,7 +288,7 @@ class Trainer:
         expected = {k: (tuple(v.shape), None) for k, v in self.model.state_dict().items()}
         check_state_dict(expected, state["model"], path / "model.pt")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.inner.load_state_dict(state["optimizer"])
         self.step = int(state["trainer"]["step"])
         if self.parallel.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .model import ViTVAE
-from .tiling import RELEASED_OVERLAP, RELEASED_TILE_PX, tiled_decode, tiled_encode
+from .tiling import RELEASED_OVERLAP, RELEASED_TILE_PX, TileMap, code_each, tiled_decode, tiled_encode
 
 RELEASED_SCALE_FACTOR = 0.18215
 
@@ -21,7 +21,10 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class VaeCodec:
-    """Batch-1 video codec. `fps // 2` frames per temporal tile, square spatial tiles of `tile_px` pixels."""
+    """Batch-1 video codec. `fps // 2` frames per temporal tile, square spatial tiles of `tile_px` pixels.
+
+    `tile_map` codes the tiles of one call: one by one here (default), or spread over the ranks of a
+    multi-process job (`SplitTiles`), each rank then returning the same full result."""
 
     def __init__(
         self,
@@ -30,8 +33,10 @@ class VaeCodec:
         tile_px: int = RELEASED_TILE_PX,
         overlap: float = RELEASED_OVERLAP,
         scale_factor: float = RELEASED_SCALE_FACTOR,
+        tile_map: TileMap = code_each,
     ):
         self.vae = vae
+        self.tile_map = tile_map
         self.tile_length = fps // 2
         self.tile_px = tile_px
         self.overlap = overlap
@@ -49,6 +54,7 @@ class VaeCodec:
             tile_length=self.tile_length,
             tile_px=self.tile_px,
             overlap=self.overlap,
+            tile_map=self.tile_map,
         )
 
     @property

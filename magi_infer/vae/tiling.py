@@ -21,6 +21,9 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 Codec = Callable[[torch.Tensor], torch.Tensor]
+# How the tiles of one call are coded: (codec, tiles in order) -> coded tiles in the same order. The default
+# codes them one by one here; `magi_infer/vae/split.py` spreads them over ranks.
+TileMap = Callable[[Codec, List[torch.Tensor]], List[torch.Tensor]]
 Grid = List[List[List[torch.Tensor]]]  # [t][row][col] -> (B, C, T, H, W) tile
 
 RELEASED_TILE_PX = 256
@@ -43,16 +46,18 @@ def _starts(size: int, stride: int) -> range:
     return range(0, size, stride)  # ceil(size / stride) tiles, the last one possibly short
 
 
-def _code_tiles(fn: Codec, x: torch.Tensor, strides: Sequence[int], sizes: Sequence[int]) -> Grid:
+def code_each(fn: Codec, tiles: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The one-process tile loop: every tile, in order, on this process."""
+    return [fn(tile) for tile in tiles]
+
+
+def _code_tiles(fn: Codec, x: torch.Tensor, strides: Sequence[int], sizes: Sequence[int], tile_map: TileMap) -> Grid:
     st, sh, sw = strides
     lt, lh, lw = sizes
-    return [
-        [
-            [fn(x[:, :, f : f + lt, i : i + lh, j : j + lw]) for j in _starts(x.shape[4], sw)]
-            for i in _starts(x.shape[3], sh)
-        ]
-        for f in _starts(x.shape[2], st)
-    ]
+    frames, rows, cols = _starts(x.shape[2], st), _starts(x.shape[3], sh), _starts(x.shape[4], sw)
+    tiles = [x[:, :, f : f + lt, i : i + lh, j : j + lw] for f in frames for i in rows for j in cols]
+    coded = iter(tile_map(fn, tiles))  # in cutting order: (t, row, col) row-major
+    return [[[next(coded) for _ in cols] for _ in rows] for _ in frames]
 
 
 def _blend_and_assemble(
@@ -97,6 +102,7 @@ def tiled_encode(
     tile_length: int = RELEASED_TILE_LENGTH,
     tile_px: int = RELEASED_TILE_PX,
     overlap: float = RELEASED_OVERLAP,
+    tile_map: TileMap = code_each,
 ) -> torch.Tensor:
     """(B, 3, T, H, W) pixels -> latent, encoding tiles of tile_length x tile_px x tile_px pixels."""
     _check(video, "video", tile_length, tile_px, overlap, temporal_factor)
@@ -105,7 +111,7 @@ def tiled_encode(
     ramp = int(latent_px * overlap)
     if stride_px < 1 or latent_px < 1:
         raise ValueError(f"tile_px={tile_px} with overlap={overlap} gives an empty tile or stride")
-    tiles = _code_tiles(encode, video, (tile_length, stride_px, stride_px), (tile_length, tile_px, tile_px))
+    tiles = _code_tiles(encode, video, (tile_length, stride_px, stride_px), (tile_length, tile_px, tile_px), tile_map)
     keep = (tile_length // temporal_factor, latent_px - ramp, latent_px - ramp)
     return _blend_and_assemble(tiles, (ramp, ramp), keep, ramp_from_blended=True)
 
@@ -119,6 +125,7 @@ def tiled_decode(
     tile_length: int = RELEASED_TILE_LENGTH,
     tile_px: int = RELEASED_TILE_PX,
     overlap: float = RELEASED_OVERLAP,
+    tile_map: TileMap = code_each,
 ) -> torch.Tensor:
     """(B, z, t, h, w) latent -> pixels, decoding latent tiles that correspond to tile_length x tile_px^2 pixels."""
     _check(latent, "latent", tile_length, tile_px, overlap, temporal_factor)
@@ -129,6 +136,7 @@ def tiled_decode(
         raise ValueError(f"tile_px={tile_px} with overlap={overlap} gives an empty latent stride")
     pixel_tile = latent_px * spatial_factor
     ramp = int(pixel_tile * overlap)
-    tiles = _code_tiles(decode, latent, (latent_len, stride_latent, stride_latent), (latent_len, latent_px, latent_px))
+    tiles = _code_tiles(decode, latent, (latent_len, stride_latent, stride_latent), (latent_len, latent_px, latent_px),
+                        tile_map)
     keep = (latent_len * temporal_factor, pixel_tile - ramp, pixel_tile - ramp)
     return _blend_and_assemble(tiles, (ramp, ramp), keep, ramp_from_blended=False)

@@ -1,9 +1,11 @@
-"""Training checkpoints for a single process, written so that a crash never costs the last good one.
+"""Training checkpoints, written so that a crash never costs the last good one.
 
-Layout under ``root`` (one directory per checkpoint, so per-rank shards can be added later):
+Layout under ``root`` (one directory per checkpoint):
 
     step_00001000/
-        model.pt, optimizer.pt, ...    one ``torch.save`` file per top-level key of the state
+        model.pt, optimizer.pt, ...    `save`: one ``torch.save`` file per top-level key of the state, or
+        .metadata, __0_0.distcp, ...   files many ranks wrote (checkpoint/distributed.py) between
+                                       `begin_save` and `finish_save`
         complete.json                  written last: step, time, and size + sha256 of every file
     .tmp_new_00002000_<pid>_<rand>/    a save in progress, or one a crash interrupted
 
@@ -67,10 +69,6 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write ``state`` as checkpoint ``step`` atomically, then prune old ones. Returns its path."""
-        if self.read_only:
-            raise RuntimeError(f"CheckpointManager({self.root}) was opened read-only")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
         if not state:
             raise ValueError("refusing to save an empty checkpoint state")
         for key in state:
@@ -78,28 +76,49 @@ class CheckpointManager:
                 raise ValueError(
                     f"state key {key!r} cannot be a file name; use letters, digits, '_', '.', '-'"
                 )
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
+        tmp = self.begin_save(step)
         try:
-            self._write_files(tmp, step, state)
-            final = self._install(tmp, step)
+            return self.finish_save(tmp, step, self._write_files(tmp, state))
         except BaseException:
             # Only our own unfinished temp dir is removed; anything already installed stays.
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.abort_save(tmp)
             raise
-        self._prune(keep=final)
-        return final
 
-    def _write_files(self, tmp: Path, step: int, state: dict[str, Any]) -> None:
+    # A save in three calls, for directories that other processes fill (one writer of the marker):
+    # begin_save -> everyone writes files into the returned dir -> finish_save, or abort_save on failure.
+
+    def begin_save(self, step: int) -> Path:
+        """Create and return the temporary directory that checkpoint ``step`` is written into."""
+        if self.read_only:
+            raise RuntimeError(f"CheckpointManager({self.root}) was opened read-only")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        return Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
+
+    def finish_save(self, tmp: Path, step: int, digests: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Write the marker for every file in ``tmp``, install it as checkpoint ``step`` and prune.
+
+        ``digests`` ({file name: {"size", "sha256"}}) may carry hashes other processes computed for the
+        files they wrote; the rest are hashed here. All files must be complete and fsynced by now."""
+        self._check_own_tmp(tmp)
+        digests = digests or {}
+        present = {entry.name: entry for entry in tmp.iterdir()}
+        missing = sorted(set(digests) - set(present))
+        if missing:
+            raise FileNotFoundError(f"files reported written are missing from {tmp}: {missing}")
         files: dict[str, dict[str, Any]] = {}
-        for key, value in state.items():
-            name = f"{key}.pt"
-            path = tmp / name
-            with open(path, "wb") as f:
-                torch.save(value, f)
-                f.flush()
-                os.fsync(f.fileno())
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        # The marker lists the reported files in their given order (`load` returns the keys in that order).
+        for name in [*digests, *sorted(set(present) - set(digests))]:
+            entry = present[name]
+            if name == MARKER_NAME or not entry.is_file():
+                raise ValueError(f"{entry} cannot be part of a checkpoint: only regular files other than {MARKER_NAME}")
+            size = entry.stat().st_size
+            info = digests.get(name) or file_digest(entry)
+            if info["size"] != size:
+                raise CorruptCheckpointError(f"{entry} has {size} bytes, its writer reported {info['size']}")
+            files[name] = {"size": size, "sha256": str(info["sha256"])}
+        if not files:
+            raise ValueError(f"refusing to install the empty directory {tmp} as a checkpoint")
         marker = {
             "format": MARKER_FORMAT,
             "version": MARKER_VERSION,
@@ -113,6 +132,31 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
+        final = self._install(tmp, step)
+        self._prune(keep=final)
+        return final
+
+    def abort_save(self, tmp: Path) -> None:
+        """Delete an unfinished save's directory (a no-op once it was installed)."""
+        self._check_own_tmp(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_own_tmp(self, tmp: Path) -> None:
+        # These methods delete or rename what they are given: only a begin_save directory qualifies.
+        tmp = Path(tmp)
+        if tmp.parent != self.root or not tmp.name.startswith(_NEW_PREFIX):
+            raise ValueError(f"{tmp} is not a save directory of CheckpointManager({self.root})")
+
+    def _write_files(self, tmp: Path, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            path = tmp / f"{key}.pt"
+            with open(path, "wb") as f:
+                torch.save(value, f)
+                f.flush()
+                os.fsync(f.fileno())
+            files[path.name] = file_digest(path)
+        return files
 
     def _install(self, tmp: Path, step: int) -> Path:
         # Re-saving a step keeps the old copy (under _OLD_PREFIX, cleaned up on restart) until the new one
@@ -191,6 +235,11 @@ class CheckpointManager:
         """Load a checkpoint written by :meth:`save`, after checking every file's sha256."""
         path = Path(path)
         marker = _verify(path, check_hashes=True)
+        if ".metadata" in marker["files"] and not any(name.endswith(".pt") for name in marker["files"]):
+            raise ValueError(
+                f"checkpoint {path} is a distributed (multi-rank) checkpoint: read it with "
+                "magi_train.checkpoint.distributed.read_full_model_state or load_train_state"
+            )
         state: dict[str, Any] = {}
         for name in marker["files"]:
             if name.endswith(".pt"):
@@ -256,6 +305,19 @@ def read_marker(path: str | Path) -> dict[str, Any]:
     return marker
 
 
+def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Check checkpoint ``path`` against its marker and return the marker: every file's size, and the
+    sha256 of the files whose index (in name order) is ``index`` modulo ``count`` for ``share = (index,
+    count)``, so that ``count`` processes can split the hashing of a large checkpoint."""
+    path = Path(path)
+    index, count = share
+    marker = _verify(path, check_hashes=False)
+    for i, (name, info) in enumerate(sorted(marker["files"].items())):
+        if i % count == index and _sha256(path / name) != info["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint file {path / name} does not match its sha256 in {MARKER_NAME}")
+    return marker
+
+
 def _verify(path: Path, check_hashes: bool) -> dict[str, Any]:
     """Check ``path`` against its marker and return the marker; raise naming the first bad file."""
     marker = read_marker(path)
@@ -271,6 +333,12 @@ def _verify(path: Path, check_hashes: bool) -> dict[str, Any]:
         if check_hashes and _sha256(file) != info["sha256"]:
             raise CorruptCheckpointError(f"checkpoint file {file} does not match its sha256 in {MARKER_NAME}")
     return marker
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    """A file's entry in the marker: its size and sha256."""
+    path = Path(path)
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _sha256(path: Path) -> str:

@@ -139,7 +139,7 @@ def _check_model(m: ModelConfig) -> Iterator[str]:
                f"({m.t_patch_size})")
     yield from _one_of("model.params_dtype", m.params_dtype, ("float32", "bfloat16", "float16"))
     yield from _one_of("model.layer_spec", m.layer_spec, ("local", "te"))
-    yield from _one_of("model.attention_backend", m.attention_backend, ("torch", "sdpa"))
+    yield from _one_of("model.attention_backend", m.attention_backend, ("torch", "sdpa", "magi"))
 
 
 def _check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:

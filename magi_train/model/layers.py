@@ -160,7 +160,7 @@ class ParallelAttention(nn.Module):
         weight = self.linear_kv_xattn.weight
         kv = torch.cat([torch.matmul(y_flat, w.t()) for w in torch.chunk(weight, self.kv_row_blocks, dim=0)], dim=1)
         # Rows are interleaved per KV head: [K_0 | V_0 | K_1 | V_1 | ...], 128 each.
-        kx, vx = kv.view(y_flat.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
+        kx, vx = kv.view(y_flat.shape[0], self.kv_heads, 2 * self.head_dim).chunk(2, dim=-1)
         kx = self.k_layernorm_xattn(kx)
         out = self._attend(qx, kx, vx.contiguous(), ranges)
         return out.reshape(N, S, -1).transpose(0, 1)

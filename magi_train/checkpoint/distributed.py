@@ -1,0 +1,382 @@
+"""Training checkpoints that reshard: saved under one parallel layout, resumed under any other.
+
+Every tensor is stored in full (TP=1, released-layout) coordinates with torch.distributed.checkpoint
+(DCP). Saving, each rank writes the rectangular pieces of full tensors it is responsible for; loading,
+each rank asks for the pieces its CURRENT layout needs, and DCP's resharding
+(`create_read_items_for_chunk_list`) intersects the requested boxes with the stored ones and reads only
+the overlaps. No rank ever builds a full tensor, so the memory and I/O of a rank scale with what it
+holds, whatever the two layouts are.
+
+    model.<parameter name>             full shape; the TP writers of dp x cp rank 0 of each pipeline stage
+    optim.<parameter name>.exp_avg     full shape; the parameter's ZeRO owner (in dp x cp), TP writers
+    optim.<parameter name>.exp_avg_sq  full shape; likewise
+    optim.<parameter name>.step        (1,); the owner on TP rank 0
+    trainer.json                       rank 0: the caller's `extra` plus the saving "layout"
+
+"TP writers": a TP rank holding a slice no other rank writes (`ShardSpec.writer`: replicated tensors
+and replicated KV heads are written once). A rank's pieces follow `VideoDiT.shard_spec`, so a SwiGLU
+`linear_fc1` shard is two boxes ([gate_r] and [up_r]) of the full [gate | up] tensor.
+
+Why custom planners rather than ShardedTensor or DTensor: ShardedTensor's constructors insist on a global
+layout of non-overlapping shards, which a load target with replicas (every data-parallel rank reads the
+same slice) is not; DTensor cannot express the two-piece SwiGLU shard. DCP's planner interface takes
+boxes directly, and the default save planner still deduplicates, builds the metadata and checks that
+the saved boxes neither overlap nor leave holes.
+
+The directory is installed through `CheckpointManager` (begin_save / finish_save): a temporary directory,
+a `complete.json` marker written last, one rename. Only rank 0 touches the manager's state; the other
+ranks should open theirs read-only (a writable manager tidies up `.tmp_*` directories when created).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, ReadItem, SavePlan, TensorWriteData, WriteItem,
+                                                  WriteItemType)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from magi_train.checkpoint.magi1 import check_state_dict
+from magi_train.checkpoint.manager import CheckpointManager, file_digest, read_marker, verify_checkpoint
+from magi_train.model.dit import VideoDiT, build_dit
+from magi_train.parallel.groups import Parallel
+from magi_train.parallel.sharding import ShardSpec
+from magi_train.parallel.zero import ShardedAdamW
+
+TRAINER_FILE = "trainer.json"
+DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, listing every key and box
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+# A box: its offsets in the full tensor, and the local tensor (a view) holding it.
+Box = Tuple[Tuple[int, ...], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- boxes and planners
+
+
+def _boxes(spec: ShardSpec, local: torch.Tensor) -> List[Box]:
+    """The boxes of the full tensor that `local` holds, as views of `local` (reads land in place)."""
+    if spec.dim is None:
+        return [((0,) * local.ndim, local)]
+    boxes = []
+    for piece in spec.pieces:
+        offsets = [0] * local.ndim
+        offsets[spec.dim] = piece.global_start
+        boxes.append((tuple(offsets), local.narrow(spec.dim, piece.local_start, piece.length)))
+    return boxes
+
+
+class _SaveBoxes(DefaultSavePlanner):
+    """Writes a state dict of {key: (full shape, [boxes])}: each rank only the boxes it is responsible for.
+
+    Planning across ranks (deduplication, metadata, the check that the saved boxes tile every tensor) is
+    DefaultSavePlanner's."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        self.state_dict = state_dict
+        self.is_coordinator = is_coordinator
+        self.data = {(key, offsets): tensor.detach()
+                     for key, (_, boxes) in state_dict.items() for offsets, tensor in boxes}
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, (full_shape, boxes) in self.state_dict.items():
+            for offsets, tensor in boxes:
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.size())
+                items.append(WriteItem(
+                    index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor.detach()),
+                                                size=torch.Size(full_shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        return self.data[(index.fqn, tuple(index.offset))]
+
+
+class _LoadBoxes(LoadPlanner):
+    """Reads a state dict of {key: [boxes]} in place: every box gets the overlapping parts of whatever
+    boxes the checkpoint stored (DCP's resharding), whichever layout wrote them."""
+
+    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+        self.targets = state_dict
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items: List[ReadItem] = []
+        for key, boxes in self.targets.items():
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.size()) for offsets, t in boxes]
+            # dest_index.index of each read item is the position of its box in `boxes`.
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: List[LoadPlan]) -> List[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        raise ValueError(f"{read_item.dest_index.fqn} is stored as bytes; this checkpoint format holds only tensors")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        _, target = self.targets[read_item.dest_index.fqn][read_item.dest_index.index]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view of the target: the data is already in place
+
+
+# ---------------------------------------------------------------------------- collectives
+
+
+def _agree(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on every rank; if it failed on any rank, raise on every rank.
+
+    Used around each local step between two collectives: a rank that raised alone would leave the
+    others waiting in the next collective until the timeout."""
+    try:
+        result, error = fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and (as text) on the others
+        result, error = None, e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    else:
+        errors = [None]
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return result
+
+
+def _all_gather(obj: Any) -> List[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---------------------------------------------------------------------------- what a rank holds
+
+
+def _full_model(models: Sequence[VideoDiT]) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Key -> (full shape, dtype) of the whole model (every pipeline stage), from a shape-only build."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in build_dit(models[0].cfg, device="meta").state_dict().items()}
+
+
+def _held(models: Sequence[VideoDiT]) -> Dict[str, Tuple[VideoDiT, torch.Tensor]]:
+    """Parameter name -> (the model chunk holding it, its local tensor), over this rank's chunks."""
+    held = {}
+    for model in models:
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            held[name] = (model, tensor)
+    return held
+
+
+def _optimizer_names(optimizer: ShardedAdamW, models: Sequence[VideoDiT]) -> Dict[str, str]:
+    """Optimizer name -> model parameter name, matched by identity (the caller may have prefixed names)."""
+    by_id = {id(p): name for model in models for name, p in model.named_parameters()}
+    names = {}
+    for opt_name, p in optimizer.params.items():
+        if id(p) not in by_id:
+            raise ValueError(f"optimizer parameter {opt_name!r} is not a parameter of the given models")
+        names[opt_name] = by_id[id(p)]
+    return names
+
+
+def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: Parallel) -> Dict[str, Any]:
+    """{key: (full shape, boxes this rank writes)}; keys another rank writes are left out."""
+    full = _full_model(models)
+    held = _held(models)
+    state: Dict[str, Any] = {}
+    # Parameters are identical over the dp x cp ranks: the first of them writes.
+    if _group_rank(parallel.groups.dp_cp) == 0:
+        for name, (model, tensor) in held.items():
+            spec = model.shard_spec(name, full[name][0])
+            if spec.writer:
+                state[f"model.{name}"] = (spec.full_shape, _boxes(spec, tensor))
+    names = _optimizer_names(optimizer, models)
+    for opt_name, moments in optimizer.owned_state().items():
+        name = names[opt_name]
+        model, _ = held[name]
+        spec = model.shard_spec(name, full[name][0])
+        if spec.writer:
+            for moment in _MOMENTS:
+                state[f"optim.{name}.{moment}"] = (spec.full_shape, _boxes(spec, moments[moment]))
+        if parallel.tp_rank == 0:
+            state[f"optim.{name}.step"] = ((1,), [((0,), moments["step"].reshape(1))])
+    return state
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_train_state(manager: CheckpointManager, step: int, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
+                     extra: Dict[str, Any], parallel: Parallel) -> Path:
+    """Write checkpoint `step` from every rank (collective); returns its final path on every rank.
+
+    `extra` is the JSON-able trainer state (rank 0's is written); the saving layout is added to it as
+    "layout". A failure on any rank fails the save on every rank and leaves the previous checkpoints as
+    they were; a crash leaves at most a `.tmp_*` directory without marker, which is never taken for a
+    checkpoint and is removed by the next writable manager."""
+    if "layout" in extra:
+        raise ValueError('extra["layout"] is reserved: save_train_state records the saving layout there')
+    layout = {"tp": parallel.tp, "cp": parallel.cp, "pp": parallel.pp, "dp": parallel.dp, "vpp": len(models),
+              "world_size": parallel.world_size}
+    rank, world = _rank_and_world()
+
+    def begin() -> Tuple[Dict[str, Any], str | None]:
+        trainer = json.dumps({**extra, "layout": layout}, indent=2)  # every rank: a bad `extra` fails everywhere
+        state = _save_state(models, optimizer, parallel)
+        if rank != 0:
+            return state, None
+        tmp = manager.begin_save(step)
+        try:
+            with open(tmp / TRAINER_FILE, "w", encoding="utf-8") as f:
+                f.write(trainer)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            manager.abort_save(tmp)
+            raise
+        return state, str(tmp)
+
+    state, tmp_name = _agree(begin)
+    tmp = Path(_all_gather(tmp_name)[0])  # every rank writes into rank 0's temporary directory
+    try:
+        # Raises on every rank if any rank's writes failed (DCP gathers the errors).
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
+                                                            overwrite=False),
+                 planner=_SaveBoxes())
+        # The hashing of the files is split over the ranks; rank 0 writes the marker and renames.
+        digests = _agree(lambda: {name: file_digest(tmp / name)
+                                  for i, name in enumerate(sorted(os.listdir(tmp))) if i % world == rank})
+        shared = _all_gather(digests)
+        final = _agree(lambda: str(manager.finish_save(tmp, step, {k: v for d in shared for k, v in d.items()}))
+                       if rank == 0 else None)
+        return Path(_all_gather(final)[0])
+    except BaseException:
+        if rank == 0:
+            manager.abort_save(tmp)  # every rank is past its writes: the collectives above failed together
+        raise
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """Whether checkpoint `path` (with a marker) was written by `save_train_state`."""
+    return DCP_METADATA in read_marker(path)["files"]
+
+
+def _tensor_metadata(metadata: Metadata) -> Dict[str, TensorStorageMetadata]:
+    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _check_keys(path: Path, metadata: Metadata, models: Sequence[VideoDiT]) -> None:
+    """Raise naming every key that is missing, unexpected or of the wrong shape (or dtype, for parameters
+    this rank holds). The same on every rank except for dtypes, so ranks fail together."""
+    full = _full_model(models)
+    held = _held(models)
+    stored = _tensor_metadata(metadata)
+    got: Dict[str, Any] = {k: torch.empty(v.size, dtype=v.properties.dtype, device="meta") for k, v in stored.items()}
+    got.update({k: torch.empty(0, device="meta") for k in metadata.state_dict_metadata if k not in stored})
+    expected: Dict[str, Tuple[Tuple[int, ...], torch.dtype | None]] = {
+        f"model.{name}": (shape, held[name][1].dtype if name in held else None) for name, (shape, _) in full.items()}
+    # Optimizer state exists for the parameters that had been stepped; for each, all three parts.
+    stepped = {k[len("optim."):-len(f".{m}")] for k in stored for m in (*_MOMENTS, "step")
+               if k.startswith("optim.") and k.endswith(f".{m}")}
+    for name in stepped & full.keys():
+        for moment in _MOMENTS:
+            expected[f"optim.{name}.{moment}"] = (full[name][0], None)
+        expected[f"optim.{name}.step"] = ((1,), None)
+    check_state_dict(expected, got, path / DCP_METADATA)
+
+
+def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
+                     parallel: Parallel) -> Dict[str, Any]:
+    """Fill the models' local parameters and the optimizer's owned state for the CURRENT layout from a
+    checkpoint saved under any layout (collective). Returns the saved trainer state (with "layout").
+
+    Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state."""
+    path = Path(path)
+    rank, world = _rank_and_world()
+
+    def check() -> Metadata:
+        verify_checkpoint(path, share=(rank, world))  # sizes of all files; this rank's share of the sha256s
+        if not is_distributed_checkpoint(path):
+            raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
+        metadata = dcp.FileSystemReader(path).read_metadata()
+        _check_keys(path, metadata, models)
+        return metadata
+
+    metadata = _agree(check)
+    stored = _tensor_metadata(metadata)
+    full = _full_model(models)
+    held = _held(models)
+    targets: Dict[str, List[Box]] = {}
+    for name, (model, tensor) in held.items():
+        targets[f"model.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
+    names = _optimizer_names(optimizer, models)
+    moments: Dict[str, Dict[str, torch.Tensor]] = {}
+    for opt_name, p in optimizer.params.items():
+        name = names[opt_name]
+        key = f"optim.{name}"
+        if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in stored:
+            continue
+        model, _ = held[name]
+        spec = model.shard_spec(name, full[name][0])
+        state = {m: torch.empty(p.shape, dtype=stored[f"{key}.{m}"].properties.dtype, device=p.device) for m in _MOMENTS}
+        state["step"] = torch.empty(1, dtype=stored[f"{key}.step"].properties.dtype)
+        for m in _MOMENTS:
+            targets[f"{key}.{m}"] = _boxes(spec, state[m])
+        targets[f"{key}.step"] = [((0,), state["step"])]
+        moments[opt_name] = state
+    dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes())
+    optimizer.load_owned_state(moments)
+    return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+
+
+def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
+    """The full (TP=1, released-layout) model state dict of checkpoint `path`, read in this process alone
+    (no process group needed, none used if there is one), dtypes as stored. Memory: the whole model."""
+    path = Path(path)
+    verify_checkpoint(path)
+    if not is_distributed_checkpoint(path):
+        raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
+    stored = _tensor_metadata(dcp.FileSystemReader(path).read_metadata())
+    out = {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
+           if k.startswith("model.")}
+    targets = {f"model.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
+    with warnings.catch_warnings():
+        # no_dist=True is the point here; DCP warns about it.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=True)
+    return out

@@ -1,0 +1,56 @@
+"""Completing gradients after backward, before the optimizer (exact: sums, no approximations).
+
+Every rank ends backward with gradients that may be partial (see parallel/sequence.py):
+- over the data x context parallel ranks: always (different samples / different tokens);
+- over the tensor-parallel ranks: for TP-replicated parameters that only saw this rank's heads or, with
+  sequence parallel, this rank's tokens (`VideoDiT.tp_partial_grad`);
+- over the ranks that share a replicated KV head (tp > num_query_groups).
+Tensor-parallel shards of sharded weights are complete per rank.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from magi_train.model.dit import VideoDiT
+
+
+def _coalesced_all_reduce(grads: List[torch.Tensor], group) -> None:
+    # One flat buffer per call: one collective instead of one per parameter.
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _kv_replica_reduce(model: VideoDiT, params: List[Tuple[str, nn.Parameter]]) -> None:
+    """Sum the gradient of each replicated KV head over the tp / kv ranks that hold it."""
+    tp, group = model.tp_size, model.tp_group
+    replicas = tp // model.cfg.num_query_groups
+    me = group.rank()
+    for _, p in params:
+        gathered = [torch.empty_like(p.grad) for _ in range(tp)]
+        dist.all_gather(gathered, p.grad.contiguous(), group=group)
+        first = me - me % replicas
+        p.grad.copy_(torch.stack(gathered[first: first + replicas]).sum(0))
+
+
+def finalize_model_grads(models: Iterable[VideoDiT], dp_cp_group=None) -> None:
+    """Make every local gradient the gradient of the global loss w.r.t. this rank's parameters."""
+    for model in models:
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        if model.tp_size > 1:
+            _coalesced_all_reduce([p.grad for n, p in named if model.tp_partial_grad(n)], model.tp_group)
+            if model.tp_size > model.cfg.num_query_groups:
+                kv = [(n, p) for n, p in named if n.endswith(("linear_qkv.k.weight", "linear_qkv.v.weight", "linear_kv_xattn.weight"))]
+                _kv_replica_reduce(model, kv)
+        if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
+            _coalesced_all_reduce([p.grad for _, p in named], dp_cp_group)

@@ -1,0 +1,112 @@
+"""Pipeline-parallel training with torch.distributed.pipelining (1F1B, interleaved 1F1B, GPipe).
+
+Why torch's engine and not megatron-core's schedules: megatron's hard-code CUDA tensors (and on gloo its
+batched p2p silently swaps same-shape messages), while torch's runs unchanged on gloo and NCCL.
+
+Stages are contiguous blocks of layers; with `vpp` virtual stages a rank holds vpp of them, round-robin
+(stage s lives on pp rank s % pp). The conditioning reaches every stage by travelling with the residual
+stream: what one stage hands to the next is
+
+    h (S_local, N, H), condition (N, dn, Dc), y (N*dn, L, Hx + 1), sin, cos (S_cp, R/2)
+
+where the last channel of y carries the caption mask (the engine only passes tensors; riding on y keeps
+the mask in step with its rows, and its gradient is simply unused). Gradients flow back through all of
+them, so the embedders on the first stage get exact gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from magi_train.config.schema import ModelConfig, ParallelConfig
+from magi_train.model.attention import AttnRanges, block_causal_ranges
+from magi_train.model.dit import Stream, VideoDiT
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> List[Tuple[int, List[int]]]:
+    """[(stage index, its global layer ids)] held by `pp_rank`: pp * vpp equal contiguous blocks."""
+    stages = pp * vpp
+    per = num_layers // stages
+    return [(s, list(range(s * per, (s + 1) * per))) for s in range(pp_rank, stages, pp)]
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """Static shapes of one micro-batch (the pipeline engine needs them to receive)."""
+
+    micro_batch: int
+    chunks: int
+    tokens_per_chunk: int
+    caption_length: int
+    grid: Tuple[int, int, int]  # latent (T, H, W) in patches
+    out_shape: Tuple[int, ...]  # (N, C, T, H, W) of the velocity
+
+
+class DiTStage(nn.Module):
+    """One pipeline stage of the DiT as the engine sees it: a module from tensors to tensors."""
+
+    def __init__(self, model: VideoDiT, shape: MicroBatchShape,
+                 ranges_fn: Callable[[int, int, int], AttnRanges] = block_causal_ranges):
+        super().__init__()
+        self.model = model
+        self.shape = shape
+        self.ranges_fn = ranges_fn
+
+    def forward(self, *args: torch.Tensor):
+        m = self.model
+        if m.pre_process:
+            x, t, caption, caption_mask, null_rows, adaln = args
+            # Caption dropout (and null captions for clean chunks) inside the stage: it is differentiable
+            # w.r.t. the learned null caption, which lives here.
+            caption, caption_mask = m.drop_captions(caption, caption_mask.bool(), null_rows.bool())
+            stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool())
+        else:
+            h, condition, y, sin, cos = args
+            stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos)
+        N, dn = stream.condition.shape[:2]
+        stream = m.run_layers(stream, self.ranges_fn(N, dn, self.shape.tokens_per_chunk))
+        if m.post_process:
+            return m.head(stream.h, self.shape.grid)
+        y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
+        return tuple(v.contiguous() for v in (stream.h, stream.condition, y, stream.sin, stream.cos))
+
+
+def _boundary_tensors(cfg: ModelConfig, shape: MicroBatchShape, split: int, cp: int, dtype: torch.dtype, device):
+    """Example tensors of what crosses a stage boundary (shapes and dtypes only)."""
+    N, dn = shape.micro_batch, shape.chunks
+    S = dn * shape.tokens_per_chunk
+    H = cfg.hidden_size
+    cond = int(H * cfg.cond_hidden_ratio)
+    hx = int(H * cfg.xattn_cond_hidden_ratio)
+    half = 3 * (cfg.kv_channels // 8)  # RoPE: 16 bands x 3 axes for a 128 head dim
+    return (
+        torch.empty(S // split, N, H, dtype=dtype, device=device),
+        torch.empty(N, dn, cond, dtype=dtype, device=device),
+        torch.empty(N * dn, shape.caption_length, hx + 1, dtype=dtype, device=device),
+        torch.empty(S // cp, half, device=device),
+        torch.empty(S // cp, half, device=device),
+    )
+
+
+def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], parallel_cfg: ParallelConfig, pp_group,
+                   shape: MicroBatchShape, num_microbatches: int, loss_fn, device, split: int, cp: int):
+    """The engine's schedule over this rank's stages (one, or vpp of them)."""
+    num_stages = parallel_cfg.pp * parallel_cfg.vpp
+    stages = []
+    for model, sid in zip(models, stage_ids):
+        cfg = model.cfg
+        boundary = _boundary_tensors(cfg, shape, split, cp, model.dtype, device)
+        outputs = (torch.empty(shape.out_shape, device=device),) if model.post_process else boundary
+        inputs = None if model.pre_process else boundary
+        stages.append(PipelineStage(DiTStage(model, shape), sid, num_stages, device,
+                                    input_args=inputs, output_args=outputs, group=pp_group))
+    # Gradients are sums over micro-batches; the loss is already normalised by the global token count.
+    if parallel_cfg.pp_schedule == "interleaved_1f1b":
+        return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False), stages
+    kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[parallel_cfg.pp_schedule]
+    return kind(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False), stages

@@ -1,0 +1,70 @@
+"""Shared pieces of the distributed tests: the tiny preset, deterministic inputs, relative errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from magi_train.config.schema import ModelConfig
+from magi_train.model.attention import block_causal_ranges
+
+# conf/model/tiny.yaml (4 heads x 64, 2 KV heads, fp32), written out so spawned ranks need no Hydra.
+TINY = ModelConfig(name="tiny", num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
+                   num_query_groups=2, kv_channels=64, caption_channels=64, caption_max_length=64)
+
+
+def tiny(**changes) -> ModelConfig:
+    return replace(TINY, **changes)
+
+
+def singleton_groups():
+    """A one-rank group per rank (every rank must create all of them); rank r uses entry r."""
+    return [dist.new_group([r]) for r in range(dist.get_world_size())]
+
+
+def inputs(cfg: ModelConfig, N: int = 2, chunks: int = 2, size: int = 8, caption_len: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    frames = chunks * cfg.chunk_width
+    x = torch.randn(N, cfg.in_channels, frames, size, size, generator=g)
+    t = torch.rand(N, chunks, generator=g).sort(dim=1, descending=True).values
+    caption = torch.randn(N * chunks, caption_len, cfg.caption_channels, generator=g)
+    lengths = torch.randint(3, caption_len + 1, (N * chunks,), generator=g)
+    mask = torch.arange(caption_len)[None] < lengths[:, None]
+    tokens = cfg.chunk_width * (size // cfg.patch_size) ** 2
+    ranges = block_causal_ranges(N, chunks, tokens)
+    weight = torch.randn(N, cfg.out_channels, frames, size, size, generator=g)
+    return x, t, caption, mask, ranges, weight
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def single_process_parallel():
+    """A `Parallel` of this rank alone (every size 1): the oracle trainer inside a multi-rank test."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from magi_train.parallel.groups import Parallel
+
+    g = singleton_groups()[dist.get_rank()]
+    groups = ProcessGroupCollection(tp=g, cp=g, pp=g, dp=g, dp_cp=g, tp_cp=g, mp=g)
+    return Parallel(groups, rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def train_config(out_dir, parallel: dict, global_batch: int = 8, micro_batch: int = 2, max_steps: int = 5, **model):
+    from magi_train.config import validate
+    from magi_train.config.schema import (DataConfig, DiffusionConfig, OptimizerConfig, ParallelConfig, TrainConfig,
+                                          TrainerConfig, WandbConfig)
+
+    return validate(TrainConfig(
+        model=tiny(caption_channels=32, **model),
+        parallel=ParallelConfig(**parallel),
+        data=DataConfig(num_samples=64, chunks_per_sample=2, latent_height=8, latent_width=8, caption_length=16,
+                        micro_batch_size=micro_batch, global_batch_size=global_batch),
+        diffusion=DiffusionConfig(clean_prefix_prob=0.5),
+        optimizer=OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=3, decay="cosine"),
+        trainer=TrainerConfig(max_steps=max_steps, output_dir=str(out_dir), progress_bar=False, num_threads=1,
+                              wandb=WandbConfig(mode="disabled")),
+    ))

@@ -1,0 +1,269 @@
+"""Inference under model parallelism equals one process (tiny preset, fp32, gloo ranks).
+
+* The sampler's latents under CP2, PP2, TP2 (2 ranks) and TP2 x CP2, CP2 x PP2 (4 ranks) equal the
+  single-process latents to 1e-5 relative: three-pass guidance with the KV cache, and a distilled model
+  with a prefix and no cache (every past chunk recomputed).
+* A released-layout checkpoint loads under TP2 (GELU and SwiGLU) and TP4 (KV heads replicated), sliced from
+  the full state dict, and gives the TP1 DiT output; a broken one is refused naming the key.
+* The VAE tiles spread over ranks decode (and encode) bitwise like the one-process tile loop.
+* `generate.py` under `torchrun --nproc_per_node 2 ... parallel.cp=2` writes the one-process video, once.
+
+Each spawn batches all checks of one world size (spawned ranks are slow to import on small machines); a
+module fixture runs it once and the tests read its measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from magi_infer.config import GenerateConfig, SamplerConfig, VideoConfig, validate_generate
+from magi_train.config import ConfigError
+from magi_train.config.schema import ParallelConfig
+from tests import tiny_assets
+from tests.distributed.common import TINY, inputs, rel_err, singleton_groups, tiny
+from tests.distributed.launch import run_ranks
+
+TOL = 1e-5
+CASES = {
+    # three-pass guidance, KV cache, 3 chunks (window 4: the clean re-forward and cache reads happen)
+    "cfg3_kv_cache": dict(distill=False, sampler=dict(cfg_number=3, num_steps=8), chunks=3, prefix=0),
+    # distilled, one pass + nearly-clean blend, a 1-chunk-and-2-frames prefix, no cache (recomputed context)
+    "distill_prefix_no_cache": dict(distill=True, sampler=dict(cfg_number=1, num_steps=4, window_size=2,
+                                                              noise2clean_kvrange=[3, 2], kv_cache=False),
+                                    chunks=3, prefix=8),
+}
+
+
+# ------------------------------------------------------------------ what each rank runs
+
+
+def _oracle_state(distill: bool, group) -> dict:
+    """A full state dict whose model gives non-trivial velocities (the output layer starts at zero)."""
+    model = build_whole(tiny(distill=distill), group)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model.final_linear.linear.weight.normal_(0, 0.05, generator=g)
+        model.y_embedder.null_caption_embedding.normal_(0, 1.0, generator=g)
+    return model.state_dict()
+
+
+def build_whole(cfg, group):
+    from magi_train.model.dit import build_dit
+
+    return build_dit(cfg, tp_group=group, init_seed=3).eval()
+
+
+def _sample(model, case: dict) -> torch.Tensor:
+    """The final latents of a whole generation (every emitted chunk, in order)."""
+    from magi_infer.sampler import Captions, StaircaseSampler
+
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(11)
+    n, L, C = case["chunks"], cfg.caption_max_length, cfg.caption_channels
+    noise = torch.randn(1, cfg.in_channels, cfg.chunk_width * n, 4, 4, generator=g)
+    y = torch.randn(2, n, L, C, generator=g)
+    mask = torch.zeros(2, n, L)
+    mask[0, :, :17] = 1
+    mask[1, :, :cfg.null_caption_length] = 1
+    prefix = torch.randn(1, cfg.in_channels, case["prefix"], 4, 4, generator=g) if case["prefix"] else None
+    sampler = StaircaseSampler(model, dataclasses.replace(SamplerConfig(), **case["sampler"]))
+    chunks = list(sampler.sample(noise, Captions(y, mask), prefix))
+    return torch.cat([c.latent for c in chunks], dim=2)
+
+
+def _sampler_errors(layouts, singles) -> dict:
+    """Max relative error of the final latents, per layout and case, against one process on this rank."""
+    from magi_infer.engine import build_model
+    from magi_train.parallel.groups import init_parallel
+
+    oracles = {name: _oracle_state(case["distill"], singles[dist.get_rank()]) for name, case in CASES.items()}
+    expected = {}
+    for name, case in CASES.items():
+        whole = build_whole(tiny(distill=case["distill"]), singles[dist.get_rank()])
+        whole.load_state_dict(oracles[name])
+        expected[name] = _sample(whole, case)
+    errors = {}
+    for layout in layouts:
+        par = init_parallel(ParallelConfig(**layout))
+        key = "_".join(f"{k}{v}" for k, v in layout.items())
+        for name, case in CASES.items():
+            model = build_model(tiny(distill=case["distill"]), oracles[name], "test", par).eval()
+            errors[f"{key}/{name}"] = rel_err(_sample(model, case), expected[name])
+    return errors
+
+
+def _tp_load_errors(released: dict, tp: int, singles) -> dict:
+    """DiT output of a released checkpoint loaded under TP=tp vs TP=1, and the refusal of a broken one."""
+    from magi_infer.engine import build_model
+    from magi_infer.weights import load_into, load_weights
+    from magi_train.parallel.groups import init_parallel
+
+    par = init_parallel(ParallelConfig(tp=tp))
+    errors = {}
+    for name, (cfg, directory) in released.items():
+        state, source = load_weights(directory, cfg, fp8=False)
+        whole = build_whole(cfg, singles[dist.get_rank()])
+        load_into(whole, state, source)
+        model = build_model(cfg, state, source, par).eval()
+        x, t, caption, mask, ranges, _ = inputs(cfg)
+        uncond = torch.tensor([False, True])
+        with torch.no_grad():
+            errors[f"tp{tp}/{name}"] = rel_err(model(x, t, caption, mask, ranges, adaln_uncond=uncond),
+                                               whole(x, t, caption, mask, ranges, adaln_uncond=uncond))
+        broken = dict(state)
+        broken.pop("videodit_blocks.layers.1.mlp.linear_fc2.weight")
+        try:
+            build_model(cfg, broken, "broken", par)
+            errors[f"tp{tp}/{name}/broken"] = "loaded"
+        except ValueError as err:
+            errors[f"tp{tp}/{name}/broken"] = str(err)
+    return errors
+
+
+def _vae_split(vae_dir: str) -> dict:
+    """Tile-split decode and encode vs the one-process tile loop (fp32 CPU): equal bit for bit?"""
+    from magi_infer.vae import VaeCodec, ViTVAE
+    from magi_infer.vae.split import SplitTiles
+
+    vae = ViTVAE.from_pretrained(vae_dir, dtype=torch.float32, device=torch.device("cpu"))
+    # 8-fps tiles of 4 frames (1 latent) x 32 px (4 latents, stride 3): 2 x 3 x 3 = 18 tiles, short edges.
+    single = VaeCodec(vae, fps=8, tile_px=32)
+    split = VaeCodec(vae, fps=8, tile_px=32, tile_map=SplitTiles(dist.group.WORLD))
+    g = torch.Generator().manual_seed(5)
+    latent = torch.randn(1, 16, 2, 8, 8, generator=g)
+    frames = torch.randint(0, 256, (8, 64, 64, 3), generator=g, dtype=torch.uint8)
+    a, b = single.decode_latents(latent), split.decode_latents(latent)
+    c, d = single.encode_frames(frames), split.encode_frames(frames)
+    return {"decode_equal": torch.equal(a, b), "decode_shape": tuple(b.shape),
+            "encode_equal": torch.equal(c, d), "encode_shape": tuple(d.shape)}
+
+
+def _two_ranks(released: dict, vae_dir: str) -> dict:
+    singles = singleton_groups()
+    out = _sampler_errors([{"cp": 2}, {"pp": 2}, {"tp": 2}], singles)
+    out.update(_tp_load_errors(released, 2, singles))
+    out.update(_vae_split(vae_dir))
+    return out
+
+
+def _four_ranks(released: dict) -> dict:
+    singles = singleton_groups()
+    out = _sampler_errors([{"tp": 2, "cp": 2}, {"cp": 2, "pp": 2}], singles)
+    out.update(_tp_load_errors(released, 4, singles))
+    return out
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, single_process_group):
+    root = tmp_path_factory.mktemp("released")
+    return {name: (cfg, str(tiny_assets.make_released_dit(root / name, cfg)))
+            for name, cfg in (("gelu", TINY), ("swiglu", tiny(gated_linear_unit=True)))}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(released, tmp_path_factory):
+    vae_dir = tiny_assets.make_vae(tmp_path_factory.mktemp("vae") / "vae")
+    return run_ranks(2, _two_ranks, released, str(vae_dir))
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("layout", ["cp2", "pp2", "tp2"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sampler_latents_equal_one_process_on_two_ranks(two_ranks, layout, case):
+    for rank, result in enumerate(two_ranks):
+        assert result[f"{layout}/{case}"] <= TOL, (rank, result[f"{layout}/{case}"])
+
+
+def test_released_checkpoint_loads_under_tp2(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        for name in ("gelu", "swiglu"):
+            assert result[f"tp2/{name}"] <= TOL, (rank, name, result[f"tp2/{name}"])
+            assert "missing keys" in result[f"tp2/{name}/broken"] and "layers.1.mlp.linear_fc2" in result[f"tp2/{name}/broken"]
+
+
+def test_tile_split_vae_equals_one_process_bitwise(two_ranks):
+    for result in two_ranks:
+        assert result["decode_equal"] and result["decode_shape"] == (8, 64, 64, 3)
+        assert result["encode_equal"] and result["encode_shape"] == (1, 16, 2, 8, 8)
+
+
+@pytest.mark.slow
+def test_four_rank_layouts(released):
+    results = run_ranks(4, _four_ranks, released)
+    for rank, result in enumerate(results):
+        for layout in ("tp2_cp2", "cp2_pp2"):
+            for case in CASES:
+                assert result[f"{layout}/{case}"] <= TOL, (rank, layout, case, result[f"{layout}/{case}"])
+        for name in ("gelu", "swiglu"):  # 4 query heads, 2 KV heads: each KV head on two TP ranks
+            assert result[f"tp4/{name}"] <= TOL, (rank, name, result[f"tp4/{name}"])
+
+
+def test_misconfigured_layouts_fail_naming_the_field():
+    def check(match: str, **changes):
+        parallel = dataclasses.replace(ParallelConfig(), **changes.pop("parallel", {}))
+        cfg = GenerateConfig(model=TINY, parallel=parallel, **changes)
+        with pytest.raises(ConfigError, match=match):
+            validate_generate(cfg)
+
+    check(r"model.num_attention_heads \(4\) must be divisible by parallel.tp \(3\)", parallel=dict(tp=3))
+    check(r"parallel.dp=2: inference runs one request", parallel=dict(dp=2))
+    check(r"model.num_layers \(2\) must be divisible by parallel.pp", parallel=dict(pp=4))
+    # 48 x 48 pixels: 6 x 3 x 3 = 54 tokens per chunk, not a multiple of 4
+    check(r"tokens per chunk \(54 .*parallel.cp \(4\)", parallel=dict(cp=4), video=VideoConfig(height=48, width=48))
+    fp8 = dataclasses.replace(TINY, distill=True, params_dtype="bfloat16", num_layers=4)
+    with pytest.raises(ConfigError, match=r"sampler.fp8=true with parallel.tp=2"):
+        validate_generate(GenerateConfig(model=fp8, parallel=ParallelConfig(tp=2),
+                                         sampler=SamplerConfig(cfg_number=1, fp8=True)))
+    validate_generate(GenerateConfig(model=TINY, parallel=ParallelConfig(tp=2, cp=2, pp=2)))  # a fitting layout
+
+
+# ------------------------------------------------------------------ the real program
+
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _generate(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "magi_infer/generate.py", "model=tiny",
+           f"output={out}", "num_frames=30", "video.fps=12", "seed=3", "progress=false",
+           "prompt=[a red blob moves right, the red blob moves down]", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_generate_cli_with_context_parallel_writes_the_one_process_video(released, tmp_path):
+    from magi_infer.video_io import probe_video, read_video
+
+    ckpt = f"ckpt.dir={released['gelu'][1]}"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    run = _generate(1, one / "video.mp4", ckpt)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = _generate(2, two / "video.mp4", ckpt, "parallel.cp=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote") == 1 and "2 chunks" in run.stdout  # only rank 0 prints
+    assert sorted(p.name for p in two.iterdir()) == ["video.mp4"]  # one file, no leftovers of other ranks
+    assert probe_video(two / "video.mp4").frames == 30
+    a, b = (read_video(d / "video.mp4", 12, 64, 64) for d in (one, two))
+    assert a.shape == b.shape == (30, 64, 64, 3)
+    assert torch.equal(a, b), f"max |difference| {(a.int() - b.int()).abs().max().item()}"
+
+    bad = _generate(2, two / "never.mp4", ckpt, "parallel.tp=3")
+    assert bad.returncode != 0 and "parallel.tp (3)" in bad.stderr
+    assert not (two / "never.mp4").exists()
