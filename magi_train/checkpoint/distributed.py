@@ -175,10 +175,6 @@ def _all_gather(obj: Any) -> List[Any]:
     return out
 
 
-def _rank_and_world() -> Tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
@@ -250,13 +246,16 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
         raise ValueError('extra["layout"] is reserved: save_train_state records the saving layout there')
     layout = {"tp": parallel.tp, "cp": parallel.cp, "pp": parallel.pp, "dp": parallel.dp, "vpp": len(models),
               "world_size": parallel.world_size}
-    rank, world = _rank_and_world()
+    rank, world = parallel.rank, parallel.world_size
 
-    def begin() -> Tuple[Dict[str, Any], str | None]:
-        trainer = json.dumps({**extra, "layout": layout}, indent=2)  # every rank: a bad `extra` fails everywhere
-        state = _save_state(models, optimizer, parallel)
+    def prepare() -> Tuple[str, Dict[str, Any]]:
+        return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel)
+
+    trainer, state = _agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
+
+    def begin() -> str | None:
         if rank != 0:
-            return state, None
+            return None
         tmp = manager.begin_save(step)
         try:
             with open(tmp / TRAINER_FILE, "w", encoding="utf-8") as f:
@@ -266,10 +265,9 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
         except BaseException:
             manager.abort_save(tmp)
             raise
-        return state, str(tmp)
+        return str(tmp)
 
-    state, tmp_name = _agree(begin)
-    tmp = Path(_all_gather(tmp_name)[0])  # every rank writes into rank 0's temporary directory
+    tmp = Path(_all_gather(_agree(begin))[0])  # every rank writes into rank 0's temporary directory
     try:
         # Raises on every rank if any rank's writes failed (DCP gathers the errors).
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
@@ -278,9 +276,8 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
         # The hashing of the files is split over the ranks; rank 0 writes the marker and renames.
         digests = _agree(lambda: {name: file_digest(tmp / name)
                                   for i, name in enumerate(sorted(os.listdir(tmp))) if i % world == rank})
-        shared = _all_gather(digests)
-        final = _agree(lambda: str(manager.finish_save(tmp, step, {k: v for d in shared for k, v in d.items()}))
-                       if rank == 0 else None)
+        shared = {name: info for part in _all_gather(digests) for name, info in part.items()}
+        final = _agree(lambda: str(manager.finish_save(tmp, step, shared)) if rank == 0 else None)
         return Path(_all_gather(final)[0])
     except BaseException:
         if rank == 0:
@@ -300,11 +297,10 @@ def _tensor_metadata(metadata: Metadata) -> Dict[str, TensorStorageMetadata]:
     return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def _check_keys(path: Path, metadata: Metadata, models: Sequence[VideoDiT]) -> None:
-    """Raise naming every key that is missing, unexpected or of the wrong shape (or dtype, for parameters
-    this rank holds). The same on every rank except for dtypes, so ranks fail together."""
-    full = _full_model(models)
-    held = _held(models)
+def _check_keys(path: Path, metadata: Metadata, full: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
+                held: Dict[str, Tuple[VideoDiT, torch.Tensor]]) -> None:
+    """Raise naming every key that is missing, unexpected or of the wrong shape, and the dtype mismatches
+    of the parameters this rank holds (loading must be bitwise)."""
     stored = _tensor_metadata(metadata)
     got: Dict[str, Any] = {k: torch.empty(v.size, dtype=v.properties.dtype, device="meta") for k, v in stored.items()}
     got.update({k: torch.empty(0, device="meta") for k in metadata.state_dict_metadata if k not in stored})
@@ -327,38 +323,37 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
 
     Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state."""
     path = Path(path)
-    rank, world = _rank_and_world()
+    rank, world = parallel.rank, parallel.world_size
 
-    def check() -> Metadata:
+    def plan() -> Tuple[Dict[str, List[Box]], Dict[str, Dict[str, torch.Tensor]]]:
         verify_checkpoint(path, share=(rank, world))  # sizes of all files; this rank's share of the sha256s
         if not is_distributed_checkpoint(path):
             raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
         metadata = dcp.FileSystemReader(path).read_metadata()
-        _check_keys(path, metadata, models)
-        return metadata
+        full = _full_model(models)
+        held = _held(models)
+        _check_keys(path, metadata, full, held)
+        stored = _tensor_metadata(metadata)
+        targets: Dict[str, List[Box]] = {}
+        for name, (model, tensor) in held.items():
+            targets[f"model.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
+        # The optimizer state of the parameters this rank owns NOW, in its current TP layout.
+        names = _optimizer_names(optimizer, models)
+        moments: Dict[str, Dict[str, torch.Tensor]] = {}
+        for opt_name, p in optimizer.params.items():
+            name, key = names[opt_name], f"optim.{names[opt_name]}"
+            if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in stored:
+                continue
+            spec = held[name][0].shard_spec(name, full[name][0])
+            state = {m: torch.empty(p.shape, dtype=stored[f"{key}.{m}"].properties.dtype, device=p.device) for m in _MOMENTS}
+            state["step"] = torch.empty(1, dtype=stored[f"{key}.step"].properties.dtype)
+            for m in _MOMENTS:
+                targets[f"{key}.{m}"] = _boxes(spec, state[m])
+            targets[f"{key}.step"] = [((0,), state["step"])]
+            moments[opt_name] = state
+        return targets, moments
 
-    metadata = _agree(check)
-    stored = _tensor_metadata(metadata)
-    full = _full_model(models)
-    held = _held(models)
-    targets: Dict[str, List[Box]] = {}
-    for name, (model, tensor) in held.items():
-        targets[f"model.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
-    names = _optimizer_names(optimizer, models)
-    moments: Dict[str, Dict[str, torch.Tensor]] = {}
-    for opt_name, p in optimizer.params.items():
-        name = names[opt_name]
-        key = f"optim.{name}"
-        if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in stored:
-            continue
-        model, _ = held[name]
-        spec = model.shard_spec(name, full[name][0])
-        state = {m: torch.empty(p.shape, dtype=stored[f"{key}.{m}"].properties.dtype, device=p.device) for m in _MOMENTS}
-        state["step"] = torch.empty(1, dtype=stored[f"{key}.step"].properties.dtype)
-        for m in _MOMENTS:
-            targets[f"{key}.{m}"] = _boxes(spec, state[m])
-        targets[f"{key}.step"] = [((0,), state["step"])]
-        moments[opt_name] = state
+    targets, moments = _agree(plan)
     dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes())
     optimizer.load_owned_state(moments)
     return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))

@@ -49,6 +49,36 @@ def _step_errors(out_dir: str, cases):
     return results
 
 
+def _dp2_five_steps(out_dir: str):
+    """Five optimizer steps with DP2 (micro-batch 2 per rank) vs one process with micro-batch 4."""
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.trainer import Trainer
+
+    import torch.distributed as dist
+    cfg = train_config(f"{out_dir}/dp2", {}, global_batch=4, micro_batch=2)
+    dp = Trainer(cfg, init_parallel(ParallelConfig()))
+    one = Trainer(train_config(f"{out_dir}/one{dist.get_rank()}", {}, global_batch=4, micro_batch=4), single_process_parallel())
+    losses = {"dp": [], "one": []}
+    for _ in range(5):
+        losses["dp"].append(dp.train_step()["loss"])
+        losses["one"].append(one.train_step()["loss"])
+    ref = dict(one.named_parameters())
+    # Relative to the largest parameter of the model: a few bias components (e.g. k_layernorm_xattn.bias,
+    # and the non-rotary part of k_layernorm.bias) have an exactly-zero gradient in exact arithmetic
+    # (softmax is shift-invariant), so Adam turns their rounding noise into tiny steps that differ between
+    # any two summation orders; per tensor they would dominate a relative measure though the output does not
+    # depend on them.
+    scale = max(float(p.detach().abs().max()) for _, p in one.named_parameters())
+    worst = max((float((p.detach() - ref[n].detach()).abs().max()) / scale, n) for n, p in dp.named_parameters())
+    moved = float(dp.model.final_linear.linear.weight.abs().max())
+    return {"param": worst[0], "worst_param": worst[1], "losses": losses, "final_linear_moved": moved}
+
+
+def _two_rank_suite(out_dir: str, cases):
+    return {"steps": _step_errors(out_dir, cases), "dp2_five": _dp2_five_steps(out_dir)}
+
+
 CASES_2 = [
     ("tp2", {"tp": 2}, {}),
     ("tp2_sp_swiglu", {"tp": 2, "sequence_parallel": True}, {"gated_linear_unit": True}),
@@ -63,10 +93,24 @@ CASES_4 = [
 ]
 
 
-@pytest.mark.parametrize("world,cases", [(2, CASES_2), (4, CASES_4)], ids=["2ranks", "4ranks"])
-def test_one_step_matches_single_process(tmp_path, world, cases):
-    per_rank = run_ranks(world, _step_errors, str(tmp_path), cases)
+def _check_steps(per_rank):
     for rank, results in enumerate(per_rank):
         for name, err in results.items():
             assert err["params_checked"] > 0, (rank, name)
             assert err["loss"] < 1e-5 and err["grad_norm"] < 1e-5 and err["grad"] < 1e-5, (rank, name, err)
+
+
+def test_two_rank_layouts_match_single_process(tmp_path):
+    per_rank = run_ranks(2, _two_rank_suite, str(tmp_path), CASES_2)
+    _check_steps([r["steps"] for r in per_rank])
+    for rank, r in enumerate(per_rank):
+        five = r["dp2_five"]
+        # The zero-initialised output layer has moved: the comparison is not between two untrained models.
+        assert five["final_linear_moved"] > 0, five
+        assert five["param"] < 1e-5, (rank, five)
+        for a, b in zip(five["losses"]["dp"], five["losses"]["one"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (rank, five["losses"])
+
+
+def test_four_rank_layouts_match_single_process(tmp_path):
+    _check_steps(run_ranks(4, _step_errors, str(tmp_path), CASES_4))

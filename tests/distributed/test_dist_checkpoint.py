@@ -1,0 +1,267 @@
+"""Distributed checkpoints reshard: saved under TP2 x PP2, resumed under TP1, TP2 (replicated KV head),
+DP2, CP2 and two virtual-pipeline chunks, with parameters and Adam moments equal to the saved ones; a failed
+or interrupted save never becomes the latest checkpoint; a different model fails naming the key.
+
+The reference is a TP=1 model with an unsharded AdamW: every layout initialises the same full weights
+(layout-independent init) and takes one AdamW step with the same full-size fake gradients, and AdamW is
+elementwise, so every layout's state is the reference's, sliced. Two spawns (4 ranks, then 2) keep the
+file to well under a minute of process start-up on a small machine.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+
+from tests.distributed.common import singleton_groups, tiny
+from tests.distributed.launch import run_ranks
+
+# SwiGLU (2-piece shards), 4 layers for 2 pipeline stages, 1 KV head (replicated on both TP ranks at TP2).
+CFG = dict(num_layers=4, gated_linear_unit=True, num_query_groups=1)
+SEED, OTHER_SEED = 3, 11  # the saved model's init; the init of models that are then overwritten by a load
+EXTRA = {"step": 1, "data": {"epoch": 0, "sample": 7}}
+
+
+def _opt_cfg():
+    from magi_train.config.schema import OptimizerConfig
+
+    return OptimizerConfig(lr=1e-2, weight_decay=0.1)
+
+
+def _stage(par, seed: int, layers=None, pre: bool | None = None, post: bool | None = None):
+    """This rank's pipeline stage (or the given layers) of the tiny model."""
+    from magi_train.model.dit import build_dit
+
+    cfg = tiny(**CFG)
+    per = cfg.num_layers // par.pp
+    layers = range(par.pp_rank * per, (par.pp_rank + 1) * per) if layers is None else layers
+    return build_dit(cfg, tp_group=par.tp_group, cp_group=par.cp_group, layer_ids=list(layers),
+                     pre_process=par.pp_rank == 0 if pre is None else pre,
+                     post_process=par.pp_rank == par.pp - 1 if post is None else post, init_seed=seed)
+
+
+def _optimizer(models, group):
+    from magi_train.parallel.zero import ShardedAdamW
+
+    return ShardedAdamW([np for m in models for np in m.named_parameters()], _opt_cfg(), group=group)
+
+
+def _train_step(models, optimizer) -> None:
+    """One AdamW step with full-size gradients drawn per parameter name, sliced for the layout."""
+    from magi_train.model.dit import build_dit
+    from magi_train.parallel.sharding import local_from_full
+
+    full = {k: v.shape for k, v in build_dit(tiny(**CFG), device="meta").named_parameters()}
+    for model in models:
+        for name, p in model.named_parameters():
+            g = torch.randn(full[name], generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+            p.grad = local_from_full(g, model.shard_spec(name, full[name])).to(p.dtype)
+    optimizer.step()
+
+
+def _reference():
+    """The TP=1 model and unsharded optimizer after the step (on this rank alone)."""
+    from magi_train.model.dit import build_dit
+
+    model = build_dit(tiny(**CFG), tp_group=singleton_groups()[torch.distributed.get_rank()], init_seed=SEED)
+    optimizer = _optimizer([model], None)
+    _train_step([model], optimizer)
+    return model, optimizer
+
+
+def _mismatches(models, optimizer, reference) -> list:
+    """Names whose local parameter or owned Adam state differs from the reference's slice (bitwise)."""
+    from magi_train.parallel.sharding import local_from_full
+
+    ref_model, ref_opt = reference
+    full = dict(ref_model.named_parameters())
+    ref_state = ref_opt.owned_state()
+    specs, bad = {}, []
+    for model in models:
+        for name, p in model.named_parameters():
+            specs[name] = model.shard_spec(name, full[name].shape)
+            if not torch.equal(p.detach(), local_from_full(full[name].detach(), specs[name])):
+                bad.append(f"param {name}")
+    owned = {n for n in optimizer.params if optimizer.owner[n] == optimizer.rank}
+    state = optimizer.owned_state()
+    if set(state) != owned:
+        bad.append(f"owned state for {sorted(set(state) ^ owned)[:3]}")
+    for name in set(state) & owned:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if not torch.equal(state[name][moment], local_from_full(ref_state[name][moment], specs[name])):
+                bad.append(f"{moment} {name}")
+        if not torch.equal(state[name]["step"], ref_state[name]["step"]):
+            bad.append(f"step {name}")
+    return bad
+
+
+def _local_snapshot(models, optimizer) -> dict:
+    snap = {f"model.{n}": p.detach().clone() for m in models for n, p in m.named_parameters()}
+    for name, s in optimizer.owned_state().items():
+        snap.update({f"optim.{name}.{k}": v.clone() for k, v in s.items()})
+    return snap
+
+
+def _save_under_tp2_pp2(root: str) -> dict:
+    import os
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from magi_train.checkpoint.distributed import load_train_state, save_train_state
+    from magi_train.checkpoint.manager import CheckpointManager
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import init_parallel
+
+    par = init_parallel(ParallelConfig(tp=2, pp=2))
+    model = _stage(par, SEED)
+    optimizer = _optimizer([model], par.groups.dp_cp)
+    _train_step([model], optimizer)
+    manager = CheckpointManager(root, keep_last=2, read_only=par.rank != 0)
+    path = save_train_state(manager, 1, [model], optimizer, EXTRA, par)
+    out = {"path": str(path), "mismatch_vs_reference": _mismatches([model], optimizer, _reference())}
+
+    # The saving layout's own reload is bitwise.
+    saved = _local_snapshot([model], optimizer)
+    fresh = _stage(par, OTHER_SEED)
+    fresh_opt = _optimizer([fresh], par.groups.dp_cp)
+    out["extra"] = load_train_state(path, [fresh], fresh_opt, par)
+    reloaded = _local_snapshot([fresh], fresh_opt)
+    out["reload_differs"] = sorted(k for k in saved.keys() | reloaded.keys()
+                                   if k not in saved or k not in reloaded or not torch.equal(saved[k], reloaded[k]))
+
+    # A rank whose writes fail fails the save on every rank; the temporary directory is removed.
+    real_write = FileSystemWriter.write_data
+
+    def failing_write(self, plan, planner):
+        if par.rank == 1:
+            raise OSError("disk full (simulated)")
+        return real_write(self, plan, planner)
+
+    FileSystemWriter.write_data = failing_write
+    try:
+        save_train_state(manager, 2, [model], optimizer, EXTRA, par)
+        out["failed_save_error"] = None
+    except Exception as e:  # noqa: BLE001
+        out["failed_save_error"] = str(e)
+    finally:
+        FileSystemWriter.write_data = real_write
+    out["after_failed_save"] = sorted(os.listdir(root))
+
+    # Rank 0 "dies" after every rank wrote its files, before the marker: no marker, no clean-up.
+    def dying_finish(*args, **kwargs):
+        raise OSError("killed (simulated)")
+
+    manager.finish_save, manager.abort_save = dying_finish, lambda tmp: None
+    try:
+        save_train_state(manager, 2, [model], optimizer, EXTRA, par)
+        out["died_save_error"] = None
+    except Exception as e:  # noqa: BLE001
+        out["died_save_error"] = str(e)
+    return out
+
+
+def _load_under_other_layouts(path: str, root2: str) -> dict:
+    from magi_train.checkpoint.distributed import load_train_state, read_full_model_state, save_train_state
+    from magi_train.checkpoint.manager import CheckpointManager
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.model.dit import build_dit
+    from magi_train.parallel.groups import init_parallel
+
+    rank = torch.distributed.get_rank()
+    reference = _reference()
+    out = {}
+    pars = {}
+    for label, layout in (("tp2_kv_replicated", {"tp": 2}), ("dp2", {}), ("cp2", {"cp": 2})):
+        par = pars[label] = init_parallel(ParallelConfig(**layout))
+        model = _stage(par, OTHER_SEED)
+        optimizer = _optimizer([model], par.groups.dp_cp)
+        load_train_state(path, [model], optimizer, par)
+        out[label] = _mismatches([model], optimizer, reference)
+        if label == "dp2":
+            # Saved under DP2 (ZeRO split over 2 ranks), resumed under TP2.
+            again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [model], optimizer,
+                                     EXTRA, par)
+
+    # TP1 x PP1 on each rank: the whole model and an unsharded optimizer.
+    par = pars["dp2"]
+    model = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
+    optimizer = _optimizer([model], None)
+    load_train_state(path, [model], optimizer, par)
+    out["tp1_whole_model_per_rank"] = _mismatches([model], optimizer, reference)
+
+    # Two virtual-pipeline chunks on one rank.
+    chunks = [_stage(par, OTHER_SEED, layers=[0, 1], pre=True, post=False),
+              _stage(par, OTHER_SEED, layers=[2, 3], pre=False, post=True)]
+    optimizer = _optimizer(chunks, par.groups.dp_cp)
+    load_train_state(path, chunks, optimizer, par)
+    out["two_chunks"] = _mismatches(chunks, optimizer, reference)
+
+    par = pars["tp2_kv_replicated"]
+    model = _stage(par, OTHER_SEED)
+    optimizer = _optimizer([model], par.groups.dp_cp)
+    out["saved_dp2_loaded_tp2_extra"] = load_train_state(again, [model], optimizer, par)
+    out["saved_dp2_loaded_tp2"] = _mismatches([model], optimizer, reference)
+
+    # A different model fails on every rank, naming the key and the file.
+    for label, changes in (("more_layers", {"num_layers": 5}), ("no_swiglu", {"gated_linear_unit": False})):
+        other = build_dit(tiny(**{**CFG, **changes}), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
+        try:
+            load_train_state(path, [other], _optimizer([other], None), pars["dp2"])
+            out[f"error_{label}"] = None
+        except ValueError as e:
+            out[f"error_{label}"] = str(e)
+
+    if rank == 0:
+        # With a process group present, still one process alone.
+        full = read_full_model_state(path)
+        expected = reference[0].state_dict()
+        out["full_state_keys_equal"] = sorted(full) == sorted(expected)
+        out["full_state_differs"] = [k for k in expected if k in full and not torch.equal(full[k], expected[k])]
+        out["reference_state"] = {k: v.clone() for k, v in expected.items()}
+    return out
+
+
+def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
+    from magi_train.checkpoint.distributed import read_full_model_state
+    from magi_train.checkpoint.manager import CheckpointManager, find_checkpoint
+
+    root = tmp_path / "ckpt"
+    saved = run_ranks(4, _save_under_tp2_pp2, str(root))
+    step1 = root / "step_00000001"
+    for rank, out in enumerate(saved):
+        assert out["path"] == str(step1)
+        assert out["mismatch_vs_reference"] == [], (rank, out["mismatch_vs_reference"][:5])
+        assert out["reload_differs"] == [], (rank, out["reload_differs"][:5])
+        assert out["extra"] == {**EXTRA, "layout": {"tp": 2, "cp": 1, "pp": 2, "dp": 1, "vpp": 1, "world_size": 4}}
+        # The failing rank reports its own error, the others which rank failed.
+        assert out["failed_save_error"] is not None and "disk full" in out["failed_save_error"], out["failed_save_error"]
+        assert out["died_save_error"] is not None and "killed" in out["died_save_error"], out["died_save_error"]
+    assert saved[0]["after_failed_save"] == ["step_00000001"]  # the failed save's temporary dir is gone
+
+    # The interrupted save left a complete-looking directory without marker: never taken, then tidied up.
+    leftovers = [p.name for p in root.iterdir() if p.name != "step_00000001"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp_new_00000002_"), leftovers
+    assert find_checkpoint(root) == step1
+    assert CheckpointManager(root, keep_last=0, read_only=True).resolve_resume("auto") == step1
+    CheckpointManager(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+
+    loaded = run_ranks(2, _load_under_other_layouts, str(step1), str(tmp_path / "ckpt_dp2"))
+    for rank, out in enumerate(loaded):
+        for label in ("tp2_kv_replicated", "dp2", "cp2", "tp1_whole_model_per_rank", "two_chunks", "saved_dp2_loaded_tp2"):
+            assert out[label] == [], (rank, label, out[label][:5])
+        assert out["saved_dp2_loaded_tp2_extra"]["layout"] == {"tp": 1, "cp": 1, "pp": 1, "dp": 2, "vpp": 1, "world_size": 2}
+        more = out["error_more_layers"]
+        assert more is not None and "missing keys" in more and "model.videodit_blocks.layers.4." in more, more
+        assert ".metadata" in more, more
+        fc1 = out["error_no_swiglu"]
+        assert fc1 is not None and "model.videodit_blocks.layers.0.mlp.linear_fc1.weight: expected (512, 256)" in fc1, fc1
+    assert loaded[0]["full_state_keys_equal"] and loaded[0]["full_state_differs"] == []
+
+    # The converter's and inference's path: one process, no process group.
+    full = read_full_model_state(step1)
+    reference = loaded[0]["reference_state"]
+    assert sorted(full) == sorted(reference)
+    assert all(torch.equal(full[k], reference[k]) and full[k].dtype == reference[k].dtype for k in reference)
