@@ -104,9 +104,10 @@ class InferenceEngine:
     rank 0 writes the video."""
 
     def __init__(self, cfg: GenerateConfig, parallel: Optional[Parallel] = None):
-        self.device = resolve_device(cfg.device)
         self.parallel = parallel
         self.distributed = parallel is not None and parallel.world_size > 1
+        # Multi-process, `auto` is this rank's device (torchrun's LOCAL_RANK GPU with nccl, the CPU with gloo).
+        self.device = parallel.device if self.distributed and cfg.device == "auto" else resolve_device(cfg.device)
         self.is_main = parallel is None or parallel.is_main
         if self.distributed and self.device.type != parallel.device.type:
             raise ValueError(f"device={cfg.device} ({self.device.type}) does not fit the process group's backend "

@@ -33,12 +33,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
                                                    TensorStorageMetadata)
@@ -167,6 +169,16 @@ def _agree(fn: Callable[[], Any]) -> Any:
     return result
 
 
+@contextmanager
+def _dcp_errors(what: str):
+    """DCP raises a failure on any rank as CheckpointException on every rank; that is a BaseException,
+    which `except Exception` in a caller would miss, so it is re-raised as an ordinary error."""
+    try:
+        yield
+    except CheckpointException as e:
+        raise RuntimeError(f"{what} failed on rank(s) {sorted(e.failures)}: {e}") from e
+
+
 def _all_gather(obj: Any) -> List[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
@@ -269,10 +281,9 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
 
     tmp = Path(_all_gather(_agree(begin))[0])  # every rank writes into rank 0's temporary directory
     try:
-        # Raises on every rank if any rank's writes failed (DCP gathers the errors).
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
-                                                            overwrite=False),
-                 planner=_SaveBoxes())
+        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, overwrite=False)
+        with _dcp_errors(f"saving checkpoint step {step} into {tmp}"):  # on every rank if any rank's writes failed
+            dcp.save(state, storage_writer=writer, planner=_SaveBoxes())
         # The hashing of the files is split over the ranks; rank 0 writes the marker and renames.
         digests = _agree(lambda: {name: file_digest(tmp / name)
                                   for i, name in enumerate(sorted(os.listdir(tmp))) if i % world == rank})
@@ -354,7 +365,8 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
         return targets, moments
 
     targets, moments = _agree(plan)
-    dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes())
+    with _dcp_errors(f"loading checkpoint {path}"):
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes())
     optimizer.load_owned_state(moments)
     return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
 
@@ -370,7 +382,7 @@ def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
     out = {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
            if k.startswith("model.")}
     targets = {f"model.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _dcp_errors(f"reading checkpoint {path}"):
         # no_dist=True is the point here; DCP warns about it.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=True)

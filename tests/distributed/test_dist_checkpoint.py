@@ -104,23 +104,40 @@ def _local_snapshot(models, optimizer) -> dict:
     return snap
 
 
-def _save_under_tp2_pp2(root: str) -> dict:
+def _load_into(path, par, reference, **stage) -> list:
+    """Fresh models for layout `par` (another init), loaded from `path`: what differs from the reference."""
+    from magi_train.checkpoint.distributed import load_train_state
+
+    model = _stage(par, OTHER_SEED, **stage)
+    optimizer = _optimizer([model], par.groups.dp_cp)
+    load_train_state(path, [model], optimizer, par)
+    return _mismatches([model], optimizer, reference)
+
+
+def _round_trips(root: str, root2: str) -> dict:
     import os
 
     from torch.distributed.checkpoint import FileSystemWriter
 
-    from magi_train.checkpoint.distributed import load_train_state, save_train_state
+    from magi_train.checkpoint.distributed import load_train_state, read_full_model_state, save_train_state
     from magi_train.checkpoint.manager import CheckpointManager
     from magi_train.config.schema import ParallelConfig
+    from magi_train.model.dit import build_dit
     from magi_train.parallel.groups import init_parallel
 
+    rank = torch.distributed.get_rank()
+    reference = _reference()
+    out = {}
+
+    # ---- saved under TP2 x PP2 (KV head replicated on both TP ranks)
     par = init_parallel(ParallelConfig(tp=2, pp=2))
     model = _stage(par, SEED)
     optimizer = _optimizer([model], par.groups.dp_cp)
     _train_step([model], optimizer)
-    manager = CheckpointManager(root, keep_last=2, read_only=par.rank != 0)
+    manager = CheckpointManager(root, keep_last=2, read_only=rank != 0)
     path = save_train_state(manager, 1, [model], optimizer, EXTRA, par)
-    out = {"path": str(path), "mismatch_vs_reference": _mismatches([model], optimizer, _reference())}
+    out["path"] = str(path)
+    out["trained_vs_reference"] = _mismatches([model], optimizer, reference)
 
     # The saving layout's own reload is bitwise.
     saved = _local_snapshot([model], optimizer)
@@ -135,7 +152,7 @@ def _save_under_tp2_pp2(root: str) -> dict:
     real_write = FileSystemWriter.write_data
 
     def failing_write(self, plan, planner):
-        if par.rank == 1:
+        if rank == 1:
             raise OSError("disk full (simulated)")
         return real_write(self, plan, planner)
 
@@ -159,62 +176,42 @@ def _save_under_tp2_pp2(root: str) -> dict:
         out["died_save_error"] = None
     except Exception as e:  # noqa: BLE001
         out["died_save_error"] = str(e)
-    return out
 
-
-def _load_under_other_layouts(path: str, root2: str) -> dict:
-    from magi_train.checkpoint.distributed import load_train_state, read_full_model_state, save_train_state
-    from magi_train.checkpoint.manager import CheckpointManager
-    from magi_train.config.schema import ParallelConfig
-    from magi_train.model.dit import build_dit
-    from magi_train.parallel.groups import init_parallel
-
-    rank = torch.distributed.get_rank()
-    reference = _reference()
-    out = {}
-    pars = {}
-    for label, layout in (("tp2_kv_replicated", {"tp": 2}), ("dp2", {}), ("cp2", {"cp": 2})):
-        par = pars[label] = init_parallel(ParallelConfig(**layout))
-        model = _stage(par, OTHER_SEED)
-        optimizer = _optimizer([model], par.groups.dp_cp)
-        load_train_state(path, [model], optimizer, par)
-        out[label] = _mismatches([model], optimizer, reference)
-        if label == "dp2":
-            # Saved under DP2 (ZeRO split over 2 ranks), resumed under TP2.
-            again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [model], optimizer,
-                                     EXTRA, par)
-
-    # TP1 x PP1 on each rank: the whole model and an unsharded optimizer.
-    par = pars["dp2"]
-    model = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
-    optimizer = _optimizer([model], None)
-    load_train_state(path, [model], optimizer, par)
-    out["tp1_whole_model_per_rank"] = _mismatches([model], optimizer, reference)
-
-    # Two virtual-pipeline chunks on one rank.
-    chunks = [_stage(par, OTHER_SEED, layers=[0, 1], pre=True, post=False),
-              _stage(par, OTHER_SEED, layers=[2, 3], pre=False, post=True)]
-    optimizer = _optimizer(chunks, par.groups.dp_cp)
-    load_train_state(path, chunks, optimizer, par)
+    # ---- resumed under other layouts
+    layouts = {"tp2_dp2": {"tp": 2}, "dp4": {}, "cp2_dp2": {"cp": 2}}
+    pars = {label: init_parallel(ParallelConfig(**layout)) for label, layout in layouts.items()}
+    for label, par in pars.items():
+        out[label] = _load_into(path, par, reference)
+    # Two virtual-pipeline chunks per rank.
+    chunks = [_stage(pars["dp4"], OTHER_SEED, layers=[0, 1], pre=True, post=False),
+              _stage(pars["dp4"], OTHER_SEED, layers=[2, 3], pre=False, post=True)]
+    optimizer = _optimizer(chunks, pars["dp4"].groups.dp_cp)
+    load_train_state(path, chunks, optimizer, pars["dp4"])
     out["two_chunks"] = _mismatches(chunks, optimizer, reference)
+    # TP1 x PP1 on each rank: the whole model and an unsharded optimizer.
+    whole = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
+    optimizer = _optimizer([whole], None)
+    load_train_state(path, [whole], optimizer, pars["dp4"])
+    out["tp1_whole_model"] = _mismatches([whole], optimizer, reference)
 
-    par = pars["tp2_kv_replicated"]
-    model = _stage(par, OTHER_SEED)
-    optimizer = _optimizer([model], par.groups.dp_cp)
-    out["saved_dp2_loaded_tp2_extra"] = load_train_state(again, [model], optimizer, par)
-    out["saved_dp2_loaded_tp2"] = _mismatches([model], optimizer, reference)
+    # ---- saved under DP4 (ZeRO: each rank owns a quarter), resumed under TP2 x PP2
+    again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [whole], optimizer,
+                             EXTRA, pars["dp4"])
+    out["dp4_to_tp2_pp2"] = _load_into(again, par_tp2_pp2 := init_parallel(ParallelConfig(tp=2, pp=2)), reference)
+    out["dp4_layout"] = load_train_state(again, [_stage(par_tp2_pp2, OTHER_SEED)],
+                                         _optimizer([_stage(par_tp2_pp2, OTHER_SEED)], None), par_tp2_pp2)["layout"]
 
-    # A different model fails on every rank, naming the key and the file.
+    # ---- a different model fails on every rank, naming the key and the file
     for label, changes in (("more_layers", {"num_layers": 5}), ("no_swiglu", {"gated_linear_unit": False})):
         other = build_dit(tiny(**{**CFG, **changes}), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
         try:
-            load_train_state(path, [other], _optimizer([other], None), pars["dp2"])
+            load_train_state(path, [other], _optimizer([other], None), pars["dp4"])
             out[f"error_{label}"] = None
         except ValueError as e:
             out[f"error_{label}"] = str(e)
 
     if rank == 0:
-        # With a process group present, still one process alone.
+        # One process alone, even with a process group present.
         full = read_full_model_state(path)
         expected = reference[0].state_dict()
         out["full_state_keys_equal"] = sorted(full) == sorted(expected)
@@ -228,19 +225,27 @@ def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
     from magi_train.checkpoint.manager import CheckpointManager, find_checkpoint
 
     root = tmp_path / "ckpt"
-    saved = run_ranks(4, _save_under_tp2_pp2, str(root))
+    results = run_ranks(4, _round_trips, str(root), str(tmp_path / "ckpt_dp4"))
     step1 = root / "step_00000001"
-    for rank, out in enumerate(saved):
+    for rank, out in enumerate(results):
         assert out["path"] == str(step1)
-        assert out["mismatch_vs_reference"] == [], (rank, out["mismatch_vs_reference"][:5])
-        assert out["reload_differs"] == [], (rank, out["reload_differs"][:5])
+        for label in ("trained_vs_reference", "reload_differs", "tp2_dp2", "dp4", "cp2_dp2", "two_chunks",
+                      "tp1_whole_model", "dp4_to_tp2_pp2"):
+            assert out[label] == [], (rank, label, out[label][:5])
         assert out["extra"] == {**EXTRA, "layout": {"tp": 2, "cp": 1, "pp": 2, "dp": 1, "vpp": 1, "world_size": 4}}
-        # The failing rank reports its own error, the others which rank failed.
+        assert out["dp4_layout"] == {"tp": 1, "cp": 1, "pp": 1, "dp": 4, "vpp": 1, "world_size": 4}
+        # Every rank raises: the failing one its own error, the others naming it.
         assert out["failed_save_error"] is not None and "disk full" in out["failed_save_error"], out["failed_save_error"]
         assert out["died_save_error"] is not None and "killed" in out["died_save_error"], out["died_save_error"]
-    assert saved[0]["after_failed_save"] == ["step_00000001"]  # the failed save's temporary dir is gone
+        more = out["error_more_layers"]
+        assert more is not None and "missing keys" in more and "model.videodit_blocks.layers.4." in more, more
+        assert str(step1 / ".metadata") in more, more
+        fc1 = out["error_no_swiglu"]
+        assert fc1 is not None and "model.videodit_blocks.layers.0.mlp.linear_fc1.weight: expected (512, 256)" in fc1, fc1
+    assert results[0]["after_failed_save"] == ["step_00000001"]  # the failed save's temporary dir is gone
+    assert results[0]["full_state_keys_equal"] and results[0]["full_state_differs"] == []
 
-    # The interrupted save left a complete-looking directory without marker: never taken, then tidied up.
+    # The interrupted save left a directory without marker: never taken, then tidied up.
     leftovers = [p.name for p in root.iterdir() if p.name != "step_00000001"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".tmp_new_00000002_"), leftovers
     assert find_checkpoint(root) == step1
@@ -248,20 +253,8 @@ def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
     CheckpointManager(root, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
 
-    loaded = run_ranks(2, _load_under_other_layouts, str(step1), str(tmp_path / "ckpt_dp2"))
-    for rank, out in enumerate(loaded):
-        for label in ("tp2_kv_replicated", "dp2", "cp2", "tp1_whole_model_per_rank", "two_chunks", "saved_dp2_loaded_tp2"):
-            assert out[label] == [], (rank, label, out[label][:5])
-        assert out["saved_dp2_loaded_tp2_extra"]["layout"] == {"tp": 1, "cp": 1, "pp": 1, "dp": 2, "vpp": 1, "world_size": 2}
-        more = out["error_more_layers"]
-        assert more is not None and "missing keys" in more and "model.videodit_blocks.layers.4." in more, more
-        assert ".metadata" in more, more
-        fc1 = out["error_no_swiglu"]
-        assert fc1 is not None and "model.videodit_blocks.layers.0.mlp.linear_fc1.weight: expected (512, 256)" in fc1, fc1
-    assert loaded[0]["full_state_keys_equal"] and loaded[0]["full_state_differs"] == []
-
     # The converter's and inference's path: one process, no process group.
     full = read_full_model_state(step1)
-    reference = loaded[0]["reference_state"]
+    reference = results[0]["reference_state"]
     assert sorted(full) == sorted(reference)
     assert all(torch.equal(full[k], reference[k]) and full[k].dtype == reference[k].dtype for k in reference)

@@ -1,8 +1,8 @@
 """Inference under model parallelism equals one process (tiny preset, fp32, gloo ranks).
 
-* The sampler's latents under CP2, PP2, TP2 (2 ranks) and TP2 x CP2, CP2 x PP2 (4 ranks) equal the
+* The sampler's latents under CP2, PP2, TP2, TP2 + SP (2 ranks) and TP2 x CP2, CP2 x PP2 (4 ranks) equal the
   single-process latents to 1e-5 relative: three-pass guidance with the KV cache, and a distilled model
-  with a prefix and no cache (every past chunk recomputed).
+  with a prefix and no cache (every past chunk recomputed). Each rank caches only its heads of its layers.
 * A released-layout checkpoint loads under TP2 (GELU and SwiGLU) and TP4 (KV heads replicated), sliced from
   the full state dict, and gives the TP1 DiT output; a broken one is refused naming the key.
 * The VAE tiles spread over ranks decode (and encode) bitwise like the one-process tile loop.
@@ -32,6 +32,8 @@ from tests.distributed.common import TINY, inputs, rel_err, singleton_groups, ti
 from tests.distributed.launch import run_ranks
 
 TOL = 1e-5
+LAYOUTS = {"cp2": dict(cp=2), "pp2": dict(pp=2), "tp2": dict(tp=2), "tp2_sp": dict(tp=2, sequence_parallel=True),
+           "tp2_cp2": dict(tp=2, cp=2), "cp2_pp2": dict(cp=2, pp=2)}
 CASES = {
     # three-pass guidance, KV cache, 3 chunks (window 4: the clean re-forward and cache reads happen)
     "cfg3_kv_cache": dict(distill=False, sampler=dict(cfg_number=3, num_steps=8), chunks=3, prefix=0),
@@ -94,9 +96,8 @@ def _sampler_errors(layouts, singles) -> dict:
         expected[name] = _sample(whole, case)
         latents, noise, _ = expected[name]
         out[f"{name}/moved"] = rel_err(latents, noise[:, :, -latents.shape[2]:])
-    for layout in layouts:
-        par = init_parallel(ParallelConfig(**layout))
-        key = "_".join(f"{k}{v}" for k, v in layout.items())
+    for key in layouts:
+        par = init_parallel(ParallelConfig(**LAYOUTS[key]))
         for name, case in CASES.items():
             model = build_model(tiny(distill=case["distill"]), oracles[name], "test", par).eval()
             latents, _, cache = _sample(model, case)
@@ -153,7 +154,7 @@ def _vae_split(vae_dir: str) -> dict:
 
 def _two_ranks(released: dict, vae_dir: str) -> dict:
     singles = singleton_groups()
-    out = _sampler_errors([{"cp": 2}, {"pp": 2}, {"tp": 2}], singles)
+    out = _sampler_errors(["cp2", "pp2", "tp2", "tp2_sp"], singles)
     out.update(_tp_load_errors(released, 2, singles))
     out.update(_vae_split(vae_dir))
     return out
@@ -161,7 +162,7 @@ def _two_ranks(released: dict, vae_dir: str) -> dict:
 
 def _four_ranks(released: dict) -> dict:
     singles = singleton_groups()
-    out = _sampler_errors([{"tp": 2, "cp": 2}, {"cp": 2, "pp": 2}], singles)
+    out = _sampler_errors(["tp2_cp2", "cp2_pp2"], singles)
     out.update(_tp_load_errors(released, 4, singles))
     return out
 
@@ -187,7 +188,7 @@ def two_ranks(released, tmp_path_factory):
 
 # The KV cache one rank holds, relative to one process: its heads (4 query, 2 KV heads; with tp2 x cp2 each
 # tp rank's KV head is replicated over its cp pair) of its stage's layers.
-CACHE_SHARE = {"cp2": 0.5, "pp2": 0.5, "tp2": 0.5, "tp2_cp2": 0.5, "cp2_pp2": 0.25}
+CACHE_SHARE = {"cp2": 0.5, "pp2": 0.5, "tp2": 0.5, "tp2_sp": 0.5, "tp2_cp2": 0.5, "cp2_pp2": 0.25}
 
 
 def _check_sampler(results, layout: str, case: str) -> None:
@@ -198,7 +199,7 @@ def _check_sampler(results, layout: str, case: str) -> None:
         assert result[f"{layout}/{case}/cache"] == share, (rank, result[f"{layout}/{case}/cache"])
 
 
-@pytest.mark.parametrize("layout", ["cp2", "pp2", "tp2"])
+@pytest.mark.parametrize("layout", ["cp2", "pp2", "tp2", "tp2_sp"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sampler_latents_equal_one_process_on_two_ranks(two_ranks, layout, case):
     _check_sampler(two_ranks, layout, case)

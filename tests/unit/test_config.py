@@ -264,3 +264,14 @@ def test_validate_reports_every_problem_at_once():
 )
 def test_valid_variants_pass(overrides):
     load(overrides)
+
+
+def test_world_size_must_fit_the_layout():
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import check_world
+
+    assert check_world(ParallelConfig(tp=2, cp=2), 8) == 2
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tp x parallel.cp x parallel.pp = 2 x 2 x 1 = 4"):
+        check_world(ParallelConfig(tp=2, cp=2), 6)
+    with pytest.raises(ValueError, match=r"parallel.dp=3 but the world of 8 ranks with tp x cp x pp = 2 leaves 4"):
+        check_world(ParallelConfig(tp=2, dp=3), 8)
