@@ -14,6 +14,7 @@ the same numbers and a resumed run repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, replace
@@ -178,8 +179,19 @@ class Trainer:
         return self.micro_batches(self.dataset, indices, self.cfg.trainer.seed * _STEP_STREAM + step * 1_000_000_007)
 
     # ------------------------------------------------------------------ forward/backward
+    @contextlib.contextmanager
     def _autocast(self):
-        return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16")
+        """bf16 autocast (trainer.precision) and, with Transformer Engine layers, its fp8 autocast."""
+        p = self.parallel
+        with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
+            if self.cfg.trainer.fp8_recipe == "none":
+                yield
+                return
+            from magi_train.model.te_spec import fp8_autocast
+
+            # Scaling factors (amaxes) are agreed over every rank of the pipeline stage (as megatron does).
+            with fp8_autocast(self.cfg.trainer.fp8_recipe, p.groups.tp_dp_cp):
+                yield
 
     def forward_backward(self, micro, backward: bool = True) -> torch.Tensor:
         """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage)."""

@@ -128,6 +128,8 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None) -> Parallel:
         dp_cp=grid.create_pg(["cp", "dp"]),
         tp_cp=grid.create_pg(["tp", "cp"]),
         mp=grid.create_pg(["tp", "cp", "pp"]),
+        # fp8 amax reduction (megatron's choice): every rank of one pipeline stage.
+        tp_dp_cp=grid.create_pg(["tp", "cp", "dp"]),
     )
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Parallel(groups, dist.get_rank(), world, device, tp=cfg.tp, cp=cfg.cp, pp=cfg.pp, dp=dp,

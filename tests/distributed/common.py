@@ -49,7 +49,7 @@ def single_process_parallel():
     from magi_train.parallel.groups import Parallel
 
     g = singleton_groups()[dist.get_rank()]
-    groups = ProcessGroupCollection(tp=g, cp=g, pp=g, dp=g, dp_cp=g, tp_cp=g, mp=g)
+    groups = ProcessGroupCollection(tp=g, cp=g, pp=g, dp=g, dp_cp=g, tp_cp=g, mp=g, tp_dp_cp=g)
     return Parallel(groups, rank=0, world_size=1, device=torch.device("cpu"))
 
 

@@ -104,14 +104,15 @@ def _local_snapshot(models, optimizer) -> dict:
     return snap
 
 
-def _load_into(path, par, reference, **stage) -> list:
-    """Fresh models for layout `par` (another init), loaded from `path`: what differs from the reference."""
+def _load_into(path, par, reference) -> tuple:
+    """A fresh stage for layout `par` (another init) loaded from `path`: what differs from the reference,
+    and the saved trainer state."""
     from magi_train.checkpoint.distributed import load_train_state
 
-    model = _stage(par, OTHER_SEED, **stage)
+    model = _stage(par, OTHER_SEED)
     optimizer = _optimizer([model], par.groups.dp_cp)
-    load_train_state(path, [model], optimizer, par)
-    return _mismatches([model], optimizer, reference)
+    extra = load_train_state(path, [model], optimizer, par)
+    return _mismatches([model], optimizer, reference), extra
 
 
 def _round_trips(root: str, root2: str) -> dict:
@@ -181,7 +182,7 @@ def _round_trips(root: str, root2: str) -> dict:
     layouts = {"tp2_dp2": {"tp": 2}, "dp4": {}, "cp2_dp2": {"cp": 2}}
     pars = {label: init_parallel(ParallelConfig(**layout)) for label, layout in layouts.items()}
     for label, par in pars.items():
-        out[label] = _load_into(path, par, reference)
+        out[label] = _load_into(path, par, reference)[0]
     # Two virtual-pipeline chunks per rank.
     chunks = [_stage(pars["dp4"], OTHER_SEED, layers=[0, 1], pre=True, post=False),
               _stage(pars["dp4"], OTHER_SEED, layers=[2, 3], pre=False, post=True)]
@@ -197,9 +198,8 @@ def _round_trips(root: str, root2: str) -> dict:
     # ---- saved under DP4 (ZeRO: each rank owns a quarter), resumed under TP2 x PP2
     again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [whole], optimizer,
                              EXTRA, pars["dp4"])
-    out["dp4_to_tp2_pp2"] = _load_into(again, par_tp2_pp2 := init_parallel(ParallelConfig(tp=2, pp=2)), reference)
-    out["dp4_layout"] = load_train_state(again, [_stage(par_tp2_pp2, OTHER_SEED)],
-                                         _optimizer([_stage(par_tp2_pp2, OTHER_SEED)], None), par_tp2_pp2)["layout"]
+    out["dp4_to_tp2_pp2"], extra = _load_into(again, init_parallel(ParallelConfig(tp=2, pp=2)), reference)
+    out["dp4_layout"] = extra["layout"]
 
     # ---- a different model fails on every rank, naming the key and the file
     for label, changes in (("more_layers", {"num_layers": 5}), ("no_swiglu", {"gated_linear_unit": False})):
