@@ -147,44 +147,53 @@ class _LoadBoxes(LoadPlanner):
 # ---------------------------------------------------------------------------- collectives
 
 
-def _agree(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on every rank; if it failed on any rank, raise on every rank.
+class _Ranks:
+    """The processes taking part in one save or load: every rank of the job, or this process alone when
+    `parallel` is None or has world_size 1, even inside a larger job (e.g. one single-process oracle per
+    rank)."""
 
-    Used around each local step between two collectives: a rank that raised alone would leave the
-    others waiting in the next collective until the timeout."""
-    try:
-        result, error = fn(), None
-    except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and (as text) on the others
-        result, error = None, e
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
-    else:
-        errors = [None]
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
-    if failed:
-        raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    return result
+    def __init__(self, parallel: Parallel | None) -> None:
+        self.rank, self.size = (0, 1) if parallel is None else (parallel.rank, parallel.world_size)
+        self.collective = self.size > 1
+        if self.collective and dist.get_world_size() != self.size:
+            raise ValueError(f"parallel.world_size={self.size} but the job has {dist.get_world_size()} ranks")
 
+    def agree(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on every rank; if it failed on any rank, raise on every rank.
 
-@contextmanager
-def _dcp_errors(what: str):
-    """DCP raises a failure on any rank as CheckpointException on every rank; that is a BaseException,
-    which `except Exception` in a caller would miss, so it is re-raised as an ordinary error."""
-    try:
-        yield
-    except CheckpointException as e:
-        raise RuntimeError(f"{what} failed on rank(s) {sorted(e.failures)}: {e}") from e
+        Used around each local step between two collectives: a rank that raised alone would leave the
+        others waiting in the next collective until the timeout."""
+        try:
+            result, error = fn(), None
+        except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and (as text) on the others
+            result, error = None, e
+        errors = self.all_gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        return result
 
+    def all_gather(self, obj: Any) -> List[Any]:
+        if not self.collective:
+            return [obj]
+        out: List[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
-def _all_gather(obj: Any) -> List[Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    @contextmanager
+    def dcp(self, what: str):
+        """Around a DCP call with `no_dist=not self.collective`."""
+        with warnings.catch_warnings():
+            # A single process is meant here; DCP warns that it assumes so.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                yield
+            except CheckpointException as e:
+                # DCP raises a failure on any rank on every rank as CheckpointException, a BaseException
+                # that `except Exception` in a caller would miss: re-raised as an ordinary error.
+                raise RuntimeError(f"{what} failed on rank(s) {sorted(e.failures)}: {e}") from e
 
 
 def _group_rank(group) -> int:
@@ -258,12 +267,13 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
         raise ValueError('extra["layout"] is reserved: save_train_state records the saving layout there')
     layout = {"tp": parallel.tp, "cp": parallel.cp, "pp": parallel.pp, "dp": parallel.dp, "vpp": len(models),
               "world_size": parallel.world_size}
-    rank, world = parallel.rank, parallel.world_size
+    ranks = _Ranks(parallel)
+    rank, world = ranks.rank, ranks.size
 
     def prepare() -> Tuple[str, Dict[str, Any]]:
         return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel)
 
-    trainer, state = _agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
+    trainer, state = ranks.agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
 
     def begin() -> str | None:
         if rank != 0:
@@ -279,17 +289,17 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
             raise
         return str(tmp)
 
-    tmp = Path(_all_gather(_agree(begin))[0])  # every rank writes into rank 0's temporary directory
+    tmp = Path(ranks.all_gather(ranks.agree(begin))[0])  # every rank writes into rank 0's temporary directory
     try:
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, overwrite=False)
-        with _dcp_errors(f"saving checkpoint step {step} into {tmp}"):  # on every rank if any rank's writes failed
-            dcp.save(state, storage_writer=writer, planner=_SaveBoxes())
+        with ranks.dcp(f"saving checkpoint step {step} into {tmp}"):  # on every rank if any rank's writes failed
+            dcp.save(state, storage_writer=writer, planner=_SaveBoxes(), no_dist=not ranks.collective)
         # The hashing of the files is split over the ranks; rank 0 writes the marker and renames.
-        digests = _agree(lambda: {name: file_digest(tmp / name)
+        digests = ranks.agree(lambda: {name: file_digest(tmp / name)
                                   for i, name in enumerate(sorted(os.listdir(tmp))) if i % world == rank})
-        shared = {name: info for part in _all_gather(digests) for name, info in part.items()}
-        final = _agree(lambda: str(manager.finish_save(tmp, step, shared)) if rank == 0 else None)
-        return Path(_all_gather(final)[0])
+        shared = {name: info for part in ranks.all_gather(digests) for name, info in part.items()}
+        final = ranks.agree(lambda: str(manager.finish_save(tmp, step, shared)) if rank == 0 else None)
+        return Path(ranks.all_gather(final)[0])
     except BaseException:
         if rank == 0:
             manager.abort_save(tmp)  # every rank is past its writes: the collectives above failed together
@@ -334,7 +344,8 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
 
     Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state."""
     path = Path(path)
-    rank, world = parallel.rank, parallel.world_size
+    ranks = _Ranks(parallel)
+    rank, world = ranks.rank, ranks.size
 
     def plan() -> Tuple[Dict[str, List[Box]], Dict[str, Dict[str, torch.Tensor]]]:
         verify_checkpoint(path, share=(rank, world))  # sizes of all files; this rank's share of the sha256s
@@ -364,9 +375,9 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
             moments[opt_name] = state
         return targets, moments
 
-    targets, moments = _agree(plan)
-    with _dcp_errors(f"loading checkpoint {path}"):
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes())
+    targets, moments = ranks.agree(plan)
+    with ranks.dcp(f"loading checkpoint {path}"):
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=not ranks.collective)
     optimizer.load_owned_state(moments)
     return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
 
@@ -382,8 +393,6 @@ def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
     out = {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
            if k.startswith("model.")}
     targets = {f"model.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
-    with warnings.catch_warnings(), _dcp_errors(f"reading checkpoint {path}"):
-        # no_dist=True is the point here; DCP warns about it.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _Ranks(None).dcp(f"reading checkpoint {path}"):
         dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=True)
     return out

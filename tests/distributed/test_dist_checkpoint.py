@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed.common import singleton_groups, tiny
+from tests.distributed.common import single_process_parallel, singleton_groups, tiny
 from tests.distributed.launch import run_ranks
 
 # SwiGLU (2-piece shards), 4 layers for 2 pipeline stages, 1 KV head (replicated on both TP ranks at TP2).
@@ -194,6 +194,13 @@ def _round_trips(root: str, root2: str) -> dict:
     optimizer = _optimizer([whole], None)
     load_train_state(path, [whole], optimizer, pars["dp4"])
     out["tp1_whole_model"] = _mismatches([whole], optimizer, reference)
+    # A one-process layout inside the larger job (the tests' oracles): each rank saves and loads alone.
+    alone = single_process_parallel()
+    own = save_train_state(CheckpointManager(f"{root2}_rank{rank}", keep_last=1), 3, [whole], optimizer, EXTRA, alone)
+    whole2 = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
+    optimizer2 = _optimizer([whole2], None)
+    load_train_state(own, [whole2], optimizer2, alone)
+    out["alone"] = _mismatches([whole2], optimizer2, reference)
 
     # ---- saved under DP4 (ZeRO: each rank owns a quarter), resumed under TP2 x PP2
     again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [whole], optimizer,
@@ -230,7 +237,7 @@ def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
     for rank, out in enumerate(results):
         assert out["path"] == str(step1)
         for label in ("trained_vs_reference", "reload_differs", "tp2_dp2", "dp4", "cp2_dp2", "two_chunks",
-                      "tp1_whole_model", "dp4_to_tp2_pp2"):
+                      "tp1_whole_model", "alone", "dp4_to_tp2_pp2"):
             assert out[label] == [], (rank, label, out[label][:5])
         assert out["extra"] == {**EXTRA, "layout": {"tp": 2, "cp": 1, "pp": 2, "dp": 1, "vpp": 1, "world_size": 4}}
         assert out["dp4_layout"] == {"tp": 1, "cp": 1, "pp": 1, "dp": 4, "vpp": 1, "world_size": 4}

@@ -4,7 +4,8 @@
   single-process latents to 1e-5 relative: three-pass guidance with the KV cache, and a distilled model
   with a prefix and no cache (every past chunk recomputed). Each rank caches only its heads of its layers.
 * A released-layout checkpoint loads under TP2 (GELU and SwiGLU) and TP4 (KV heads replicated), sliced from
-  the full state dict, and gives the TP1 DiT output; a broken one is refused naming the key.
+  the full state dict, and gives the TP1 DiT output; a broken one is refused naming the key. A released fp8
+  model splits into two pipeline stages.
 * The VAE tiles spread over ranks decode (and encode) bitwise like the one-process tile loop.
 * `generate.py` under `torchrun --nproc_per_node 2 ... parallel.cp=2` writes the one-process video, once.
 
@@ -47,9 +48,9 @@ CASES = {
 # ------------------------------------------------------------------ what each rank runs
 
 
-def _oracle_state(distill: bool, group) -> dict:
+def _oracle_state(cfg, group) -> dict:
     """A full state dict whose model gives non-trivial velocities (the output layer starts at zero)."""
-    model = build_whole(tiny(distill=distill), group)
+    model = _whole_model(cfg, group)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         model.final_linear.linear.weight.normal_(0, 0.05, generator=g)
@@ -57,7 +58,7 @@ def _oracle_state(distill: bool, group) -> dict:
     return model.state_dict()
 
 
-def build_whole(cfg, group):
+def _whole_model(cfg, group):
     from magi_train.model.dit import build_dit
 
     return build_dit(cfg, tp_group=group, init_seed=3).eval()
@@ -88,10 +89,11 @@ def _sampler_errors(layouts, singles) -> dict:
     from magi_infer.engine import build_model
     from magi_train.parallel.groups import init_parallel
 
-    oracles = {name: _oracle_state(case["distill"], singles[dist.get_rank()]) for name, case in CASES.items()}
+    single = singles[dist.get_rank()]
+    oracles = {name: _oracle_state(tiny(distill=case["distill"]), single) for name, case in CASES.items()}
     expected, out = {}, {}
     for name, case in CASES.items():
-        whole = build_whole(tiny(distill=case["distill"]), singles[dist.get_rank()])
+        whole = _whole_model(tiny(distill=case["distill"]), single)
         whole.load_state_dict(oracles[name])
         expected[name] = _sample(whole, case)
         latents, noise, _ = expected[name]
@@ -116,7 +118,7 @@ def _tp_load_errors(released: dict, tp: int, singles) -> dict:
     errors = {}
     for name, (cfg, directory) in released.items():
         state, source = load_weights(directory, cfg, fp8=False)
-        whole = build_whole(cfg, singles[dist.get_rank()])
+        whole = _whole_model(cfg, singles[dist.get_rank()])
         load_into(whole, state, source)
         model = build_model(cfg, state, source, par).eval()
         x, t, caption, mask, ranges, _ = inputs(cfg)
@@ -132,6 +134,23 @@ def _tp_load_errors(released: dict, tp: int, singles) -> dict:
         except ValueError as err:
             errors[f"tp{tp}/{name}/broken"] = str(err)
     return errors
+
+
+def _fp8_pipeline_error(singles) -> float:
+    """A released-layout fp8 model (layers 1 .. L-2 fp8) split into two pipeline stages vs one process."""
+    from magi_infer.engine import build_model
+    from magi_infer.fp8 import convert_dit_to_fp8, quantize_dit_state_dict
+    from magi_train.checkpoint.magi1 import cast_like_released
+    from magi_train.parallel.groups import init_parallel
+
+    cfg = tiny(distill=True, params_dtype="bfloat16", num_layers=4)
+    state = quantize_dit_state_dict(cast_like_released(_oracle_state(cfg, singles[dist.get_rank()])), cfg.num_layers)
+    whole = convert_dit_to_fp8(_whole_model(cfg, singles[dist.get_rank()]))
+    whole.load_state_dict(state)
+    model = build_model(cfg, state, "test", init_parallel(ParallelConfig(pp=2)), fp8=True).eval()
+    x, t, caption, mask, ranges, _ = inputs(cfg)
+    with torch.no_grad():
+        return rel_err(model(x, t, caption, mask, ranges, distill_dt=8.0), whole(x, t, caption, mask, ranges, distill_dt=8.0))
 
 
 def _vae_split(vae_dir: str) -> dict:
@@ -157,6 +176,7 @@ def _two_ranks(released: dict, vae_dir: str) -> dict:
     out = _sampler_errors(["cp2", "pp2", "tp2", "tp2_sp"], singles)
     out.update(_tp_load_errors(released, 2, singles))
     out.update(_vae_split(vae_dir))
+    out["pp2/fp8"] = _fp8_pipeline_error(singles)
     return out
 
 
@@ -210,6 +230,11 @@ def test_released_checkpoint_loads_under_tp2(two_ranks):
         for name in ("gelu", "swiglu"):
             assert result[f"tp2/{name}"] <= TOL, (rank, name, result[f"tp2/{name}"])
             assert "missing keys" in result[f"tp2/{name}/broken"] and "layers.1.mlp.linear_fc2" in result[f"tp2/{name}/broken"]
+
+
+def test_fp8_model_splits_into_pipeline_stages(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        assert result["pp2/fp8"] <= TOL, (rank, result["pp2/fp8"])
 
 
 def test_tile_split_vae_equals_one_process_bitwise(two_ranks):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, CorruptCheckpointError
+from magi_train.checkpoint.manager import (MARKER_NAME, CheckpointManager, CorruptCheckpointError, file_digest,
+                                          verify_checkpoint)
 
 
 def make_state(seed: int) -> dict:
@@ -305,3 +306,39 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         mgr.save(1, {})
     assert dir_names(tmp_path) == []
 
+
+
+def test_save_in_three_calls_for_files_others_wrote(tmp_path: Path) -> None:
+    # The multi-rank save: files appear in the temp dir (some hashed by their writers), one process commits.
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, {"extra": 1})
+    tmp = mgr.begin_save(2)
+    (tmp / "__0_0.distcp").write_bytes(b"rank zero")
+    (tmp / "__1_0.distcp").write_bytes(b"rank one")
+    path = mgr.finish_save(tmp, 2, {"__1_0.distcp": file_digest(tmp / "__1_0.distcp")})
+    marker = verify_checkpoint(path)
+    assert sorted(marker["files"]) == ["__0_0.distcp", "__1_0.distcp"]
+    assert dir_names(tmp_path) == ["step_00000002"]  # installed, then pruned to keep_last=1
+
+    # A file reported but absent, or of another size than reported, is never installed.
+    tmp = mgr.begin_save(3)
+    (tmp / "a").write_bytes(b"12345")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        mgr.finish_save(tmp, 3, {"b": {"size": 1, "sha256": "0" * 64}})
+    with pytest.raises(CorruptCheckpointError, match="reported"):
+        mgr.finish_save(tmp, 3, {"a": {"size": 4, "sha256": "0" * 64}})
+    mgr.abort_save(tmp)
+    assert dir_names(tmp_path) == ["step_00000002"]
+    with pytest.raises(ValueError, match="not a save directory"):
+        mgr.abort_save(path)  # only begin_save directories may be deleted this way
+
+
+def test_verify_checkpoint_splits_the_hashing(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=0)
+    path = mgr.save(1, {"a": 1, "b": 2})  # files a.pt, b.pt
+    data = bytearray((path / "b.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only b.pt's hash can tell
+    (path / "b.pt").write_bytes(bytes(data))
+    verify_checkpoint(path, share=(0, 2))  # hashes a.pt only
+    with pytest.raises(CorruptCheckpointError, match=r"b\.pt.*sha256"):
+        verify_checkpoint(path, share=(1, 2))
