@@ -3,9 +3,15 @@
 Every tensor is stored in full (TP=1, released-layout) coordinates with torch.distributed.checkpoint
 (DCP). Saving, each rank writes the rectangular pieces of full tensors it is responsible for; loading,
 each rank asks for the pieces its CURRENT layout needs, and DCP's resharding
-(`create_read_items_for_chunk_list`) intersects the requested boxes with the stored ones and reads only
-the overlaps. No rank ever builds a full tensor, so the memory and I/O of a rank scale with what it
-holds, whatever the two layouts are.
+(`create_read_items_for_chunk_list`) intersects the requested boxes with the stored ones and copies the
+overlaps straight into the parameters and optimizer moments.
+
+What scales: a rank writes only its share and reads into its own tensors, never a full model; the
+sha256 hashing of the files is split over the ranks. What does not: DCP's FileSystemReader deserialises
+each stored piece whole before cutting the overlap out, so loading under a finer layout than the save
+reads more than the rank's share, and a rank's transient memory is the largest stored piece it overlaps
+(a full tensor if the checkpoint was saved under TP=1). Every rank reads the whole `.metadata` (one entry
+per stored piece). `read_full_model_state` holds the whole model in one process, by design.
 
     model.<parameter name>             full shape; the TP writers of dp x cp rank 0 of each pipeline stage
     optim.<parameter name>.exp_avg     full shape; the parameter's ZeRO owner (in dp x cp), TP writers

@@ -1,11 +1,13 @@
-"""Distributed checkpoints reshard: saved under TP2 x PP2, resumed under TP1, TP2 (replicated KV head),
-DP2, CP2 and two virtual-pipeline chunks, with parameters and Adam moments equal to the saved ones; a failed
-or interrupted save never becomes the latest checkpoint; a different model fails naming the key.
+"""Distributed checkpoints reshard: saved under TP2 x PP2 and resumed under TP2 x DP2 (replicated KV head,
+ZeRO over 2), DP4, CP2 x DP2, TP1 (whole model per rank), two virtual-pipeline chunks and a one-process
+layout, and saved under DP4 and resumed under TP2 x PP2, with every parameter and Adam moment bitwise equal
+to the saved ones; a failed or interrupted save never becomes the latest checkpoint; a different model
+fails naming the key and the file.
 
 The reference is a TP=1 model with an unsharded AdamW: every layout initialises the same full weights
-(layout-independent init) and takes one AdamW step with the same full-size fake gradients, and AdamW is
-elementwise, so every layout's state is the reference's, sliced. Two spawns (4 ranks, then 2) keep the
-file to well under a minute of process start-up on a small machine.
+(layout-independent init) and takes one AdamW step with the same full-size random gradients, and AdamW is
+elementwise, so every layout's state is the reference's, sliced (checked for the saving layout itself,
+so "equals the reference" means "equals what was saved"). One 4-rank spawn: process start-up dominates.
 """
 
 from __future__ import annotations
