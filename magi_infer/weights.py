@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
+from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
 from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, find_checkpoint
 from magi_train.config.schema import ModelConfig
 from magi_train.parallel.sharding import shard_state_dict
@@ -79,10 +80,13 @@ def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Di
         if fp8:
             raise ValueError(f"ckpt.dir={path} is a checkpoint of our trainer; sampler.fp8=true needs released "
                              "fp8 weights (tools/convert_checkpoint.py to-released --fp8 makes them)")
-        state = CheckpointManager(ours.parent, keep_last=0, read_only=True).load(ours)
-        saved = state.get("trainer", {}).get("config", {}).get("model", {})
-        _check_model_config(saved, cfg, ours)
-        return state["model"], f"checkpoint {ours}"
+        if is_distributed_checkpoint(ours):  # written by the trainer, under any parallel layout
+            model_state, trainer = read_full_model_state(ours), read_trainer_state(ours)
+        else:  # model-only (tools/convert_checkpoint.py to-ours)
+            state = CheckpointManager(ours.parent, keep_last=0, read_only=True).load(ours)
+            model_state, trainer = state["model"], state.get("trainer", {})
+        _check_model_config(trainer.get("config", {}).get("model", {}), cfg, ours)
+        return model_state, f"checkpoint {ours}"
     weight_dir = resolve_weight_dir(path, cfg.distill, fp8)
     return load_magi1_state_dict(weight_dir), f"released weights {weight_dir}"
 

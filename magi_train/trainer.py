@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from magi_train.checkpoint.distributed import is_distributed_checkpoint, load_train_state, save_train_state
 from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
@@ -36,7 +37,7 @@ from magi_train.optim import lr_at, set_lr
 from magi_train.parallel.grads import finalize_model_grads
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule, stage_layers
-from magi_train.parallel.sharding import tp_shard_spec
+from magi_train.parallel.sharding import shard_state_dict, tp_shard_spec
 from magi_train.parallel.zero import ShardedAdamW
 
 # Streams derived from the run seed; distinct multipliers keep them independent.
@@ -93,7 +94,8 @@ class Trainer:
         # Another data seed gives held-out samples that the training stream never shows.
         self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels, m.caption_max_length)
         self.out_dir = Path(tc.output_dir)
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", tc.keep_last)
+        # One writer: a writable manager tidies interrupted saves when it opens, which must not race a save.
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", tc.keep_last, read_only=not p.is_main)
         patch = m.patch_size
         grid = (d.latent_frames_per_chunk * d.chunks_per_sample // m.t_patch_size, d.latent_height // patch, d.latent_width // patch)
         self.tokens_per_chunk = (d.latent_frames_per_chunk // m.t_patch_size) * grid[1] * grid[2]
@@ -284,26 +286,32 @@ class Trainer:
         return total / self.cfg.trainer.eval_batches
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> Dict[str, object]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.inner.state_dict(),
-            "trainer": {"step": self.step, "config": asdict(self.cfg)},
-        }
-
     def save(self) -> Path:
-        return self.checkpoints.save(self.step, self.state())
+        """A checkpoint of every rank's shard (collective), resumable under any other layout."""
+        extra = {"step": self.step, "config": asdict(self.cfg)}
+        return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel)
 
     def load(self, path: Path) -> None:
-        state = self.checkpoints.load(path)
-        # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
-        expected = {k: (tuple(v.shape), None) for k, v in self.model.state_dict().items()}
-        check_state_dict(expected, state["model"], path / "model.pt")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.inner.load_state_dict(state["optimizer"])
-        self.step = int(state["trainer"]["step"])
+        if is_distributed_checkpoint(path):
+            extra = load_train_state(path, self.models, self.optimizer, self.parallel)
+            self.step = int(extra["step"])
+        else:
+            self._load_model_only(path)
         if self.parallel.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _load_model_only(self, path: Path) -> None:
+        """A full released-layout state dict (tools/convert_checkpoint.py to-ours): weights and step, no
+        optimizer state; each rank takes its tensor-parallel slice of the layers it holds."""
+        state = CheckpointManager(path.parent, keep_last=0, read_only=True).load(path)
+        # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
+        expected = {k: (shape, None) for k, shape in self.full_shapes.items()}
+        check_state_dict(expected, state["model"], path / "model.pt")
+        p = self.parallel
+        for model in self.models:
+            local = shard_state_dict(state["model"], self.cfg.model, p.tp_rank, p.tp, keys=list(model.state_dict()))
+            model.load_state_dict(local)
+        self.step = int(state["trainer"]["step"])
 
     # ------------------------------------------------------------------ loop
     def fit(self, until: Optional[int] = None) -> List[Dict[str, float]]:

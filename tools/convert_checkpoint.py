@@ -38,6 +38,7 @@ import torch
 from magi_train.checkpoint.atomic import fsync_dir, replace_dir
 from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, cast_like_released, check_state_dict,
                                          load_magi1_state_dict, save_magi1_checkpoint)
+from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
 from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, read_marker
 from magi_train.checkpoint.manager import find_checkpoint as find_our_checkpoint  # read-only lookup
 from magi_train.config.released import load_released_config
@@ -301,7 +302,8 @@ def model_config_of(trainer: Mapping[str, Any], path: Path) -> ModelConfig:
 def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = False, shard_bytes: int = 5 * 10**9,
                      zst: bool = False, force: bool = False) -> Summary:
     ckpt = find_checkpoint(Path(src))
-    cfg = model_config_of(load_checkpoint_file(ckpt, "trainer.pt"), ckpt)
+    distributed = is_distributed_checkpoint(ckpt)  # the trainer's own (any layout), else a model-only one
+    cfg = model_config_of(read_trainer_state(ckpt) if distributed else load_checkpoint_file(ckpt, "trainer.pt"), ckpt)
     is_distill = cfg.distill if distill == "auto" else distill == "true"
     notes = []
     if is_distill != cfg.distill:
@@ -316,8 +318,9 @@ def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = Fa
     target = Path(out) / (WEIGHT_DIR + (".fp8" if fp8 else "") + (".distill" if is_distill else ""))
     guard_output(target, force, allowed=re.compile(r"^model.*\.safetensors"))
 
-    state = load_checkpoint_file(ckpt, "model.pt")  # only now: everything cheap to refuse has been checked
-    check_against_model(state, cfg, ckpt / "model.pt", "the checkpoint's own config")
+    # Only now: everything cheap to refuse has been checked.
+    state = read_full_model_state(ckpt) if distributed else load_checkpoint_file(ckpt, "model.pt")
+    check_against_model(state, cfg, ckpt / ("model" if distributed else "model.pt"), "the checkpoint's own config")
     released = cast_like_released(state)
     if fp8:
         from magi_infer.fp8 import quantize_dit_state_dict  # only --fp8 needs the inference package

@@ -388,6 +388,12 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
     return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
 
 
+def read_trainer_state(path: str | Path) -> Dict[str, Any]:
+    """The trainer's JSON state of checkpoint `path` (step, config, saving layout)."""
+    with open(Path(path) / TRAINER_FILE) as f:
+        return json.load(f)
+
+
 def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
     """The full (TP=1, released-layout) model state dict of checkpoint `path`, read in this process alone
     (no process group needed, none used if there is one), dtypes as stored. Memory: the whole model."""
