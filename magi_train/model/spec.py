@@ -79,13 +79,6 @@ def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
     raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
 
 
-def normal_init(std: float) -> Callable[[torch.Tensor], None]:
-    def init(t: torch.Tensor) -> None:
-        nn.init.normal_(t, mean=0.0, std=std)
-
-    return init
-
-
 def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,

@@ -106,10 +106,6 @@ def local_from_full(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
-def local_tp_size(name: str, full_shape: Sequence[int], cfg: ModelConfig, tp: int) -> Tuple[int, ...]:
-    return tp_shard_spec(name, full_shape, cfg, 0, tp).local_shape
-
-
 def shard_state_dict(full: dict, cfg: ModelConfig, rank: int, tp: int, keys: Optional[Sequence[str]] = None) -> dict:
     """Slice a full (released-layout) state dict for TP rank `rank`; `keys` limits it (a pipeline stage)."""
     names = full.keys() if keys is None else keys
