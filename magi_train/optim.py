@@ -1,12 +1,11 @@
-"""AdamW with MAGI-1's settings and a warm-up-then-decay learning rate that is a pure function of the step."""
+"""Which parameters AdamW decays (parallel/zero.py builds the optimizer) and a warm-up-then-decay learning
+rate that is a pure function of the step."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
 
 import torch
-from torch import nn
 
 from magi_train.config.schema import OptimizerConfig
 
@@ -14,24 +13,6 @@ from magi_train.config.schema import OptimizerConfig
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     # Norm gains, biases, the RoPE frequency bands and the learned null caption are not weights to shrink.
     return p.ndim < 2 or name.endswith(".bias") or "norm" in name or name.endswith("null_caption_embedding")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        foreach=False,  # one kernel per tensor: identical results whatever the grouping (exact resume)
-    )
 
 
 def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -57,7 +38,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-
-def grad_norm(params: Iterable[torch.Tensor]) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0

@@ -37,7 +37,7 @@ from magi_train.optim import lr_at, set_lr
 from magi_train.parallel.grads import finalize_model_grads
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule, stage_layers
-from magi_train.parallel.sharding import shard_state_dict, tp_shard_spec
+from magi_train.parallel.sharding import shard_state_dict
 from magi_train.parallel.zero import ShardedAdamW
 
 # Streams derived from the run seed; distinct multipliers keep them independent.
@@ -86,7 +86,7 @@ class Trainer:
         ]
         for model in self.models:
             model.train()
-            model.recompute, model.recompute_layers = tc.recompute, tc.recompute_layers
+            model.set_recompute(tc.recompute, tc.recompute_layers)
         self.full_shapes = {k: tuple(v.shape) for k, v in build_dit(m, device="meta").named_parameters()}
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
 
@@ -105,7 +105,7 @@ class Trainer:
         self.schedule = None
         if p.pp > 1:
             split = p.cp * (p.tp if p.sequence_parallel else 1)
-            self.schedule, _ = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
+            self.schedule = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
                                               self.num_micro, weighted_sq_error, p.device, split, p.cp)
         self.step = 0
         resume_from = self.checkpoints.resolve_resume(tc.resume)
@@ -232,13 +232,12 @@ class Trainer:
         """Global gradient norm: every parameter element counted once, whatever the layout."""
         p = self.parallel
         sq = torch.zeros((), dtype=torch.float64)
-        tp_rank = p.tp_rank
         for model in self.models:
             for name, param in model.named_parameters():
                 if param.grad is None:
                     continue
                 # Tensor-parallel replicas (replicated params, replicated KV heads) are counted on one rank.
-                if tp_shard_spec(name, self.full_shapes[name], self.cfg.model, tp_rank, p.tp).writer:
+                if model.shard_spec(name, self.full_shapes[name]).writer:
                     sq += param.grad.detach().double().square().sum().cpu()
         for group, size in ((p.groups.tp, p.tp), (p.groups.pp, p.pp)):
             if size > 1:

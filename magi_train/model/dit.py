@@ -136,8 +136,6 @@ class VideoDiT(nn.Module):
         self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype, layer_ids, post_process, self.cp_group)
         if post_process:
             self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
-        self.recompute = "none"
-        self.recompute_layers = 0
         if init_weights:
             self._init_weights(init_seed)
 
@@ -230,8 +228,17 @@ class VideoDiT(nn.Module):
         stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
         return stream, (T, Hp, Wp)
 
-    def _layer(self, layer, position: int, *args):
-        if self.recompute == "full" and torch.is_grad_enabled() and (self.recompute_layers == 0 or position < self.recompute_layers):
+    def set_recompute(self, mode: str, layers: int = 0) -> None:
+        """Activation recompute: "full" re-runs whole layers in backward, "selective" only their attention
+        kernels, "none" neither; for the first `layers` layers of this stage (0 = all)."""
+        for position, layer in enumerate(self.videodit_blocks.layers):
+            chosen = layers == 0 or position < layers
+            layer.recompute_full = mode == "full" and chosen
+            layer.self_attention.recompute_attention = mode == "selective" and chosen
+
+    @staticmethod
+    def _layer(layer, *args):
+        if layer.recompute_full and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
@@ -247,10 +254,8 @@ class VideoDiT(nn.Module):
         y_flat = s.y_xattn[mask]  # valid caption tokens of every (sample, chunk) row, row-major
         cross_ranges = local_cross_ranges(N, dn, tokens_per_chunk, window, mask.sum(-1).tolist())
         h = s.h
-        for position, layer in enumerate(self.videodit_blocks.layers):
-            layer.self_attention.recompute_attention = self.recompute == "selective" and (
-                self.recompute_layers == 0 or position < self.recompute_layers)
-            h = self._layer(layer, position, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
+        for layer in self.videodit_blocks.layers:
+            h = self._layer(layer, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
         return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos)
 
     def head(self, h: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:

@@ -208,6 +208,7 @@ class TransformerLayer(nn.Module):
         self.self_attn_post_norm = LayerNorm1p(cfg.hidden_size, eps, p1, torch.float32)
         self.mlp = MLP(cfg, linears, dtype)
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, eps, p1, torch.float32)
+        self.recompute_full = False  # full recompute: re-run this layer's forward in backward (VideoDiT.set_recompute)
 
     def forward(self, x, condition, condition_map, sin, cos, self_ranges, y_flat, cross_ranges, kv_hook=None):
         gate_attn, gate_mlp = softcap(self.ada_modulate_layer(condition), 1.0).chunk(2, dim=-1)

@@ -107,6 +107,6 @@ def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], paralle
                                     input_args=inputs, output_args=outputs, group=pp_group))
     # Gradients are sums over micro-batches; the loss is already normalised by the global token count.
     if parallel_cfg.pp_schedule == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False), stages
+        return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)
     kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[parallel_cfg.pp_schedule]
-    return kind(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False), stages
+    return kind(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False)

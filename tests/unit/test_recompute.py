@@ -12,7 +12,7 @@ def _grads(group, recompute: str, layers: int):
     cfg = ModelConfig(num_layers=3, hidden_size=128, ffn_hidden_size=256, num_attention_heads=2, num_query_groups=1,
                       kv_channels=64, caption_channels=32, caption_max_length=16, gated_linear_unit=True)
     model = build_dit(cfg, tp_group=group, init_seed=5)
-    model.recompute, model.recompute_layers = recompute, layers
+    model.set_recompute(recompute, layers)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 12, 8, 8, generator=g)
     t = torch.rand(2, 2, generator=g)
