@@ -142,6 +142,9 @@ def _check_parallel(c: GenerateConfig) -> List[str]:
     if p.dp not in (-1, 1):
         errors.append(f"parallel.dp={p.dp}: inference runs one request on all ranks, data-parallel replicas are not "
                       f"supported; start tp x cp x pp = {p.tp * p.cp * p.pp} processes (parallel.dp=1)")
+    if p.cp_impl == "magi":
+        errors.append("parallel.cp_impl=magi: inference splits context with Ulysses (its KV cache holds whole "
+                      "sequences of each rank's heads); use parallel.cp_impl=ulysses or auto")
     if p.vpp != 1:
         errors.append(f"parallel.vpp={p.vpp}: inference pipelines hold one contiguous stage per rank; use parallel.vpp=1")
     if c.sampler.fp8 and p.tp > 1:

@@ -32,6 +32,7 @@ from magi_train.data.synthetic import SyntheticBlobDataset, collate
 from magi_train.diffusion.flow_matching import chunk_times_to_frames, interpolate, velocity_target
 from magi_train.diffusion.timesteps import sample_training_times
 from magi_train.metrics import MetricsLogger
+from magi_train.model import magi_attention
 from magi_train.model.dit import build_dit
 from magi_train.optim import lr_at, set_lr
 from magi_train.parallel.grads import finalize_model_grads
@@ -78,10 +79,11 @@ class Trainer:
 
         stages = p.pp * cfg.parallel.vpp
         held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
+        cp_impl = magi_attention.resolve_cp_impl(cfg.parallel.cp_impl, p.cp_group)
         self.stage_ids = [sid for sid, _ in held]
         self.models = [
             build_dit(m, tp_group=p.tp_group, cp_group=p.cp_group, sequence_parallel=p.sequence_parallel, layer_ids=ids,
-                      pre_process=sid == 0, post_process=sid == stages - 1, init_seed=tc.seed).to(p.device)
+                      pre_process=sid == 0, post_process=sid == stages - 1, init_seed=tc.seed, cp_impl=cp_impl).to(p.device)
             for sid, ids in held
         ]
         for model in self.models:
@@ -104,9 +106,8 @@ class Trainer:
             (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample, d.latent_height, d.latent_width))
         self.schedule = None
         if p.pp > 1:
-            split = p.cp * (p.tp if p.sequence_parallel else 1)
             self.schedule = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
-                                              self.num_micro, weighted_sq_error, p.device, split, p.cp)
+                                           self.num_micro, weighted_sq_error, p.device)
         self.step = 0
         resume_from = self.checkpoints.resolve_resume(tc.resume)
         if resume_from is not None:

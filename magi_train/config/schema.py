@@ -61,13 +61,17 @@ class ParallelConfig:
     """Sizes of the process grid, laid out tp-cp-pp-dp (tp ranks are neighbours, dp ranks the farthest apart)."""
 
     tp: int = 1  # tensor parallel: heads and ffn columns split
-    cp: int = 1  # context parallel: the token sequence split (Ulysses all-to-all in attention)
+    cp: int = 1  # context parallel: the token sequence split over ranks (see cp_impl)
     pp: int = 1  # pipeline parallel: contiguous layer stages
     dp: int = -1  # data parallel: world / (tp * cp * pp); -1 means "whatever is left"
     sequence_parallel: bool = False  # with tp > 1: activations outside attention/MLP split over the tp ranks
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
     backend: str = "auto"  # torch.distributed backend: gloo | nccl | auto (nccl when CUDA is available)
+    # How cp splits the tokens in training: ulysses (contiguous windows, all-to-all in attention, any kernel),
+    # magi (MagiAttention's load-balanced dispatch + distributed attention; Hopper GPUs, nccl), or auto
+    # (magi where it can run, else ulysses). Inference always uses ulysses (its KV cache needs whole heads).
+    cp_impl: str = "auto"
 
 
 @dataclass

@@ -154,6 +154,7 @@ def check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
         yield f"parallel.dp ({p.dp}) must be >= 1, or -1 for 'the rest of the world'"
     yield from _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved_1f1b", "gpipe"))
     yield from _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    yield from _one_of("parallel.cp_impl", p.cp_impl, ("auto", "ulysses", "magi"))
     if sizes:
         return
     if (p.vpp > 1) != (p.pp_schedule == "interleaved_1f1b"):
@@ -174,12 +175,13 @@ def check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
     if p.sequence_parallel and tp == 1:
         # Megatron would silently turn it off; say so instead.
         yield "parallel.sequence_parallel (True) needs parallel.tp > 1 (got 1)"
-    # Ulysses context parallelism hands every cp rank a slice of the (tp-local) heads.
-    if cp > 1 and m.num_attention_heads % tp == 0:
+    # Ulysses context parallelism hands every cp rank a slice of the (tp-local) heads (MagiAttention's
+    # dispatch keeps whole heads and splits tokens only).
+    if cp > 1 and m.num_attention_heads % tp == 0 and p.cp_impl != "magi":
         local_heads = m.num_attention_heads // tp
         if local_heads % cp:
             yield (f"model.num_attention_heads / parallel.tp ({local_heads}) must be divisible by parallel.cp ({cp}) "
-                   f"(Ulysses context parallelism splits heads over the cp ranks)")
+                   f"(Ulysses context parallelism splits heads over the cp ranks; parallel.cp_impl=magi does not)")
         local_kv = max(1, kv // tp) if (kv % tp == 0 or tp % kv == 0) else 0
         if local_kv and local_kv % cp and cp % local_kv:
             yield (f"KV heads per tp rank ({local_kv}) and parallel.cp ({cp}): one must divide the other")
@@ -193,12 +195,15 @@ def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
     p, m, d = cfg.parallel, cfg.model, cfg.data
     if min(p.tp, p.cp, m.patch_size, m.t_patch_size) < 1:
         return
-    split = p.cp * (p.tp if p.sequence_parallel else 1)
+    # MagiAttention pads its dispatch to an even split (the sequence-parallel part is checked when it runs).
+    split = (1 if p.cp_impl == "magi" else p.cp) * (p.tp if p.sequence_parallel else 1)
     tokens = (d.chunks_per_sample * (d.latent_frames_per_chunk // m.t_patch_size)
               * (d.latent_height // m.patch_size) * (d.latent_width // m.patch_size))
     if split > 1 and tokens % split:
         yield (f"tokens per sample ({tokens} = data.chunks_per_sample x frames x height x width in patches) must be "
-               f"divisible by parallel.cp{' x parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
+               f"divisible by {'parallel.cp' if p.cp_impl != 'magi' else ''}"
+               f"{' x ' if p.cp_impl != 'magi' and p.sequence_parallel else ''}"
+               f"{'parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
     if cfg.trainer.fp8_recipe != "none" and m.layer_spec != "te":
         yield f"trainer.fp8_recipe ({cfg.trainer.fp8_recipe!r}) needs model.layer_spec=te (Transformer Engine, GPU)"
 

@@ -27,10 +27,12 @@ from torch.utils.checkpoint import checkpoint
 from magi_train.config.schema import ModelConfig
 from magi_train.model.attention import AttnRanges
 from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmbedder
-from magi_train.model.layers import KVHook, TransformerLayer
+from magi_train.model.layers import KVHook, TransformerLayer, kv_heads_allocated
+from magi_train.model.magi_attention import MagiContextParallel
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, split_table
 from magi_train.model.spec import DiTLayerSpec, LinearFactory, get_layer_spec, megatron_config, scaled_init_std
+from magi_train.parallel.dispatch import DispatchedTokens
 from magi_train.parallel.groups import default_tp_group
 from magi_train.parallel.sequence import TokenWindow, gather_tokens
 from magi_train.parallel.sharding import local_from_full, tp_shard_spec
@@ -50,11 +52,11 @@ _HEAD_SHARED = ("q_layernorm", "k_layernorm", "q_layernorm_xattn", "k_layernorm_
 class Stream:
     """What flows between pipeline stages: the residual stream and the conditioning every layer reads."""
 
-    h: torch.Tensor  # (S_local, N, H) this rank's tokens
+    h: torch.Tensor  # (S_local, N, H) this rank's tokens; (L, 1, H) under MagiAttention's dispatch
     condition: torch.Tensor  # (N, dn, Dc) timestep + adaLN caption token per chunk
     y_xattn: torch.Tensor  # (N*dn, L, Hx) projected caption rows (padded)
     caption_mask: torch.Tensor  # (N*dn, L) valid caption tokens
-    sin: torch.Tensor  # (S_cp, R/2) RoPE of the context-parallel slice's tokens
+    sin: torch.Tensor  # (S_cp, R/2) RoPE of the context-parallel rank's tokens
     cos: torch.Tensor
 
 
@@ -105,14 +107,16 @@ class TransformerBlock(nn.Module):
 class VideoDiT(nn.Module):
     """The DiT, or one pipeline stage of it (`layer_ids`, `pre_process`, `post_process`).
 
-    Parallel groups are injected: `tp_group` (heads), `cp_group` (tokens, Ulysses) and `sequence_parallel`.
+    Parallel groups are injected: `tp_group` (heads), `cp_group` (tokens) and `sequence_parallel`.
+    `cp_impl` picks how cp splits the tokens: "ulysses" (contiguous windows, all-to-all in attention) or
+    "magi" (MagiAttention's balanced dispatch, parallel/dispatch.py; training only, no KV cache).
     `forward` runs the whole model; a pipeline runs `embed` on the first stage, `run_layers` on every
-    stage and `head` on the last."""
+    stage and `head` on the last, each given the same `place(...)` of the micro-batch."""
 
     def __init__(self, cfg: ModelConfig, spec: DiTLayerSpec, tp_group: Optional[torch.distributed.ProcessGroup] = None,
                  init_weights: bool = True, *, cp_group: Optional[torch.distributed.ProcessGroup] = None,
                  sequence_parallel: bool = False, layer_ids: Optional[Sequence[int]] = None,
-                 pre_process: bool = True, post_process: bool = True, init_seed: int = 0):
+                 pre_process: bool = True, post_process: bool = True, init_seed: int = 0, cp_impl: str = "ulysses"):
         super().__init__()
         self.cfg = cfg
         self.dtype = DTYPES[cfg.params_dtype]
@@ -121,6 +125,13 @@ class VideoDiT(nn.Module):
         self.tp_group = tp_group
         self.tp_size = 1 if tp_group is None else tp_group.size()
         self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        if cp_impl not in ("ulysses", "magi"):
+            raise ValueError(f"parallel.cp_impl={cp_impl!r} is not one of ulysses, magi")
+        self.magi_cp = None
+        if cp_impl == "magi" and self.cp_group is not None:
+            self.magi_cp = MagiContextParallel(self.cp_group, cfg.num_attention_heads // self.tp_size,
+                                               kv_heads_allocated(cfg, self.tp_size) // self.tp_size, cfg.kv_channels)
+        ulysses_group = self.cp_group if self.magi_cp is None else None
         self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
@@ -133,7 +144,7 @@ class VideoDiT(nn.Module):
             self.t_embedder = TimestepEmbedder(cond_size, 256, cfg.timestep_rescale_factor, feature_dtype=self.dtype)
             self.y_embedder = CaptionEmbedder(cfg.caption_channels, int(H * cfg.xattn_cond_hidden_ratio), cond_size, cfg.caption_max_length)
             self.rope = LearnableRope3D(H // cfg.num_attention_heads, cfg.rope_temperature, cfg.rope_reference_tokens)
-        self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype, layer_ids, post_process, self.cp_group)
+        self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype, layer_ids, post_process, ulysses_group)
         if post_process:
             self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
         if init_weights:
@@ -188,9 +199,34 @@ class VideoDiT(nn.Module):
     def _split_factor(self) -> int:
         return (1 if self.cp_group is None else self.cp_group.size()) * (self.tp_size if self.sequence_parallel else 1)
 
+    def place(self, self_ranges: AttnRanges, N: int, tokens_per_sample: int):
+        """What `embed`, `run_layers` and `head` take as the micro-batch's self-attention: the ranges
+        themselves, or under MagiAttention's dispatch the `DispatchedTokens` built from them (a collective
+        over the cp group)."""
+        if self.magi_cp is None:
+            return self_ranges
+        split = self.tp_size if self.sequence_parallel else 1
+        tp_rank = self.tp_group.rank() if split > 1 else 0
+        return DispatchedTokens(self.magi_cp, self_ranges, N, tokens_per_sample, tp_rank, split)
+
+    def stream_shapes(self, placement, N: int, tokens_per_sample: int) -> Tuple[Tuple[int, int], int]:
+        """((rows, batch) of this rank's residual stream, rows of its RoPE tables) for one micro-batch."""
+        if isinstance(placement, DispatchedTokens):
+            return (placement.ids.numel(), 1), placement.ids_cp.numel()
+        cp = 1 if self.cp_group is None else self.cp_group.size()
+        return (tokens_per_sample // self._split_factor(), N), tokens_per_sample // cp
+
+    def _dispatched(self, placement) -> Optional[DispatchedTokens]:
+        if isinstance(placement, DispatchedTokens):
+            return placement
+        if self.magi_cp is not None:
+            raise ValueError("parallel.cp_impl=magi: pass the micro-batch's VideoDiT.place(...) as its self-attention "
+                             "(the token split follows MagiAttention's dispatch)")
+        return None
+
     # ------------------------------------------------------------------ forward
     def embed(self, x, t, caption, caption_mask, adaln_uncond=None, slice_point: int = 0,
-              distill_dt: Optional[float] = None) -> Tuple[Stream, Tuple[int, int, int]]:
+              distill_dt: Optional[float] = None, placement=None) -> Tuple[Stream, Tuple[int, int, int]]:
         cfg = self.cfg
         N, dn = t.shape
         if caption.shape[0] != N * dn or caption_mask.shape[:2] != caption.shape[:2]:
@@ -204,7 +240,8 @@ class VideoDiT(nn.Module):
         _, _, T, Hp, Wp = x.shape
         if T % dn:
             raise ValueError(f"{T} latent frames do not split into {dn} chunks")
-        window = self._window(T * Hp * Wp)
+        dispatched = self._dispatched(placement)
+        window = None if dispatched is not None else self._window(T * Hp * Wp)
         sin, cos = split_table(self.rope.table(T, Hp, Wp, frame_offset=(T // dn) * slice_point))
 
         t_flat = t.flatten().float()
@@ -222,9 +259,12 @@ class VideoDiT(nn.Module):
 
         h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c")
         # This rank's tokens; `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py).
-        h = h.narrow(0, window.start, window.length).contiguous()
-        sin = sin.narrow(0, window.cp_start, window.cp_length)
-        cos = cos.narrow(0, window.cp_start, window.cp_length)
+        if dispatched is not None:
+            h, sin, cos = dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
+        else:
+            h = h.narrow(0, window.start, window.length).contiguous()
+            sin = sin.narrow(0, window.cp_start, window.cp_length)
+            cos = cos.narrow(0, window.cp_start, window.cp_length)
         stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
         return stream, (T, Hp, Wp)
 
@@ -242,23 +282,34 @@ class VideoDiT(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def run_layers(self, s: Stream, self_ranges: AttnRanges, kv_hook: Optional[KVHook] = None) -> Stream:
+    def run_layers(self, s: Stream, self_ranges, kv_hook: Optional[KVHook] = None) -> Stream:
+        """`self_ranges`: the micro-batch's `place(...)` (plain AttnRanges unless MagiAttention dispatches)."""
         N, dn = s.condition.shape[:2]
-        total = s.h.shape[0] * self._split_factor()
-        tokens_per_chunk = total // dn
-        window = self._window(total)
-        # Token s of sample b takes the condition of its chunk: row b*dn + s // tokens_per_chunk.
-        condition_map = torch.arange(N * dn, device=s.h.device).repeat_interleave(tokens_per_chunk).reshape(N, -1).t()
-        condition_map = condition_map[window.start: window.start + window.length]
         mask = s.caption_mask.bool()
         y_flat = s.y_xattn[mask]  # valid caption tokens of every (sample, chunk) row, row-major
-        cross_ranges = local_cross_ranges(N, dn, tokens_per_chunk, window, mask.sum(-1).tolist())
+        lengths = mask.sum(-1).tolist()
+        dispatched = self._dispatched(self_ranges)
+        if dispatched is not None:
+            if kv_hook is not None:
+                raise ValueError("a KV cache runs with Ulysses context parallel (parallel.cp_impl=ulysses), not with "
+                                 "MagiAttention's dispatch")
+            tokens_per_chunk = dispatched.S // dn
+            condition_map = dispatched.condition_map(dn, tokens_per_chunk, s.h.device)
+            cross_ranges = dispatched.cross_ranges(dn, tokens_per_chunk, lengths)
+        else:
+            total = s.h.shape[0] * self._split_factor()
+            tokens_per_chunk = total // dn
+            window = self._window(total)
+            # Token s of sample b takes the condition of its chunk: row b*dn + s // tokens_per_chunk.
+            condition_map = torch.arange(N * dn, device=s.h.device).repeat_interleave(tokens_per_chunk).reshape(N, -1).t()
+            condition_map = condition_map[window.start: window.start + window.length]
+            cross_ranges = local_cross_ranges(N, dn, tokens_per_chunk, window, lengths)
         h = s.h
         for layer in self.videodit_blocks.layers:
             h = self._layer(layer, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
         return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos)
 
-    def head(self, h: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+    def head(self, h: torch.Tensor, grid: Tuple[int, int, int], placement=None) -> torch.Tensor:
         cfg = self.cfg
         T, Hp, Wp = grid
         h = self.videodit_blocks.final_layernorm(h.float())
@@ -266,7 +317,8 @@ class VideoDiT(nn.Module):
         # All tokens on every rank; the backward keeps each rank's own slice.
         if self.sequence_parallel:
             out = gather_tokens(out, self.tp_group)
-        out = gather_tokens(out, self.cp_group)
+        dispatched = self._dispatched(placement)
+        out = dispatched.gather(out) if dispatched is not None else gather_tokens(out, self.cp_group)
         out = rearrange(out, "(t h w) n (pt ph pw c) -> n c (t pt) (h ph) (w pw)", t=T, h=Hp, w=Wp,
                         pt=cfg.t_patch_size, ph=cfg.patch_size, pw=cfg.patch_size)
         if cfg.half_channel_vae:
@@ -287,9 +339,12 @@ class VideoDiT(nn.Module):
     ) -> torch.Tensor:
         if not (self.pre_process and self.post_process):
             raise RuntimeError("forward() runs the whole model; a pipeline stage runs embed / run_layers / head")
-        stream, grid = self.embed(x, t, caption, caption_mask, adaln_uncond, slice_point, distill_dt)
-        stream = self.run_layers(stream, self_ranges, kv_hook)
-        return self.head(stream.h, grid)
+        p, pt = self.cfg.patch_size, self.cfg.t_patch_size
+        tokens = (x.shape[2] // pt) * (x.shape[3] // p) * (x.shape[4] // p)
+        placement = self.place(self_ranges, x.shape[0], tokens)
+        stream, grid = self.embed(x, t, caption, caption_mask, adaln_uncond, slice_point, distill_dt, placement)
+        stream = self.run_layers(stream, placement, kv_hook)
+        return self.head(stream.h, grid, placement)
 
     # ------------------------------------------------------------------ helpers
     def drop_captions(self, caption, caption_mask, dropped_rows):

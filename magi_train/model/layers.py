@@ -30,6 +30,7 @@ from magi_train.model.attention import AttnRanges
 from magi_train.model.norms import LayerNorm1p, plain_layer_norm
 from magi_train.model.rope import apply_rotary
 from magi_train.model.spec import LinearFactory
+from magi_train.parallel.dispatch import DispatchedTokens
 from magi_train.parallel.sequence import heads_to_seq, replicate_kv_heads, seq_to_heads
 
 # The released model multiplies caption tokens by `linear_kv_xattn` as 8 row blocks; the result is the
@@ -124,11 +125,17 @@ class ParallelAttention(nn.Module):
         return apply_rotary(x, sin, cos).to(dtype)
 
     def _attend(self, q, k, v, ranges):
+        if isinstance(ranges, DispatchedTokens):
+            # MagiAttention's distributed attention over the cp group (its kernels, not core_attention).
+            if self.recompute_attention and torch.is_grad_enabled():
+                return checkpoint(ranges.attend, q, k, v, use_reentrant=False)
+            return ranges.attend(q, k, v)
         if self.recompute_attention and torch.is_grad_enabled():
             return checkpoint(self.core_attention, q, k, v, ranges, use_reentrant=False)
         return self.core_attention(q, k, v, ranges)
 
-    def self_attention(self, h, sin, cos, ranges: AttnRanges, kv_hook: Optional[KVHook]) -> torch.Tensor:
+    def self_attention(self, h, sin, cos, ranges, kv_hook: Optional[KVHook]) -> torch.Tensor:
+        """`ranges`: AttnRanges over this forward's tokens, or the `DispatchedTokens` of MagiAttention's cp."""
         S, N, _ = h.shape
         q = self._rope_heads(self.linear_qkv.q(h), self.q_layernorm, sin, cos)
         k = self._rope_heads(self.linear_qkv.k(h), self.k_layernorm, sin, cos)

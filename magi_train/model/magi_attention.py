@@ -70,6 +70,26 @@ def magi_attention_available() -> bool:
     return magi_unavailable_reason() is None
 
 
+def resolve_cp_impl(cp_impl: str, cp_group) -> str:
+    """"ulysses" or "magi" for `parallel.cp_impl` (auto: magi where MagiAttention's cp can run)."""
+    if cp_group is None or cp_group.size() == 1 or cp_impl == "ulysses":
+        return "ulysses"
+    reason = magi_cp_unavailable_reason(torch.distributed.get_backend(cp_group))
+    if cp_impl == "magi" and reason is not None:
+        raise ValueError(f"parallel.cp_impl=magi needs MagiAttention's distributed attention (the magi_attention "
+                         f"package, Hopper GPUs, nccl); here: {reason}. Use parallel.cp_impl=ulysses or auto.")
+    return "magi" if reason is None else "ulysses"
+
+
+def magi_cp_unavailable_reason(backend: str) -> Optional[str]:
+    """Why MagiAttention's context parallelism cannot run over a `backend` ("gloo" / "nccl") group here."""
+    reason = magi_unavailable_reason()
+    if reason is None and backend != "nccl":
+        # Its runtime key accepts NCCL process groups only.
+        reason = f"the process groups use {backend}, and MagiAttention's distributed attention needs nccl"
+    return reason
+
+
 def magi_backend():
     """The core-attention function registered as `model.attention_backend: magi`."""
     reason = magi_unavailable_reason()
@@ -137,11 +157,13 @@ class MagiContextParallel:
         out = cp.undispatch(local_out, key)            # (T_local, ...) -> (T, ...) in global order
 
     Dispatch permutes tokens: per-token inputs such as RoPE tables or timestep maps must be dispatched with
-    the same key. Every rank of the group makes the same calls with the same ranges.
+    the same key. Every rank of the group makes the same calls with the same ranges. The DiT itself uses only
+    `key`, `position_ids` and `calc_attn` (parallel/dispatch.py moves its tokens with its own autograd ops).
 
     Written against MagiAttention v1.1.1 (`magi_attn_flex_key` with `pad_size` deprecated and `chunk_size`
     given through `DispatchConfig`; v1.0.x/v1.1.0 took them as required arguments). It needs several Hopper
-    GPUs and is exercised only there: no test in this repository runs it.
+    GPUs; on CPU the tests run the DiT's use of it against an emulation of this API
+    (tests/distributed/fake_magi_api.py).
     """
 
     def __init__(self, cp_group, num_heads_q: int, num_heads_kv: int, head_dim: int, chunk_size: Optional[int] = None):
@@ -174,6 +196,13 @@ class MagiContextParallel:
             is_q_permutable=True,
             is_k_permutable=True,
         )
+
+    def position_ids(self, key) -> torch.Tensor:
+        """Global token ids (batch-major flat coordinates) of this rank's dispatched tokens, in local order;
+        ids >= total_seqlen are the padding MagiAttention appends to make the split even."""
+        from magi_attention.api import get_position_ids
+
+        return get_position_ids(key)
 
     def dispatch(self, x: torch.Tensor, key) -> torch.Tensor:
         from magi_attention.api import dispatch

@@ -9,6 +9,8 @@ stream: what one stage hands to the next is
 
     h (S_local, N, H), condition (N, dn, Dc), y (N*dn, L, Hx + 1), sin, cos (S_cp, R/2)
 
+(under MagiAttention's dispatch h is (L, 1, H) and sin/cos have a row per token of the cp rank)
+
 where the last channel of y carries the caption mask (the engine only passes tensors; riding on y keeps
 the mask in step with its rows, and its gradient is simply unused). Gradients flow back through all of
 them, so the embedders on the first stage get exact gradients.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from magi_train.config.schema import ModelConfig, ParallelConfig
+from magi_train.config.schema import ParallelConfig
 from magi_train.model.attention import AttnRanges, block_causal_ranges
 from magi_train.model.dit import Stream, VideoDiT
 
@@ -57,53 +59,59 @@ class DiTStage(nn.Module):
         self.shape = shape
         self.ranges_fn = ranges_fn
 
+    def placement(self):
+        s = self.shape
+        return self.model.place(self.ranges_fn(s.micro_batch, s.chunks, s.tokens_per_chunk), s.micro_batch,
+                                s.chunks * s.tokens_per_chunk)
+
     def forward(self, *args: torch.Tensor):
         m = self.model
+        placement = self.placement()
         if m.pre_process:
             x, t, caption, caption_mask, null_rows, adaln = args
             # Caption dropout (and null captions for clean chunks) inside the stage: it is differentiable
             # w.r.t. the learned null caption, which lives here.
             caption, caption_mask = m.drop_captions(caption, caption_mask.bool(), null_rows.bool())
-            stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool())
+            stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), placement=placement)
         else:
             h, condition, y, sin, cos = args
             stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos)
-        N, dn = stream.condition.shape[:2]
-        stream = m.run_layers(stream, self.ranges_fn(N, dn, self.shape.tokens_per_chunk))
+        stream = m.run_layers(stream, placement)
         if m.post_process:
-            return m.head(stream.h, self.shape.grid)
+            return m.head(stream.h, self.shape.grid, placement)
         y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
         return tuple(v.contiguous() for v in (stream.h, stream.condition, y, stream.sin, stream.cos))
 
 
-def _boundary_tensors(cfg: ModelConfig, shape: MicroBatchShape, split: int, cp: int, dtype: torch.dtype, device):
+def _boundary_tensors(stage: DiTStage, device):
     """Example tensors of what crosses a stage boundary (shapes and dtypes only)."""
+    shape, cfg, dtype = stage.shape, stage.model.cfg, stage.model.dtype
     N, dn = shape.micro_batch, shape.chunks
-    S = dn * shape.tokens_per_chunk
+    (rows, batch), rope_rows = stage.model.stream_shapes(stage.placement(), N, dn * shape.tokens_per_chunk)
     H = cfg.hidden_size
     cond = int(H * cfg.cond_hidden_ratio)
     hx = int(H * cfg.xattn_cond_hidden_ratio)
     half = 3 * (cfg.kv_channels // 8)  # RoPE: 16 bands x 3 axes for a 128 head dim
     return (
-        torch.empty(S // split, N, H, dtype=dtype, device=device),
+        torch.empty(rows, batch, H, dtype=dtype, device=device),
         torch.empty(N, dn, cond, dtype=dtype, device=device),
         torch.empty(N * dn, shape.caption_length, hx + 1, dtype=dtype, device=device),
-        torch.empty(S // cp, half, device=device),
-        torch.empty(S // cp, half, device=device),
+        torch.empty(rope_rows, half, device=device),
+        torch.empty(rope_rows, half, device=device),
     )
 
 
 def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], parallel_cfg: ParallelConfig, pp_group,
-                   shape: MicroBatchShape, num_microbatches: int, loss_fn, device, split: int, cp: int):
+                   shape: MicroBatchShape, num_microbatches: int, loss_fn, device):
     """The engine's schedule over this rank's stages (one, or vpp of them)."""
     num_stages = parallel_cfg.pp * parallel_cfg.vpp
     stages = []
     for model, sid in zip(models, stage_ids):
-        cfg = model.cfg
-        boundary = _boundary_tensors(cfg, shape, split, cp, model.dtype, device)
+        stage = DiTStage(model, shape)
+        boundary = _boundary_tensors(stage, device)
         outputs = (torch.empty(shape.out_shape, device=device),) if model.post_process else boundary
         inputs = None if model.pre_process else boundary
-        stages.append(PipelineStage(DiTStage(model, shape), sid, num_stages, device,
+        stages.append(PipelineStage(stage, sid, num_stages, device,
                                     input_args=inputs, output_args=outputs, group=pp_group))
     # Gradients are sums over micro-batches; the loss is already normalised by the global token count.
     if parallel_cfg.pp_schedule == "interleaved_1f1b":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import replace
 
 import torch
@@ -68,3 +70,57 @@ def train_config(out_dir, parallel: dict, global_batch: int = 8, micro_batch: in
         trainer=TrainerConfig(max_steps=max_steps, output_dir=str(out_dir), progress_bar=False, num_threads=1,
                               wandb=WandbConfig(mode="disabled")),
     ))
+
+
+@contextlib.contextmanager
+def emulated_magi_cp(layout: dict):
+    """With parallel.cp_impl=magi in `layout`: MagiAttention's API emulated on CPU (fake_magi_api) and its
+    availability check passed, for the duration; otherwise nothing."""
+    if layout.get("cp_impl") != "magi":
+        yield
+        return
+    from magi_train.model import magi_attention
+    from tests.distributed import fake_magi_api
+
+    fake_magi_api.install()
+    check = magi_attention.magi_cp_unavailable_reason
+    magi_attention.magi_cp_unavailable_reason = lambda backend: None
+    try:
+        yield
+    finally:
+        magi_attention.magi_cp_unavailable_reason = check
+
+
+@torch.no_grad()
+def nonzero_output_layer(models, seed: int = 0) -> None:
+    """Give the output layer of every (last-stage) model the same random weights.
+
+    The DiT's output layer starts at zero (the untrained model predicts zero velocity), which makes the output
+    and every gradient upstream of that layer exactly zero: a layout test would then compare only the output
+    layer's own gradient. The layer is replicated over every parallel dimension."""
+    for model in models:
+        if model.post_process:
+            weight = model.final_linear.linear.weight
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+
+
+def grad_errors(models, oracle) -> dict:
+    """Worst gradient error of the parallel `models` against the single-process `oracle`, with its name.
+
+    Each local gradient is compared with the oracle's slice, relative to that parameter's largest gradient,
+    floored at 1e-4 of the model's largest gradient: a few biases have an exactly-zero true gradient
+    (k_layernorm_xattn.bias; the non-rotary part of k_layernorm.bias: softmax is shift-invariant), where
+    any two summation orders leave different rounding noise."""
+    from magi_train.parallel.sharding import local_from_full
+
+    full = dict(oracle.named_parameters())
+    floor = 1e-4 * max(float(p.grad.abs().max()) for p in full.values())
+    worst, worst_name, seen = 0.0, "", 0
+    for model in models:
+        for name, p in model.named_parameters():
+            expected = local_from_full(full[name].grad, model.shard_spec(name, full[name].shape)).double()
+            err = float((p.grad.double() - expected).abs().max()) / max(float(expected.abs().max()), floor)
+            if err >= worst:
+                worst, worst_name = err, name
+            seen += 1
+    return {"grad": worst, "worst_grad": worst_name, "params_checked": seen}

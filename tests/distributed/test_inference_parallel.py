@@ -263,6 +263,7 @@ def test_misconfigured_layouts_fail_naming_the_field():
 
     check(r"model.num_attention_heads \(4\) must be divisible by parallel.tp \(3\)", parallel=dict(tp=3))
     check(r"parallel.dp=2: inference runs one request", parallel=dict(dp=2))
+    check(r"parallel.cp_impl=magi: inference splits context with Ulysses", parallel=dict(cp=2, cp_impl="magi"))
     check(r"model.num_layers \(2\) must be divisible by parallel.pp", parallel=dict(pp=4))
     # 48 x 48 pixels: 6 x 3 x 3 = 54 tokens per chunk, not a multiple of 4
     check(r"tokens per chunk \(54 .*parallel.cp \(4\)", parallel=dict(cp=4), video=VideoConfig(height=48, width=48))

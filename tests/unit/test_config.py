@@ -225,6 +225,7 @@ def test_wrong_type_fails_naming_the_key():
         (["parallel.vpp=2"], "parallel.vpp (2) > 1 goes with parallel.pp_schedule=interleaved_1f1b"),
         (["parallel.pp_schedule=zb"], "parallel.pp_schedule ('zb')"),
         (["parallel.backend=mpi"], "parallel.backend ('mpi')"),
+        (["parallel.cp_impl=ring"], "parallel.cp_impl ('ring')"),
         (["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true", "data.latent_height=6",
           "data.latent_width=6", "data.chunks_per_sample=1", "diffusion.clean_prefix_prob=0"],
          "tokens per sample (54 = data.chunks_per_sample x frames x height x width in patches) must be divisible by "
@@ -254,6 +255,10 @@ def test_validate_reports_every_problem_at_once():
         ["trainer.resume=/some/checkpoint/dir"],
         ["parallel.dp=4"],
         ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"],
+        # MagiAttention's dispatch keeps whole heads and pads the token split.
+        ["parallel.tp=2", "parallel.cp=4", "parallel.cp_impl=magi"],
+        ["parallel.cp=4", "parallel.cp_impl=magi", "data.latent_height=6", "data.latent_width=6",
+         "data.chunks_per_sample=1", "diffusion.clean_prefix_prob=0"],
         ["parallel.pp=2", "parallel.vpp=1", "data.global_batch_size=8"],
         ["model=magi1_24b", "parallel.tp=8", "parallel.cp=6", "parallel.pp=4", "trainer.recompute=full"],
         ["trainer.max_steps=3"],  # a smoke test shorter than the 1000-step warm-up is allowed

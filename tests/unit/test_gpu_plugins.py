@@ -83,6 +83,33 @@ def test_magi_backend_is_the_flex_kernel_where_it_can_run(monkeypatch):
     assert get_attention_backend("magi") is magi.flex_attention_backend
 
 
+class _Group:
+    def __init__(self, size: int):
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_cp_impl_magi_raises_a_clear_error_here(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: "gloo")
+    with pytest.raises(ValueError, match=r"parallel\.cp_impl=magi needs MagiAttention.*here: no CUDA device"):
+        magi.resolve_cp_impl("magi", _Group(2))
+    assert magi.resolve_cp_impl("auto", _Group(2)) == "ulysses"
+    assert magi.resolve_cp_impl("magi", _Group(1)) == "ulysses"  # no context parallelism at all
+    assert magi.resolve_cp_impl("magi", None) == "ulysses"
+
+
+def test_cp_impl_auto_picks_magi_where_it_can_run(monkeypatch):
+    monkeypatch.setattr(magi, "magi_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: "nccl")
+    assert magi.resolve_cp_impl("auto", _Group(2)) == "magi"
+    assert magi.resolve_cp_impl("ulysses", _Group(2)) == "ulysses"
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: "gloo")
+    with pytest.raises(ValueError, match="process groups use gloo"):
+        magi.resolve_cp_impl("magi", _Group(2))
+
+
 # ------------------------------------------------------------------ MagiAttention: range conversion
 def test_to_magi_ranges_block_causal():
     q, k, types_, max_q, max_k = magi.to_magi_ranges(block_causal_ranges(2, 3, 4))

@@ -1,0 +1,144 @@
+"""Context parallel with MagiAttention's dispatch (`parallel.cp_impl: magi`), the alternative to Ulysses.
+
+Ulysses gives every cp rank one contiguous window of every sample and trades tokens for heads inside
+attention. Block-causal attention makes that unbalanced in *work*: the last chunks of a sample see all earlier
+chunks. MagiAttention instead cuts the flat, batch-major sequence (the coordinates of `AttnRanges`) into
+dispatch chunks and hands each rank a set of them with about the same attention area; its `calc_attn` then
+computes the exact global attention for the rank's queries, fetching the remote keys it needs.
+
+Our tokens follow that dispatch through the whole model, not only through attention:
+
+    ids = position_ids(key)         this rank's global token ids, in local order (>= N*S: padding)
+    h (N*S, ...) --split-->  (L, 1, H)   residual stream, one flat "sample" of this rank's tokens
+    sin / cos, condition map, cross-attention ranges: looked up from the ids
+    self-attention: calc_attn on local q/k/v (no all-to-all; heads are not split)
+    head: all-gather every rank's tokens and put them back in global order
+
+The token moves are our own autograd ops with the same gradient convention as Ulysses (sequence.py): the
+split's backward scatters into zeros and the gather's backward keeps the local rows, so gradients of
+everything before the split are partial per cp rank and summed by the trainer over dp x cp. MagiAttention's
+own `dispatch` / `undispatch` are not used for this because their backwards follow a different convention.
+Padding tokens carry zeros, sit in no query or key range, and are dropped by the gather.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from magi_train.model.attention import AttnRanges
+from magi_train.model.magi_attention import MagiContextParallel
+
+
+class _Scatter(torch.autograd.Function):
+    """Rows `ids` of x (ids == len(x) gives a zero row); backward adds the rows back into zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows = x.shape[0]
+        padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+        return padded.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows + 1,) + tuple(grad.shape[1:]))
+        out.index_add_(0, ids, grad)
+        return out[: ctx.rows], None
+
+
+class _Gather(torch.autograd.Function):
+    """Every rank's dispatched rows back in global order: (L, ...) local -> (total, ...) on every rank.
+
+    `all_ids` is the concatenation of every rank's ids in group-rank order (padding: >= total). The backward
+    keeps this rank's rows, like `gather_tokens`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor, all_ids: torch.Tensor, total: int, group) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.total = total
+        size = dist.get_world_size(group)
+        gathered = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(gathered, x.contiguous(), group=group)
+        out = x.new_zeros((total + 1,) + tuple(x.shape[1:]))  # the last row collects the padding
+        out.index_copy_(0, all_ids.clamp(max=total), gathered)
+        return out[:total]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros((1,) + tuple(grad.shape[1:]))])
+        return padded.index_select(0, ids.clamp(max=ctx.total)), None, None, None, None
+
+
+class DispatchedTokens:
+    """One forward's token placement under MagiAttention's dispatch, for `N` samples of `S` tokens.
+
+    `ids_cp` are the tokens of this cp rank (what attention sees); with sequence parallel the residual stream
+    of tp rank t holds the t-th of tp equal parts of them (`ids`)."""
+
+    def __init__(self, cp: MagiContextParallel, ranges: AttnRanges, N: int, S: int, tp_rank: int = 0, tp_split: int = 1):
+        self.cp, self.N, self.S, self.total = cp, N, S, N * S
+        self.key = cp.key(ranges, self.total)
+        self.ids_cp = cp.position_ids(self.key).to(torch.long).reshape(-1)
+        local = self.ids_cp.numel()
+        if local % tp_split:
+            raise ValueError(f"MagiAttention gave this context-parallel rank {local} tokens, which do not split into "
+                             f"parallel.tp ({tp_split}) equal parts for parallel.sequence_parallel; turn sequence "
+                             f"parallel off or choose a token count per sample that cp x tp divides")
+        part = local // tp_split
+        self.ids = self.ids_cp[tp_rank * part: (tp_rank + 1) * part]
+        group = cp.cp_group
+        gathered = self.ids_cp.new_empty(dist.get_world_size(group) * local)
+        dist.all_gather_into_tensor(gathered, self.ids_cp.contiguous(), group=group)
+        self.all_ids = gathered  # every rank holds the same number of (padded) tokens
+        self.valid_cp = self.ids_cp < self.total
+
+    # ------------------------------------------------------------------ token moves
+    def split(self, h: torch.Tensor) -> torch.Tensor:
+        """(S, N, C) sequence-first, all tokens -> (L, 1, C) this rank's residual-stream tokens."""
+        flat = h.transpose(0, 1).reshape(self.total, -1)
+        return _Scatter.apply(flat, self.ids.clamp(max=self.total).to(h.device))[:, None]
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """(L_cp, 1, C) this cp rank's tokens -> (S, N, C) sequence-first, all tokens, on every rank."""
+        device = out.device
+        full = _Gather.apply(out[:, 0], self.ids_cp.to(device), self.all_ids.to(device), self.total, self.cp.cp_group)
+        return full.reshape(self.N, self.S, -1).transpose(0, 1)
+
+    # ------------------------------------------------------------------ per-token lookups
+    def rope(self, table: torch.Tensor) -> torch.Tensor:
+        """Rows of a per-position (S, R) table for the cp rank's tokens (padding reads row 0)."""
+        pos = torch.where(self.valid_cp, self.ids_cp % self.S, 0)
+        return table.index_select(0, pos.to(table.device))
+
+    def condition_map(self, dn: int, tokens_per_chunk: int, device) -> torch.Tensor:
+        """(L, 1) row of the flattened (N*dn) condition for each residual-stream token (padding: row 0)."""
+        rows = (self.ids // self.S) * dn + (self.ids % self.S) // tokens_per_chunk
+        return torch.where(self.ids < self.total, rows, 0)[:, None].to(device)
+
+    def cross_ranges(self, dn: int, tokens_per_chunk: int, caption_lengths: Sequence[int]) -> AttnRanges:
+        """Each run of consecutive local tokens of one (sample, chunk) attends to that row's caption tokens."""
+        offsets = [0]
+        for length in caption_lengths:
+            offsets.append(offsets[-1] + int(length))
+        rows = torch.where(self.valid_cp, (self.ids_cp // self.S) * dn + (self.ids_cp % self.S) // tokens_per_chunk, -1)
+        q, k = [], []
+        rows_list = rows.tolist()
+        start = 0
+        for i in range(1, len(rows_list) + 1):
+            if i == len(rows_list) or rows_list[i] != rows_list[start]:
+                row = rows_list[start]
+                if row >= 0 and offsets[row + 1] > offsets[row]:
+                    q.append((start, i))
+                    k.append((offsets[row], offsets[row + 1]))
+                start = i
+        return AttnRanges.from_lists(q, k)
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Exact global block-causal attention for this rank's (L_cp, h, d) queries."""
+        return self.cp.calc_attn(q, k, v, self.key)
