@@ -76,7 +76,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # only the built-in synthetic moving-blob dataset in this release
+    kind: str = "synthetic"  # synthetic (built-in moving blobs, drawn as latents) | webdataset (shards, data/README.md)
     num_samples: int = 4096  # size of one synthetic epoch
     chunks_per_sample: int = 2
     latent_frames_per_chunk: int = 6  # must equal model.chunk_width
@@ -92,6 +92,15 @@ class DataConfig:
     global_batch_size: int = 0
     num_workers: int = 0
     seed: int = 0
+    # ---- kind=webdataset: streamed shards, packed online into fixed-length sequences (one per micro-batch)
+    shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern (data/train-{000000..000099}.tar)
+    seq_length: int = 0  # tokens per packed sequence; divisible by parallel.tp x parallel.cp
+    max_rows_per_sequence: int = 64  # (sample, chunk) rows per packed sequence: conditions/captions are padded to it
+    pack_pool: int = 64  # samples gathered before First-Fit-Decreasing packs them into sequences
+    shuffle_buffer: int = 256  # samples; 0 disables shuffling within the stream
+    num_streams: int = 4  # independent shard streams over dp ranks x workers (a multiple of dp x max(1, num_workers))
+    buckets: List[str] = field(default_factory=list)  # keep only these "HxW" pixel buckets; empty = all
+    max_chunks: int = 0  # longer samples keep their first max_chunks chunks; 0 = no cap
 
 
 @dataclass
