@@ -80,6 +80,49 @@ def block_causal_ranges(
     return AttnRanges.from_lists(q, k)
 
 
+def _runs(values: List[int]):
+    """(value, start, end) of each maximal run of equal consecutive values."""
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield values[start], start, i
+            start = i
+
+
+def row_block_causal_ranges(token_map: torch.Tensor) -> AttnRanges:
+    """Block-causal ranges of packed sequences from their token map (N, S, 2) = [caption row, sample] per
+    token (-1 for padding), rows contiguous and in chunk order within a sample: each chunk's tokens attend
+    to their sample's tokens up to the end of that chunk. Coordinates are flat, batch-major (b * S + s)."""
+    N, S, _ = token_map.shape
+    q, k = [], []
+    flat = token_map.reshape(N * S, 2).to(torch.int64)
+    rows = flat[:, 0].tolist()
+    samples = flat[:, 1].tolist()
+    sample_start = {}
+    for row, start, end in _runs(rows):
+        if row < 0:
+            continue
+        key = (start // S, samples[start])  # a sample never spans two packed sequences
+        first = sample_start.setdefault(key, start)
+        q.append((start, end))
+        k.append((first, end))
+    return AttnRanges.from_lists(q, k)
+
+
+def caption_ranges(rows: torch.Tensor, caption_lengths: Sequence[int]) -> AttnRanges:
+    """Cross-attention: each run of consecutive query tokens of one caption row (rows: (T,) int, -1 = no
+    row) attends to that row's valid caption tokens; keys are all rows' valid tokens, row-major."""
+    offsets = [0]
+    for length in caption_lengths:
+        offsets.append(offsets[-1] + int(length))
+    q, k = [], []
+    for row, start, end in _runs(rows.tolist()):
+        if row >= 0 and offsets[row + 1] > offsets[row]:
+            q.append((start, end))
+            k.append((offsets[row], offsets[row + 1]))
+    return AttnRanges.from_lists(q, k)
+
+
 def segment_ranges(q_lengths: Sequence[int], k_lengths: Sequence[int]) -> AttnRanges:
     """Consecutive query segments each attending to its own consecutive key segment (varlen cross-attn)."""
     if len(q_lengths) != len(k_lengths):

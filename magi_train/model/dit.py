@@ -22,10 +22,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from magi_train.config.schema import ModelConfig
-from magi_train.model.attention import AttnRanges
+from magi_train.model.attention import AttnRanges, caption_ranges
 from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmbedder
 from magi_train.model.layers import KVHook, TransformerLayer, kv_heads_allocated
 from magi_train.model.magi_attention import MagiContextParallel
@@ -58,25 +59,14 @@ class Stream:
     caption_mask: torch.Tensor  # (N*dn, L) valid caption tokens
     sin: torch.Tensor  # (S_cp, R/2) RoPE of the context-parallel rank's tokens
     cos: torch.Tensor
+    # (N, S) caption/condition row of every token (all tokens, -1 = padding) for packed sequences; None for
+    # dense batches, where token s of sample b is in row b * dn + s // tokens_per_chunk.
+    rows: Optional[torch.Tensor] = None
 
 
-def local_cross_ranges(N: int, dn: int, tokens_per_chunk: int, window: TokenWindow, caption_lengths: Sequence[int]) -> AttnRanges:
-    """Each chunk's query tokens inside the context-parallel slice attend to their own caption row's tokens.
-
-    Queries are numbered batch-major over the slice (b * cp_length + s - cp_start); keys are the valid
-    caption tokens of all rows, row-major."""
-    q, k = [], []
-    key_start = 0
-    lo, hi = window.cp_start, window.cp_start + window.cp_length
-    for row, length in enumerate(caption_lengths):
-        b, c = divmod(row, dn)
-        s0, s1 = max(lo, c * tokens_per_chunk), min(hi, (c + 1) * tokens_per_chunk)
-        if s1 > s0:
-            base = b * window.cp_length - lo
-            q.append((base + s0, base + s1))
-            k.append((key_start, key_start + int(length)))
-        key_start += int(length)
-    return AttnRanges.from_lists(q, k)
+def dense_rows(N: int, dn: int, tokens_per_chunk: int, device=None) -> torch.Tensor:
+    """(N, S) row of each token of a dense batch: b * dn + s // tokens_per_chunk."""
+    return torch.arange(N * dn, device=device).repeat_interleave(tokens_per_chunk).reshape(N, -1)
 
 
 class LayerDict(nn.ModuleDict):
@@ -244,18 +234,11 @@ class VideoDiT(nn.Module):
         window = None if dispatched is not None else self._window(T * Hp * Wp)
         sin, cos = split_table(self.rope.table(T, Hp, Wp, frame_offset=(T // dn) * slice_point))
 
-        t_flat = t.flatten().float()
-        t_emb = self.t_embedder(t_flat)
-        if cfg.distill:
-            if distill_dt is None:
-                raise ValueError("a distilled model (model.distill=true) needs distill_dt (the step-size embedding input)")
-            t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)))
         if adaln_uncond is None:
             adaln_uncond = torch.zeros(N, dtype=torch.bool, device=x.device)
         if adaln_uncond.shape not in ((N,), (N, dn)):
             raise ValueError(f"adaln_uncond has shape {tuple(adaln_uncond.shape)}; expected ({N},) or ({N}, {dn})")
-        y_xattn, y_adaln = self.y_embedder(caption.float(), adaln_uncond)
-        condition = t_emb.reshape(N, dn, -1) + y_adaln  # (N, dn, Dc)
+        condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)  # (N, dn, Dc)
 
         h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c")
         # This rank's tokens; `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py).
@@ -267,6 +250,57 @@ class VideoDiT(nn.Module):
             cos = cos.narrow(0, window.cp_start, window.cp_length)
         stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
         return stream, (T, Hp, Wp)
+
+    def embed_packed(self, patches, t, caption, caption_mask, adaln_uncond, coords, token_map,
+                     distill_dt: Optional[float] = None, placement=None) -> Stream:
+        """Packed sequences: samples of any size and length side by side in one token sequence.
+
+        patches (N, S, C*pt*p*p) noisy latent patches in (t h w) order per sample, channel-major inside a
+        patch (`patchify`), zeros for padding; t (N, R) time of each caption row (a sample's chunk);
+        caption (N*R, L, Cc) with caption_mask; adaln_uncond (N, R) bool; coords (N, S, 3) RoPE coordinates
+        (`rope_coords` per sample); token_map (N, S, 2) [global row b*R + r, sample id] per token, -1 for
+        padding. N must be 1 (one packed sequence per micro-batch: every sequence has its own RoPE rows).
+        """
+        cfg = self.cfg
+        N, S, _ = patches.shape
+        R = t.shape[1]
+        if N != 1:
+            raise ValueError(f"packed sequences run one per micro-batch (data.micro_batch_size=1), got {N}")
+        if caption.shape[0] != N * R or token_map.shape != (N, S, 2) or coords.shape != (N, S, 3):
+            raise ValueError(f"packed inputs disagree: patches {tuple(patches.shape)}, t {tuple(t.shape)}, caption "
+                             f"{tuple(caption.shape)}, coords {tuple(coords.shape)}, token_map {tuple(token_map.shape)}")
+        x = patches.float() * cfg.x_rescale_factor
+        if cfg.half_channel_vae:
+            x = x.reshape(N, S, cfg.in_channels // 2, -1)
+            x = torch.cat([x, x], dim=2).reshape(N, S, -1)
+        weight = self.x_embedder.weight  # (H, C, pt, p, p): the Conv3d applied to each patch is this linear map
+        h = F.linear(x, weight.reshape(weight.shape[0], -1).float())
+        sin, cos = split_table(self.rope.table_at(coords[0].float()))
+        condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)
+        h = h.to(self.dtype).transpose(0, 1)  # (S, N, H)
+        dispatched = self._dispatched(placement)
+        if dispatched is not None:
+            h, sin, cos = dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
+        else:
+            window = self._window(S)
+            h = h.narrow(0, window.start, window.length).contiguous()
+            sin = sin.narrow(0, window.cp_start, window.cp_length)
+            cos = cos.narrow(0, window.cp_start, window.cp_length)
+        rows = token_map[..., 0].round().long()
+        return Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos, rows)
+
+    def _condition(self, t, caption, adaln_uncond, distill_dt):
+        """(N, R, Dc) timestep + adaLN caption token per row, and the projected caption rows."""
+        cfg = self.cfg
+        N, R = t.shape
+        t_flat = t.flatten().float()
+        t_emb = self.t_embedder(t_flat)
+        if cfg.distill:
+            if distill_dt is None:
+                raise ValueError("a distilled model (model.distill=true) needs distill_dt (the step-size embedding input)")
+            t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)))
+        y_xattn, y_adaln = self.y_embedder(caption.float(), adaln_uncond)
+        return t_emb.reshape(N, R, -1) + y_adaln, y_xattn
 
     def set_recompute(self, mode: str, layers: int = 0) -> None:
         """Activation recompute: "full" re-runs whole layers in backward, "selective" only their attention
@@ -293,32 +327,48 @@ class VideoDiT(nn.Module):
             if kv_hook is not None:
                 raise ValueError("a KV cache runs with Ulysses context parallel (parallel.cp_impl=ulysses), not with "
                                  "MagiAttention's dispatch")
-            tokens_per_chunk = dispatched.S // dn
-            condition_map = dispatched.condition_map(dn, tokens_per_chunk, s.h.device)
-            cross_ranges = dispatched.cross_ranges(dn, tokens_per_chunk, lengths)
+            rows = s.rows if s.rows is not None else dense_rows(N, dn, dispatched.S // dn, s.h.device)
+            stream_rows = dispatched.rows(rows, stream=True)[:, None]  # (L, 1)
+            query_rows = dispatched.rows(rows, stream=False)
         else:
-            total = s.h.shape[0] * self._split_factor()
-            tokens_per_chunk = total // dn
+            total = s.rows.shape[1] if s.rows is not None else s.h.shape[0] * self._split_factor()
+            rows = s.rows if s.rows is not None else dense_rows(N, dn, total // dn, s.h.device)
             window = self._window(total)
-            # Token s of sample b takes the condition of its chunk: row b*dn + s // tokens_per_chunk.
-            condition_map = torch.arange(N * dn, device=s.h.device).repeat_interleave(tokens_per_chunk).reshape(N, -1).t()
-            condition_map = condition_map[window.start: window.start + window.length]
-            cross_ranges = local_cross_ranges(N, dn, tokens_per_chunk, window, lengths)
+            stream_rows = rows[:, window.start: window.start + window.length].t()  # (S_local, N)
+            # Attention's queries: the cp slice, numbered batch-major (b * cp_length + s - cp_start).
+            query_rows = rows[:, window.cp_start: window.cp_start + window.cp_length].reshape(-1)
+        # Each token takes its chunk row's condition (padding any row: its outputs are never used).
+        condition_map = stream_rows.clamp(min=0)
+        cross_ranges = caption_ranges(query_rows, lengths)
         h = s.h
         for layer in self.videodit_blocks.layers:
             h = self._layer(layer, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
-        return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos)
+        return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos, s.rows)
 
-    def head(self, h: torch.Tensor, grid: Tuple[int, int, int], placement=None) -> torch.Tensor:
+    def head_tokens(self, h: torch.Tensor, placement=None) -> torch.Tensor:
+        """Velocity per token of a packed sequence: (N, C_out*pt*p*p, S) (channels first, like the dense
+        head's output), in `patchify`'s channel-major patch order, divided by `x_rescale_factor`."""
         cfg = self.cfg
-        T, Hp, Wp = grid
+        out = self._final_tokens(h, placement)  # (S, N, (pt ph pw c))
+        S, N, _ = out.shape
+        out = out.reshape(S, N, -1, cfg.out_channels).transpose(2, 3)  # channel-major within the patch
+        if cfg.half_channel_vae:
+            out = out[:, :, : cfg.out_channels // 2]
+        return out.reshape(S, N, -1).permute(1, 2, 0) / cfg.x_rescale_factor
+
+    def _final_tokens(self, h: torch.Tensor, placement) -> torch.Tensor:
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear(h)
         # All tokens on every rank; the backward keeps each rank's own slice.
         if self.sequence_parallel:
             out = gather_tokens(out, self.tp_group)
         dispatched = self._dispatched(placement)
-        out = dispatched.gather(out) if dispatched is not None else gather_tokens(out, self.cp_group)
+        return dispatched.gather(out) if dispatched is not None else gather_tokens(out, self.cp_group)
+
+    def head(self, h: torch.Tensor, grid: Tuple[int, int, int], placement=None) -> torch.Tensor:
+        cfg = self.cfg
+        T, Hp, Wp = grid
+        out = self._final_tokens(h, placement)
         out = rearrange(out, "(t h w) n (pt ph pw c) -> n c (t pt) (h ph) (w pw)", t=T, h=Hp, w=Wp,
                         pt=cfg.t_patch_size, ph=cfg.patch_size, pw=cfg.patch_size)
         if cfg.half_channel_vae:

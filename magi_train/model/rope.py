@@ -34,6 +34,19 @@ def _axis_coords(size: int, reference: float, centre: bool) -> torch.Tensor:
     return coords / (size - 1) * (reference - 1)
 
 
+def rope_coords(frames: int, height: int, width: int, reference_tokens: int, frame_offset: int = 0) -> torch.Tensor:
+    """(frames*height*width, 3) fp32 (t, h, w) coordinates of a T-major token grid whose first frame has absolute
+    index `frame_offset`; what the angles are computed from (packed sequences carry them per token)."""
+    total_t = frames + frame_offset
+    rescale = math.sqrt(height * width / (reference_tokens * reference_tokens))
+    ref = (total_t, height / rescale, width / rescale)
+    t = _axis_coords(total_t, ref[0], centre=False)
+    h = _axis_coords(height, ref[1], centre=True)
+    w = _axis_coords(width, ref[2], centre=True)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).reshape(-1, 3)
+    return grid[frame_offset * height * width:]
+
+
 class LearnableRope3D(nn.Module):
     def __init__(self, head_dim: int, temperature: float = 10000.0, reference_tokens: int = 16):
         super().__init__()
@@ -48,16 +61,12 @@ class LearnableRope3D(nn.Module):
     def table(self, frames: int, height: int, width: int, frame_offset: int = 0) -> torch.Tensor:
         """(frames*height*width, rotary_dim) fp32 table for a T-major token grid whose first frame has
         absolute index `frame_offset` (earlier frames live in the KV cache)."""
-        total_t = frames + frame_offset
-        rescale = math.sqrt(height * width / (self.reference_tokens * self.reference_tokens))
-        ref = (total_t, height / rescale, width / rescale)
-        t = _axis_coords(total_t, ref[0], centre=False)
-        h = _axis_coords(height, ref[1], centre=True)
-        w = _axis_coords(width, ref[2], centre=True)
-        grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).to(self.bands.device)
-        angles = (grid.unsqueeze(-1) * self.bands.float()).reshape(total_t * height * width, -1)
-        table = torch.cat([angles.sin(), angles.cos()], dim=-1)
-        return table[frame_offset * height * width :]
+        return self.table_at(rope_coords(frames, height, width, self.reference_tokens, frame_offset))
+
+    def table_at(self, coords: torch.Tensor) -> torch.Tensor:
+        """(S, rotary_dim) fp32 table of tokens at (S, 3) coordinates `[sin(angles) | cos(angles)]`."""
+        angles = (coords.to(self.bands.device).unsqueeze(-1) * self.bands.float()).reshape(coords.shape[0], -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def split_table(table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ Our tokens follow that dispatch through the whole model, not only through attent
 
     ids = position_ids(key)         this rank's global token ids, in local order (>= N*S: padding)
     h (N*S, ...) --split-->  (L, 1, H)   residual stream, one flat "sample" of this rank's tokens
-    sin / cos, condition map, cross-attention ranges: looked up from the ids
+    sin / cos, the tokens' caption rows (condition map, cross-attention ranges): looked up from the ids
     self-attention: calc_attn on local q/k/v (no all-to-all; heads are not split)
     head: all-gather every rank's tokens and put them back in global order
 
@@ -22,8 +22,6 @@ Padding tokens carry zeros, sit in no query or key range, and are dropped by the
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -115,28 +113,12 @@ class DispatchedTokens:
         pos = torch.where(self.valid_cp, self.ids_cp % self.S, 0)
         return table.index_select(0, pos.to(table.device))
 
-    def condition_map(self, dn: int, tokens_per_chunk: int, device) -> torch.Tensor:
-        """(L, 1) row of the flattened (N*dn) condition for each residual-stream token (padding: row 0)."""
-        rows = (self.ids // self.S) * dn + (self.ids % self.S) // tokens_per_chunk
-        return torch.where(self.ids < self.total, rows, 0)[:, None].to(device)
-
-    def cross_ranges(self, dn: int, tokens_per_chunk: int, caption_lengths: Sequence[int]) -> AttnRanges:
-        """Each run of consecutive local tokens of one (sample, chunk) attends to that row's caption tokens."""
-        offsets = [0]
-        for length in caption_lengths:
-            offsets.append(offsets[-1] + int(length))
-        rows = torch.where(self.valid_cp, (self.ids_cp // self.S) * dn + (self.ids_cp % self.S) // tokens_per_chunk, -1)
-        q, k = [], []
-        rows_list = rows.tolist()
-        start = 0
-        for i in range(1, len(rows_list) + 1):
-            if i == len(rows_list) or rows_list[i] != rows_list[start]:
-                row = rows_list[start]
-                if row >= 0 and offsets[row + 1] > offsets[row]:
-                    q.append((start, i))
-                    k.append((offsets[row], offsets[row + 1]))
-                start = i
-        return AttnRanges.from_lists(q, k)
+    def rows(self, rows: torch.Tensor, stream: bool) -> torch.Tensor:
+        """Per-token caption rows (N, S) (global, -1 = none) of this rank's tokens: the residual-stream part
+        (stream=True) or all of the cp rank's tokens; padding gets -1."""
+        ids = self.ids if stream else self.ids_cp
+        padded = torch.cat([rows.reshape(-1), rows.new_full((1,), -1)])
+        return padded.index_select(0, ids.clamp(max=self.total).to(rows.device))
 
     # ------------------------------------------------------------------ attention
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
