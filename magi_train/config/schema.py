@@ -113,6 +113,9 @@ class DiffusionConfig:
     # Probability that a sample's leading chunks are clean context (video continuation); the
     # number of clean chunks is then uniform in [1, chunks_per_sample - 1]. Loss skips them.
     clean_prefix_prob: float = 0.25
+    # Probability that a sample is image-to-video: the first latent frame is given clean (no loss on it).
+    # t2v takes the rest: 1 - i2v_prob - clean_prefix_prob.
+    i2v_prob: float = 0.25
     # Clean chunks get up to 5% noise (MAGI-1 report: exposure bias): t ~ U[clean_t_min, 1].
     clean_t_min: float = 0.95
     caption_dropout: float = 0.1  # rows replaced by the learned null caption (for CFG)

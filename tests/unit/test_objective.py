@@ -1,0 +1,76 @@
+"""The multi-task objective against formulas written here: time distribution, monotone chunk times, task
+shares, the clean frames (loss mask) of each task, and the noisy input."""
+
+import math
+
+import torch
+
+from magi_train.config.schema import DiffusionConfig
+from magi_train.diffusion.objective import draw_objective, noisy_input
+
+
+def _draws(n, cfg, frames=24, chunk=6, is_image=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [draw_objective(frames, chunk, is_image, cfg, g) for _ in range(n)]
+
+
+def test_noisy_chunk_times_put_about_69_percent_below_0_3():
+    # t' = w t / (1 - (1 - w) t) with w = 1/3 is below 0.3 iff t < 0.3 / (w + 0.3 (1 - w)) = 0.5625; with
+    # t = sigmoid(z), z ~ N(0, 0.5): P = Phi(logit(0.5625) / 0.5).
+    cut = 0.3 / (1 / 3 + 0.3 * (2 / 3))
+    expected = 0.5 * (1 + math.erf(math.log(cut / (1 - cut)) / 0.5 / math.sqrt(2)))
+    assert abs(expected - 0.692) < 1e-3
+    draws = _draws(3000, DiffusionConfig(clean_prefix_prob=0.0, i2v_prob=0.0), frames=6)
+    t = torch.cat([d.t for d in draws])
+    assert abs(float((t < 0.3).float().mean()) - expected) < 0.02
+
+
+def test_chunk_times_never_increase_and_tasks_follow_their_shares():
+    cfg = DiffusionConfig(clean_prefix_prob=0.3, i2v_prob=0.4, clean_t_min=0.95)
+    draws = _draws(4000, cfg)
+    for d in draws:
+        assert torch.all(d.t[1:] <= d.t[:-1]), d.t
+    shares = {task: sum(d.task == task for d in draws) / len(draws) for task in ("t2v", "i2v", "v2v")}
+    assert abs(shares["t2v"] - 0.3) < 0.03 and abs(shares["i2v"] - 0.4) < 0.03 and abs(shares["v2v"] - 0.3) < 0.03
+
+
+def test_clean_frames_and_loss_mask_of_each_task():
+    cfg = DiffusionConfig(clean_prefix_prob=0.3, i2v_prob=0.4, clean_t_min=0.95)
+    seen = set()
+    for d in _draws(600, cfg):
+        seen.add(d.task)
+        chunk_of_frame = torch.arange(24) // 6
+        if d.task == "t2v":
+            assert not d.clean_frames.any() and not d.clean_chunks.any()
+            assert torch.equal(d.frame_t, d.t[chunk_of_frame])
+        elif d.task == "i2v":
+            # Only the first latent frame is clean; its chunk keeps its noisy time and its caption.
+            assert d.clean_frames.tolist() == [True] + [False] * 23 and not d.clean_chunks.any()
+            assert d.frame_t[0] >= 0.95 and torch.equal(d.frame_t[1:], d.t[chunk_of_frame][1:])
+        else:
+            n = int(d.clean_chunks.sum())
+            assert 1 <= n <= 3 and d.clean_chunks.tolist() == [True] * n + [False] * (4 - n)
+            assert torch.equal(d.clean_frames, d.clean_chunks[chunk_of_frame])
+            assert torch.all(d.t[:n] >= 0.95) and torch.equal(d.frame_t, d.t[chunk_of_frame])
+        assert torch.equal(d.frame_weight, (~d.clean_frames).float())
+    assert seen == {"t2v", "i2v", "v2v"}
+
+
+def test_images_and_single_chunks_fall_back_to_feasible_tasks():
+    cfg = DiffusionConfig(clean_prefix_prob=0.5, i2v_prob=0.5)
+    assert {d.task for d in _draws(200, cfg, frames=1, chunk=1, is_image=True)} == {"t2v"}
+    assert {d.task for d in _draws(200, cfg, frames=6)} == {"t2v", "i2v"}  # one chunk: no continuation
+
+
+def test_caption_dropout_rate():
+    draws = _draws(4000, DiffusionConfig(caption_dropout=0.2), frames=6)
+    assert abs(sum(d.dropped for d in draws) / len(draws) - 0.2) < 0.02
+
+
+def test_noisy_input_interpolates_per_frame():
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    out = noisy_input(x, noise, t)
+    for f in range(3):
+        torch.testing.assert_close(out[:, f], (1 - t[f]) * noise[:, f] + t[f] * x[:, f])
