@@ -29,8 +29,8 @@ from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
-from magi_train.diffusion.flow_matching import chunk_times_to_frames, interpolate, velocity_target
-from magi_train.diffusion.timesteps import sample_training_times
+from magi_train.diffusion.flow_matching import velocity_target
+from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, noisy_input
 from magi_train.metrics import MetricsLogger
 from magi_train.model import magi_attention
 from magi_train.model.dit import build_dit
@@ -136,12 +136,12 @@ class Trainer:
             out.append(int(perms[epoch][offset]))
         return out
 
-    def _draws(self, stream: int, position: int):
-        """Times, clean-context flags and caption dropout of the sample at `position` of a batch."""
+    def _draws(self, stream: int, position: int) -> ObjectiveDraw:
+        """Task, times, clean frames and caption dropout of the sample at `position` of a batch."""
+        d = self.cfg.data
         g = _generator(stream + position * _SAMPLE_STREAM)
-        t, clean = sample_training_times(1, self.cfg.data.chunks_per_sample, self.cfg.diffusion, g)
-        dropped = torch.rand(1, generator=g) < self.cfg.diffusion.caption_dropout
-        return t[0], clean[0], bool(dropped)
+        return draw_objective(d.chunks_per_sample * d.latent_frames_per_chunk, d.latent_frames_per_chunk, False,
+                              self.cfg.diffusion, g)
 
     def _noise(self, stream: int, position: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=_generator(stream + position * _SAMPLE_STREAM + 1))
@@ -150,12 +150,12 @@ class Trainer:
         """This rank's micro-batches of a global batch: stage-0 inputs and [v* | loss weight] targets."""
         cfg, p = self.cfg, self.parallel
         d = cfg.data
-        n, frames = d.chunks_per_sample, d.latent_frames_per_chunk
-        elements = d.latent_channels * frames * d.latent_height * d.latent_width  # per chunk
+        n = d.chunks_per_sample
+        elements = d.latent_channels * d.latent_height * d.latent_width  # per latent frame
         draws = [self._draws(stream, pos) for pos in range(len(indices))]
-        count = sum(int((~clean).sum()) for _, clean, _ in draws) * elements
+        count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
         if count == 0:
-            raise ValueError("no noisy chunk in the global batch (all chunks are clean context)")
+            raise ValueError("no noisy frame in the global batch (all are clean context)")
         per_rank = len(indices) // p.dp
         out = []
         for k in range(per_rank // d.micro_batch_size):
@@ -163,14 +163,15 @@ class Trainer:
             pos = list(range(lo, lo + d.micro_batch_size))
             batch = collate([dataset[indices[i]] for i in pos])
             x = batch["latent"]
-            t = torch.stack([draws[i][0] for i in pos])
-            clean = torch.stack([draws[i][1] for i in pos])
-            dropped = torch.tensor([draws[i][2] for i in pos])
+            t = torch.stack([draws[i].t for i in pos])
+            clean = torch.stack([draws[i].clean_chunks for i in pos])
+            dropped = torch.tensor([draws[i].dropped for i in pos])
             noise = torch.stack([self._noise(stream, i, x.shape[1:]) for i in pos])
-            x_t = interpolate(x, noise, t, frames)
+            x_t = noisy_input(x, noise, torch.stack([draws[i].frame_t for i in pos]))
             # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
             null_rows = dropped.repeat_interleave(n) | clean.flatten()
-            weight = chunk_times_to_frames((~clean).float(), frames).expand(x.shape[0], 1, *x.shape[2:]) / count
+            frame_weight = torch.stack([draws[i].frame_weight for i in pos])  # (N, T): 0 on clean frames
+            weight = frame_weight[:, None, :, None, None].expand(x.shape[0], 1, *x.shape[2:]) / count
             inputs = (x_t, t, batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1), null_rows, dropped)
             target = torch.cat([velocity_target(x, noise), weight], dim=1)
             dev = p.device
