@@ -12,6 +12,7 @@ they are cheap enough to run before anything is built.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Iterator, List, Sequence
 
 from magi_train.config.schema import (
@@ -39,6 +40,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     problems += _check_optimizer(cfg.optimizer)
     problems += _check_trainer(cfg.trainer)
     problems += _check_sequence_split(cfg)
+    problems += _check_packing(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -199,7 +201,8 @@ def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
     split = (1 if p.cp_impl == "magi" else p.cp) * (p.tp if p.sequence_parallel else 1)
     tokens = (d.chunks_per_sample * (d.latent_frames_per_chunk // m.t_patch_size)
               * (d.latent_height // m.patch_size) * (d.latent_width // m.patch_size))
-    if split > 1 and tokens % split:
+    # Packed sequences (kind=webdataset): _check_packing checks data.seq_length instead.
+    if split > 1 and tokens % split and d.kind != "webdataset":
         yield (f"tokens per sample ({tokens} = data.chunks_per_sample x frames x height x width in patches) must be "
                f"divisible by {'parallel.cp' if p.cp_impl != 'magi' else ''}"
                f"{' x ' if p.cp_impl != 'magi' and p.sequence_parallel else ''}"
@@ -209,10 +212,14 @@ def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
 
 
 def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterator[str]:
-    yield from _one_of("data.kind", d.kind, ("synthetic",))
-    sizes = _at_least("data", d, (
-        "num_samples", "chunks_per_sample", "latent_frames_per_chunk", "latent_height", "latent_width",
-        "latent_channels", "num_blobs", "caption_length", "micro_batch_size"), 1)
+    yield from _one_of("data.kind", d.kind, ("synthetic", "webdataset"))
+    webdataset = d.kind == "webdataset"
+    if webdataset:
+        yield from _check_webdataset(d)
+    # The synthetic generator's sizes mean nothing to shards, which carry their own.
+    synthetic_sizes = () if webdataset else (
+        "num_samples", "chunks_per_sample", "latent_height", "latent_width", "num_blobs", "caption_length")
+    sizes = _at_least("data", d, synthetic_sizes + ("latent_frames_per_chunk", "latent_channels", "micro_batch_size"), 1)
     yield from sizes
     yield from _at_least("data", d, ("num_workers", "global_batch_size"), 0)
     if d.global_batch_size and d.micro_batch_size >= 1 and d.global_batch_size % d.micro_batch_size:
@@ -225,19 +232,9 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
     if d.latent_frames_per_chunk != m.chunk_width:
         yield (f"data.latent_frames_per_chunk ({d.latent_frames_per_chunk}) must equal model.chunk_width "
                f"({m.chunk_width})")
-    # Patchify needs whole patches, and RoPE needs a token grid of at least 2 x 2.
-    for axis in ("height", "width"):
-        size = getattr(d, f"latent_{axis}")
-        if size % m.patch_size != 0:
-            yield (f"data.latent_{axis} ({size}) must be divisible by model.patch_size ({m.patch_size})")
-        elif size // m.patch_size < 2:
-            yield (f"data.latent_{axis} // model.patch_size ({size} // {m.patch_size} = "
-                   f"{size // m.patch_size}) must be >= 2 tokens (RoPE grid)")
-    if d.caption_length > m.caption_max_length:
-        yield (f"data.caption_length ({d.caption_length}) must be <= model.caption_max_length "
-               f"({m.caption_max_length})")
     # half_channel_vae (24B): the 16-channel latent is duplicated into 32 input channels and the first
-    # 16 output channels are kept.
+    # 16 output channels are kept. (For webdataset the loader checks each sample's latent against
+    # data.latent_channels.)
     if m.half_channel_vae:
         if d.latent_channels != m.in_channels // 2:
             yield (f"data.latent_channels ({d.latent_channels}) must equal model.in_channels // 2 "
@@ -252,16 +249,69 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
         if m.out_channels != d.latent_channels:
             yield (f"model.out_channels ({m.out_channels}) must equal data.latent_channels "
                    f"({d.latent_channels}): the model predicts the velocity of the latent")
+    if webdataset:
+        return  # the rest describes the synthetic samples
+    # Patchify needs whole patches, and RoPE needs a token grid of at least 2 x 2.
+    for axis in ("height", "width"):
+        size = getattr(d, f"latent_{axis}")
+        if size % m.patch_size != 0:
+            yield (f"data.latent_{axis} ({size}) must be divisible by model.patch_size ({m.patch_size})")
+        elif size // m.patch_size < 2:
+            yield (f"data.latent_{axis} // model.patch_size ({size} // {m.patch_size} = "
+                   f"{size // m.patch_size}) must be >= 2 tokens (RoPE grid)")
+    if d.caption_length > m.caption_max_length:
+        yield (f"data.caption_length ({d.caption_length}) must be <= model.caption_max_length "
+               f"({m.caption_max_length})")
     # A clean prefix is 1 .. chunks_per_sample - 1 chunks, so it needs at least two chunks.
     if diff.clean_prefix_prob > 0 and d.chunks_per_sample < 2:
         yield (f"data.chunks_per_sample ({d.chunks_per_sample}) must be >= 2 when "
                f"diffusion.clean_prefix_prob ({diff.clean_prefix_prob}) > 0")
 
 
+_BUCKET = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
+
+
+def _check_webdataset(d: DataConfig) -> Iterator[str]:
+    """Streamed shards packed online into one sequence of data.seq_length tokens per micro-batch."""
+    if not d.shards.strip():
+        yield "data.shards ('') must name the training shards (a directory, a glob or a brace pattern) for data.kind=webdataset"
+    yield from _positive("data", d, ("seq_length",))
+    yield from _at_least("data", d, ("num_streams", "pack_pool", "max_rows_per_sequence"), 1)
+    yield from _at_least("data", d, ("shuffle_buffer", "max_chunks"), 0)
+    # A micro-batch is one packed sequence; more samples per forward come from a longer data.seq_length.
+    if d.micro_batch_size > 1:
+        yield (f"data.micro_batch_size ({d.micro_batch_size}) must be 1 for data.kind=webdataset "
+               f"(one packed sequence per micro-batch; raise data.seq_length instead)")
+    for bucket in d.buckets:
+        if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+            yield f"data.buckets entry {bucket!r} must look like 'HxW' in pixels (e.g. '480x832')"
+
+
+def _check_packing(cfg: TrainConfig) -> Iterator[str]:
+    """How packed sequences meet the parallel layout (MAGI-1: max_length divisible by TP x CP)."""
+    d, p = cfg.data, cfg.parallel
+    if d.kind != "webdataset" or min(p.tp, p.cp) < 1:
+        return
+    if d.seq_length > 0 and d.seq_length % (p.tp * p.cp):
+        yield (f"data.seq_length ({d.seq_length}) must be divisible by parallel.tp x parallel.cp "
+               f"({p.tp} x {p.cp} = {p.tp * p.cp})")
+    # Streams are dealt out whole to (dp rank, worker) readers; with dp = -1 the world decides (the
+    # loader checks it then).
+    readers = p.dp * max(1, d.num_workers)
+    if p.dp >= 1 and d.num_streams >= 1 and d.num_workers >= 0 and d.num_streams % readers:
+        yield (f"data.num_streams ({d.num_streams}) must be a multiple of parallel.dp x max(1, data.num_workers) "
+               f"({p.dp} x {max(1, d.num_workers)} = {readers})")
+
+
 def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
     yield from _positive("diffusion", f, ("t_shift", "t_logit_std"))
     if not 0.0 <= f.clean_prefix_prob <= 1.0:
         yield f"diffusion.clean_prefix_prob ({f.clean_prefix_prob}) must be in [0, 1]"
+    if not 0.0 <= f.i2v_prob <= 1.0:
+        yield f"diffusion.i2v_prob ({f.i2v_prob}) must be in [0, 1]"
+    elif f.i2v_prob + f.clean_prefix_prob > 1.0:
+        yield (f"diffusion.i2v_prob ({f.i2v_prob}) + diffusion.clean_prefix_prob ({f.clean_prefix_prob}) must be "
+               f"<= 1 (t2v takes the rest)")
     if not 0.0 <= f.caption_dropout < 1.0:
         yield f"diffusion.caption_dropout ({f.caption_dropout}) must be in [0, 1)"
     if not 0.0 < f.clean_t_min <= 1.0:
