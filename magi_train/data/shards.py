@@ -98,6 +98,9 @@ def decode_sample(raw: Dict[str, Any]) -> Sample:
 
 def check_sample(sample: Sample) -> None:
     key = sample.key
+    if not key or "." in key or "/" in key:
+        # webdataset splits member names at the first dot: such a key would silently break the sample.
+        raise SampleError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
     if sample.latent.ndim != 4 or min(sample.latent.shape) < 1:
         raise SampleError(f"sample {key!r}: latent must be (C, T, H, W), got {tuple(sample.latent.shape)}")
     if not torch.isfinite(sample.latent).all():
