@@ -205,7 +205,7 @@ class VideoInfo:
     pix_fmt: str  # pixel format of the decoded frames, e.g. "yuv420p"
 
 
-def _decoded_frames(path: PathLike, what: str) -> Iterator[tuple[VideoFrame, VideoStream]]:
+def decoded_frames(path: PathLike, what: str) -> Iterator[tuple[VideoFrame, VideoStream]]:
     """Yield (frame, stream) for every decodable frame of the first video stream, with errors naming the file.
 
     A decoding error after at least one good frame ends the stream with a warning instead of failing: that is
@@ -216,7 +216,7 @@ def _decoded_frames(path: PathLike, what: str) -> Iterator[tuple[VideoFrame, Vid
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         container = av.open(str(path))
-    except av.FFmpegError as e:
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot open {what} {path}: {e}") from e
     with container:
         if not container.streams.video:
@@ -257,7 +257,7 @@ def read_image(path: PathLike, height: int, width: int) -> torch.Tensor:
     ratio (the released "fit" policy); an alpha channel is dropped.
     """
     _check_size(height, width)
-    with contextlib.closing(_decoded_frames(path, "image")) as decoded:
+    with contextlib.closing(decoded_frames(path, "image")) as decoded:
         frame, _ = next(decoded)
     return torch.from_numpy(_to_rgb(frame, height, width)).unsqueeze(0)
 
@@ -296,7 +296,7 @@ def read_video(
                 held_rgb = _to_rgb(held, height, width)
             out.append(held_rgb)
 
-    with contextlib.closing(_decoded_frames(path, "video")) as decoded:
+    with contextlib.closing(decoded_frames(path, "video")) as decoded:
         for index, (frame, stream) in enumerate(decoded):
             t, duration = _frame_time(frame, stream, index, path)
             if index == 0:
@@ -333,7 +333,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     """Describe a video by decoding all of it: the frame count is what actually decodes, not the header's claim."""
     frames = 0
     first: VideoFrame | None = None
-    for frame, stream in _decoded_frames(path, "video"):
+    for frame, stream in decoded_frames(path, "video"):
         if first is None:
             first = frame
         frames += 1

@@ -36,6 +36,7 @@ import av
 import numpy as np
 import torch
 
+from magi_infer.video_io import decoded_frames
 from magi_train.data.shards import Sample, SampleError, encode_sample
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
@@ -392,31 +393,12 @@ def _frame_time(frame: av.VideoFrame, stream: Any, index: int) -> tuple[Fraction
 
 
 def _decoded(path: Path) -> Iterator[tuple[av.VideoFrame, Any]]:
-    """(frame, stream) for each decodable frame; an error after some frames ends the clip (a damaged tail)."""
+    """(frame, stream) for each decodable frame (`video_io.decoded_frames`: an error after some frames ends
+    the clip, a damaged tail); a file that does not open or decode is a skipped clip."""
     try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise SkipClip(UNDECODABLE, f"cannot open: {e}") from None
-    with container:
-        if not container.streams.video:
-            raise SkipClip(UNDECODABLE, "no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames = container.decode(stream)
-        count = 0
-        while True:
-            try:
-                frame = next(frames)
-            except StopIteration:
-                break
-            except av.FFmpegError as e:
-                if count == 0:
-                    raise SkipClip(UNDECODABLE, f"cannot decode: {e}") from None
-                break  # keep what decoded, as ffmpeg does
-            count += 1
-            yield frame, stream
-    if count == 0:
-        raise SkipClip(UNDECODABLE, "no decodable frames")
+        yield from decoded_frames(path, "clip")
+    except (ValueError, OSError) as e:
+        raise SkipClip(UNDECODABLE, str(e)) from None
 
 
 def load_clip(item: InputItem, buckets: Sequence[Bucket], fps: int, chunk_frames: int,
