@@ -105,6 +105,8 @@ class Trainer:
             d.micro_batch_size, d.chunks_per_sample, self.tokens_per_chunk, m.caption_max_length, grid,
             (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample, d.latent_height, d.latent_width))
         self.schedule = None
+        # Without a pipeline one stage holds the whole model (built once: it keeps the attention placement).
+        self.stage = DiTStage(self.models[0], self.shape) if p.pp == 1 else None
         if p.pp > 1:
             self.schedule = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
                                            self.num_micro, weighted_sq_error, p.device)
@@ -201,10 +203,9 @@ class Trainer:
         """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage)."""
         total = torch.zeros((), dtype=torch.float64)
         if self.schedule is None:
-            stage = DiTStage(self.models[0], self.shape)
             for inputs, target in micro:
                 with self._autocast():
-                    loss = weighted_sq_error(stage(*inputs), target)
+                    loss = weighted_sq_error(self.stage(*inputs), target)
                 if backward:
                     loss.backward()
                 total += loss.detach().double().cpu()

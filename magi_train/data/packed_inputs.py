@@ -9,7 +9,7 @@ to no row and carry zero loss weight. See `VideoDiT.embed_packed` for the tensor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List
 
 import torch
 from einops import rearrange
@@ -24,11 +24,6 @@ def patchify(latent: torch.Tensor, t_patch: int, patch: int) -> torch.Tensor:
     return rearrange(latent, "c (t pt) (h ph) (w pw) -> (t h w) (c pt ph pw)", pt=t_patch, ph=patch, pw=patch)
 
 
-def unpatchify(tokens: torch.Tensor, grid: Tuple[int, int, int], t_patch: int, patch: int) -> torch.Tensor:
-    T, H, W = grid
-    return rearrange(tokens, "(t h w) (c pt ph pw) -> c (t pt) (h ph) (w pw)", t=T, h=H, w=W, pt=t_patch, ph=patch, pw=patch)
-
-
 @dataclass
 class PackedItem:
     """One sample of a packed sequence, as the training objective prepared it."""
@@ -41,16 +36,6 @@ class PackedItem:
     caption_mask: torch.Tensor  # (chunks, L)
     null_rows: torch.Tensor  # (chunks,) bool: row replaced by the learned null caption
     adaln_uncond: torch.Tensor  # (chunks,) bool: adaLN "caption dropped" flag
-
-
-def chunk_frames(latent_frames: int, chunk_width: int) -> int:
-    """Latent frames per chunk of a sample: chunk_width, or 1 for an image (a one-frame video)."""
-    return 1 if latent_frames == 1 else chunk_width
-
-
-def sample_tokens(latent_shape: Sequence[int], cfg: ModelConfig) -> int:
-    _, T, H, W = latent_shape
-    return (T // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
 
 
 def pack_inputs(items: List[PackedItem], cfg: ModelConfig, seq_length: int, max_rows: int, weight_scale: float = 1.0):

@@ -230,8 +230,6 @@ class VideoDiT(nn.Module):
         _, _, T, Hp, Wp = x.shape
         if T % dn:
             raise ValueError(f"{T} latent frames do not split into {dn} chunks")
-        dispatched = self._dispatched(placement)
-        window = None if dispatched is not None else self._window(T * Hp * Wp)
         sin, cos = split_table(self.rope.table(T, Hp, Wp, frame_offset=(T // dn) * slice_point))
 
         if adaln_uncond is None:
@@ -241,13 +239,7 @@ class VideoDiT(nn.Module):
         condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)  # (N, dn, Dc)
 
         h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c")
-        # This rank's tokens; `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py).
-        if dispatched is not None:
-            h, sin, cos = dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
-        else:
-            h = h.narrow(0, window.start, window.length).contiguous()
-            sin = sin.narrow(0, window.cp_start, window.cp_length)
-            cos = cos.narrow(0, window.cp_start, window.cp_length)
+        h, sin, cos = self._local_tokens(h, sin, cos, placement)
         stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
         return stream, (T, Hp, Wp)
 
@@ -277,17 +269,19 @@ class VideoDiT(nn.Module):
         h = F.linear(x, weight.reshape(weight.shape[0], -1).float())
         sin, cos = split_table(self.rope.table_at(coords[0].float()))
         condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)
-        h = h.to(self.dtype).transpose(0, 1)  # (S, N, H)
-        dispatched = self._dispatched(placement)
-        if dispatched is not None:
-            h, sin, cos = dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
-        else:
-            window = self._window(S)
-            h = h.narrow(0, window.start, window.length).contiguous()
-            sin = sin.narrow(0, window.cp_start, window.cp_length)
-            cos = cos.narrow(0, window.cp_start, window.cp_length)
+        h, sin, cos = self._local_tokens(h.to(self.dtype).transpose(0, 1), sin, cos, placement)
         rows = token_map[..., 0].round().long()
         return Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos, rows)
+
+    def _local_tokens(self, h, sin, cos, placement):
+        """This rank's part of the (S, N, H) tokens and the RoPE rows of its context-parallel tokens.
+        `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py)."""
+        dispatched = self._dispatched(placement)
+        if dispatched is not None:
+            return dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
+        window = self._window(h.shape[0])
+        return (h.narrow(0, window.start, window.length).contiguous(),
+                sin.narrow(0, window.cp_start, window.cp_length), cos.narrow(0, window.cp_start, window.cp_length))
 
     def _condition(self, t, caption, adaln_uncond, distill_dt):
         """(N, R, Dc) timestep + adaLN caption token per row, and the projected caption rows."""
@@ -327,12 +321,14 @@ class VideoDiT(nn.Module):
             if kv_hook is not None:
                 raise ValueError("a KV cache runs with Ulysses context parallel (parallel.cp_impl=ulysses), not with "
                                  "MagiAttention's dispatch")
-            rows = s.rows if s.rows is not None else dense_rows(N, dn, dispatched.S // dn, s.h.device)
+            total = dispatched.S
+        else:
+            total = s.rows.shape[1] if s.rows is not None else s.h.shape[0] * self._split_factor()
+        rows = s.rows if s.rows is not None else dense_rows(N, dn, total // dn, s.h.device)
+        if dispatched is not None:
             stream_rows = dispatched.rows(rows, stream=True)[:, None]  # (L, 1)
             query_rows = dispatched.rows(rows, stream=False)
         else:
-            total = s.rows.shape[1] if s.rows is not None else s.h.shape[0] * self._split_factor()
-            rows = s.rows if s.rows is not None else dense_rows(N, dn, total // dn, s.h.device)
             window = self._window(total)
             stream_rows = rows[:, window.start: window.start + window.length].t()  # (S_local, N)
             # Attention's queries: the cp slice, numbered batch-major (b * cp_length + s - cp_start).

@@ -30,15 +30,21 @@ from magi_train.model.attention import AttnRanges
 from magi_train.model.magi_attention import MagiContextParallel
 
 
+def _select_rows(x: torch.Tensor, ids: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Rows `ids` of x; an id of len(x) or more (padding) gives a row of `fill`."""
+    padded = torch.cat([x, x.new_full((1,) + tuple(x.shape[1:]), fill)])
+    return padded.index_select(0, ids.clamp(max=x.shape[0]).to(x.device))
+
+
 class _Scatter(torch.autograd.Function):
-    """Rows `ids` of x (ids == len(x) gives a zero row); backward adds the rows back into zeros."""
+    """Rows `ids` of x (padding ids give zero rows); backward adds the rows back into zeros."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.clamp(max=x.shape[0])
         ctx.save_for_backward(ids)
         ctx.rows = x.shape[0]
-        padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
-        return padded.index_select(0, ids)
+        return _select_rows(x, ids)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -68,8 +74,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        padded = torch.cat([grad, grad.new_zeros((1,) + tuple(grad.shape[1:]))])
-        return padded.index_select(0, ids.clamp(max=ctx.total)), None, None, None, None
+        return _select_rows(grad, ids), None, None, None, None
 
 
 class DispatchedTokens:
@@ -99,7 +104,7 @@ class DispatchedTokens:
     def split(self, h: torch.Tensor) -> torch.Tensor:
         """(S, N, C) sequence-first, all tokens -> (L, 1, C) this rank's residual-stream tokens."""
         flat = h.transpose(0, 1).reshape(self.total, -1)
-        return _Scatter.apply(flat, self.ids.clamp(max=self.total).to(h.device))[:, None]
+        return _Scatter.apply(flat, self.ids.to(h.device))[:, None]
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """(L_cp, 1, C) this cp rank's tokens -> (S, N, C) sequence-first, all tokens, on every rank."""
@@ -116,9 +121,7 @@ class DispatchedTokens:
     def rows(self, rows: torch.Tensor, stream: bool) -> torch.Tensor:
         """Per-token caption rows (N, S) (global, -1 = none) of this rank's tokens: the residual-stream part
         (stream=True) or all of the cp rank's tokens; padding gets -1."""
-        ids = self.ids if stream else self.ids_cp
-        padded = torch.cat([rows.reshape(-1), rows.new_full((1,), -1)])
-        return padded.index_select(0, ids.clamp(max=self.total).to(rows.device))
+        return _select_rows(rows.reshape(-1), self.ids if stream else self.ids_cp, fill=-1)
 
     # ------------------------------------------------------------------ attention
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ them, so the embedders on the first stage get exact gradients.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
@@ -59,14 +60,17 @@ class DiTStage(nn.Module):
         self.shape = shape
         self.ranges_fn = ranges_fn
 
+    @functools.cached_property
     def placement(self):
+        """The micro-batch's self-attention placement: every micro-batch has the same shape, so it is built
+        once (under MagiAttention's dispatch that is a collective over the cp group)."""
         s = self.shape
         return self.model.place(self.ranges_fn(s.micro_batch, s.chunks, s.tokens_per_chunk), s.micro_batch,
                                 s.chunks * s.tokens_per_chunk)
 
     def forward(self, *args: torch.Tensor):
         m = self.model
-        placement = self.placement()
+        placement = self.placement
         if m.pre_process:
             x, t, caption, caption_mask, null_rows, adaln = args
             # Caption dropout (and null captions for clean chunks) inside the stage: it is differentiable
@@ -87,7 +91,7 @@ def _boundary_tensors(stage: DiTStage, device):
     """Example tensors of what crosses a stage boundary (shapes and dtypes only)."""
     shape, cfg, dtype = stage.shape, stage.model.cfg, stage.model.dtype
     N, dn = shape.micro_batch, shape.chunks
-    (rows, batch), rope_rows = stage.model.stream_shapes(stage.placement(), N, dn * shape.tokens_per_chunk)
+    (rows, batch), rope_rows = stage.model.stream_shapes(stage.placement, N, dn * shape.tokens_per_chunk)
     H = cfg.hidden_size
     cond = int(H * cfg.cond_hidden_ratio)
     hx = int(H * cfg.xattn_cond_hidden_ratio)
