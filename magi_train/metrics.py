@@ -52,6 +52,27 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
+    def log_videos(self, step: int, videos: Dict[str, Path], fps: int) -> None:
+        """Record validation videos (name -> mp4 path): a JSON line with their paths, and wandb media.
+
+        The line has no "loss", so readers of metrics.jsonl tell the kinds of record apart by their keys."""
+        if not self.enabled:
+            return
+        paths = {name: str(path) for name, path in videos.items()}
+        line = f"step {step}/{self.max_steps} | videos " + ", ".join(f"{k} {v}" for k, v in paths.items())
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "videos": paths, "fps": fps}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            # From a file wandb copies the mp4 as it is (no moviepy, no re-encode); its frame rate is the
+            # file's own, so `fps` is not passed (wandb warns that it would be ignored).
+            self.wandb.log({name: wandb.Video(path, format="mp4") for name, path in paths.items()}, step=step)
+
     def advance(self, steps: int = 1, loss: Optional[float] = None) -> None:
         if self.bar is not None:
             self.bar.update(steps)

@@ -1,5 +1,10 @@
 """The flow-matching trainer, for any tp x cp x pp x dp layout (one process is the 1 x 1 x 1 x 1 case).
 
+Data: data.kind=synthetic draws dense batches (N samples of one shape); data.kind=webdataset streams shards
+and packs samples of any size and length into one sequence of data.seq_length tokens per micro-batch
+(`WebDatasetLoader`); each packed sample gets its own objective draw, and the loader's position is saved
+with every checkpoint so that a resumed run reads exactly the samples it had not trained on yet.
+
 One step:
     x (N, C, T, H, W) clean latents of `n` chunks, captions per chunk
     t (N, n)  per-chunk times, non-increasing along the chunk index; leading chunks may be clean context
@@ -28,9 +33,11 @@ from magi_train.checkpoint.distributed import is_distributed_checkpoint, load_tr
 from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
+from magi_train.data.loader import PackedSequence, WebDatasetLoader, merge_loader_states
+from magi_train.data.packed_inputs import PackedItem, caption_rows, pack_inputs
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
 from magi_train.diffusion.flow_matching import velocity_target
-from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, noisy_input
+from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, fixed_draw, noisy_input
 from magi_train.metrics import MetricsLogger
 from magi_train.model import magi_attention
 from magi_train.model.dit import build_dit
@@ -76,10 +83,16 @@ class Trainer:
                              f"({d.micro_batch_size}) per data-parallel rank")
         if p.pp > 1 and tc.eval_every:
             raise ValueError("trainer.eval_every > 0 is not supported with parallel.pp > 1 yet (set trainer.eval_every=0)")
+        if p.pp > 1 and tc.sample_every:
+            raise ValueError("trainer.sample_every > 0 needs the whole model on each rank: not supported with "
+                             "parallel.pp > 1 yet (set trainer.sample_every=0)")
 
         stages = p.pp * cfg.parallel.vpp
         held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
         cp_impl = magi_attention.resolve_cp_impl(cfg.parallel.cp_impl, p.cp_group)
+        if tc.sample_every and cp_impl == "magi":
+            raise ValueError("trainer.sample_every > 0 samples with the inference KV cache, which needs "
+                             "parallel.cp_impl=ulysses (MagiAttention's dispatch splits heads' tokens over ranks)")
         self.stage_ids = [sid for sid, _ in held]
         self.models = [
             build_dit(m, tp_group=p.tp_group, cp_group=p.cp_group, sequence_parallel=p.sequence_parallel, layer_ids=ids,
@@ -92,18 +105,37 @@ class Trainer:
         self.full_shapes = {k: tuple(v.shape) for k, v in build_dit(m, device="meta").named_parameters()}
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
 
-        self.dataset = SyntheticBlobDataset(d, m.caption_channels, m.caption_max_length)
-        # Another data seed gives held-out samples that the training stream never shows.
-        self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels, m.caption_max_length)
         self.out_dir = Path(tc.output_dir)
         # One writer: a writable manager tidies interrupted saves when it opens, which must not race a save.
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", tc.keep_last, read_only=not p.is_main)
-        patch = m.patch_size
-        grid = (d.latent_frames_per_chunk * d.chunks_per_sample // m.t_patch_size, d.latent_height // patch, d.latent_width // patch)
-        self.tokens_per_chunk = (d.latent_frames_per_chunk // m.t_patch_size) * grid[1] * grid[2]
-        self.shape = MicroBatchShape(
-            d.micro_batch_size, d.chunks_per_sample, self.tokens_per_chunk, m.caption_max_length, grid,
-            (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample, d.latent_height, d.latent_width))
+        self.packed = d.kind == "webdataset"
+        if self.packed:
+            if p.pp > 1 and cp_impl == "magi":
+                raise ValueError("data.kind=webdataset with parallel.pp > 1 needs parallel.cp_impl=ulysses (MagiAttention's "
+                                 "dispatch of a packed sequence has a shape per sequence; pipeline boundaries are static)")
+            # Every tensor/context/pipeline peer of a data-parallel rank reads the same streams, so they
+            # hold identical sequences without any broadcast.
+            self.loader = WebDatasetLoader(d, m, p.dp_rank, p.dp)
+            self._sequences = None  # the loader's iterator, started at the first step (after a resume)
+            self._val_sequences: Optional[List[PackedSequence]] = None
+            self.tokens_per_chunk = 0
+            P = m.out_channels // (2 if m.half_channel_vae else 1) * m.t_patch_size * m.patch_size ** 2
+            self.shape = MicroBatchShape(1, d.max_rows_per_sequence, 0, d.caption_length, (0, 0, 0), (1, P, d.seq_length),
+                                         seq_length=d.seq_length)
+        else:
+            self.dataset = SyntheticBlobDataset(d, m.caption_channels, m.caption_max_length)
+            # Another data seed gives held-out samples that the training stream never shows.
+            self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels,
+                                                 m.caption_max_length)
+            patch = m.patch_size
+            grid = (d.latent_frames_per_chunk * d.chunks_per_sample // m.t_patch_size, d.latent_height // patch,
+                    d.latent_width // patch)
+            self.tokens_per_chunk = (d.latent_frames_per_chunk // m.t_patch_size) * grid[1] * grid[2]
+            self.shape = MicroBatchShape(
+                d.micro_batch_size, d.chunks_per_sample, self.tokens_per_chunk, m.caption_max_length, grid,
+                (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample,
+                 d.latent_height, d.latent_width))
+        self.last_tokens = 0  # real (unpadded) tokens of the last step, over every data-parallel rank
         self.schedule = None
         # Without a pipeline one stage holds the whole model (built once: it keeps the attention placement).
         self.stage = DiTStage(self.models[0], self.shape) if p.pp == 1 else None
@@ -148,13 +180,16 @@ class Trainer:
     def _noise(self, stream: int, position: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=_generator(stream + position * _SAMPLE_STREAM + 1))
 
-    def micro_batches(self, dataset, indices: List[int], stream: int):
-        """This rank's micro-batches of a global batch: stage-0 inputs and [v* | loss weight] targets."""
+    def micro_batches(self, dataset, indices: List[int], stream: int, fixed_t: Optional[float] = None):
+        """This rank's micro-batches of a global batch: stage-0 inputs and [v* | loss weight] targets.
+        `fixed_t`: every chunk at that t, text-to-video, no caption dropout (validation)."""
         cfg, p = self.cfg, self.parallel
         d = cfg.data
         n = d.chunks_per_sample
         elements = d.latent_channels * d.latent_height * d.latent_width  # per latent frame
-        draws = [self._draws(stream, pos) for pos in range(len(indices))]
+        frames = n * d.latent_frames_per_chunk
+        draws = [self._draws(stream, pos) if fixed_t is None else fixed_draw(frames, d.latent_frames_per_chunk, fixed_t)
+                 for pos in range(len(indices))]
         count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
         if count == 0:
             raise ValueError("no noisy frame in the global batch (all are clean context)")
@@ -181,8 +216,57 @@ class Trainer:
         return out
 
     def step_micro_batches(self, step: int):
-        indices = self.batch_indices(step, self.global_batch)
-        return self.micro_batches(self.dataset, indices, self.cfg.trainer.seed * _STEP_STREAM + step * 1_000_000_007)
+        stream = self.cfg.trainer.seed * _STEP_STREAM + step * 1_000_000_007
+        if self.packed:
+            if self._sequences is None:
+                self._sequences = iter(self.loader)
+            return self.packed_micro_batches([next(self._sequences) for _ in range(self.num_micro)], stream)
+        self.last_tokens = self.global_batch * self.cfg.data.chunks_per_sample * self.tokens_per_chunk
+        return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream)
+
+    def packed_micro_batches(self, sequences: List[PackedSequence], stream: int, fixed_t: Optional[float] = None):
+        """This rank's packed sequences as micro-batches. Sample j of sequence k draws its objective from
+        (stream, its position (dp_rank, k, j)); the loss is normalised by the count of loss elements over
+        every data-parallel rank (one scalar all-reduce), as in the dense path."""
+        cfg, p = self.cfg, self.parallel
+        m, d = cfg.model, cfg.data
+        staged, local_count, tokens = [], 0, 0
+        for k, seq in enumerate(sequences):
+            items = []
+            for j, sample in enumerate(seq.samples):
+                C, T, H, W = sample.latent.shape
+                chunk_frames = T if T == 1 else m.chunk_width  # an image is one chunk of one frame
+                position = (p.dp_rank * self.num_micro + k) * d.max_rows_per_sequence + j
+                if fixed_t is None:
+                    draw = draw_objective(T, chunk_frames, T == 1, cfg.diffusion,
+                                          _generator(stream + position * _SAMPLE_STREAM))
+                else:
+                    draw = fixed_draw(T, chunk_frames, fixed_t)
+                items.append(self._packed_item(sample, draw, self._noise(stream, position, sample.latent.shape)))
+                local_count += int(draw.frame_weight.sum()) * C * H * W
+            staged.append(items)
+            tokens += seq.tokens
+        totals = torch.tensor([local_count, tokens], dtype=torch.float64)
+        if p.dp > 1:
+            dist.all_reduce(totals, group=p.groups.dp)
+        count, self.last_tokens = int(totals[0]), int(totals[1])
+        if count == 0:
+            raise ValueError("no noisy frame in the global batch (all are clean context)")
+        out = []
+        for items in staged:
+            inputs, target = pack_inputs(items, m, d.seq_length, d.max_rows_per_sequence, 1.0 / count)
+            out.append((tuple(v.to(p.device) for v in inputs), target.to(p.device)))
+        return out
+
+    def _packed_item(self, sample, draw: ObjectiveDraw, noise: torch.Tensor) -> PackedItem:
+        x = sample.latent.float()
+        chunks = draw.t.shape[0]
+        caption, mask, _ = caption_rows(sample.caption, sample.caption_lengths, chunks, self.cfg.data.caption_length)
+        # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
+        null_rows = draw.clean_chunks | draw.dropped
+        return PackedItem(x_t=noisy_input(x, noise, draw.frame_t), target=velocity_target(x, noise),
+                          frame_weight=draw.frame_weight, t=draw.t, caption=caption, caption_mask=mask,
+                          null_rows=null_rows, adaln_uncond=torch.full((chunks,), draw.dropped))
 
     # ------------------------------------------------------------------ forward/backward
     @contextlib.contextmanager
@@ -270,33 +354,148 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         elapsed = time.perf_counter() - started
-        tokens = self.global_batch * self.cfg.data.chunks_per_sample * self.tokens_per_chunk
-        return {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed}
+        rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": self.last_tokens / elapsed}
+        if self.packed:
+            # Real tokens over padded ones this step (MAGI-1 reports >= 99% with First-Fit-Decreasing).
+            rec["packing_util"] = self.last_tokens / (self.global_batch * self.cfg.data.seq_length)
+        return rec
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Loss on fixed held-out samples (a separate data seed) with fixed noise and times."""
+    def evaluate(self) -> Dict[str, float]:
+        """Validation loss at each trainer.eval_t: held-out samples (synthetic: another data seed; webdataset:
+        the first sequences of data.val_shards), fixed noise, every chunk at that t. Returns eval_loss/t=<t>
+        per t and their mean as eval_loss."""
+        tc = self.cfg.trainer
         for model in self.models:
             model.eval()
-        total = 0.0
-        B = self.cfg.data.micro_batch_size * self.parallel.dp
-        for i in range(self.cfg.trainer.eval_batches):
-            micro = self.micro_batches(self.held_out, list(range(i * B, (i + 1) * B)), self.cfg.trainer.seed * _EVAL_STREAM + i)
-            total += self._sum_loss(self.forward_backward(micro, backward=False))
-        for model in self.models:
-            model.train()
-        return total / self.cfg.trainer.eval_batches
+        out: Dict[str, float] = {}
+        try:
+            for t in tc.eval_t:
+                total = 0.0
+                for i in range(tc.eval_batches):
+                    stream = tc.seed * _EVAL_STREAM + i  # the same noise at every t and every evaluation
+                    if self.packed:
+                        micro = self.packed_micro_batches(self._validation_sequences()[i:i + 1], stream, fixed_t=t)
+                    else:
+                        B = self.global_batch
+                        micro = self.micro_batches(self.held_out, list(range(i * B, (i + 1) * B)), stream, fixed_t=t)
+                    total += self._sum_loss(self.forward_backward(micro, backward=False))
+                out[f"eval_loss/t={t:g}"] = total / tc.eval_batches
+        finally:
+            for model in self.models:
+                model.train()
+        out["eval_loss"] = sum(out.values()) / len(out)
+        return out
+
+    def _validation_sequences(self) -> List[PackedSequence]:
+        """The held-out packed sequences of this data-parallel rank, read once (unshuffled, one stream per rank)."""
+        if self._val_sequences is None:
+            d, p = self.cfg.data, self.parallel
+            if not d.val_shards:
+                raise ValueError("trainer.eval_every > 0 with data.kind=webdataset needs data.val_shards (held-out shards)")
+            val = replace(d, shards=d.val_shards, num_streams=p.dp, num_workers=0, shuffle_buffer=0)
+            need = self.cfg.trainer.eval_batches
+            sequences = []
+            for seq in WebDatasetLoader(val, self.cfg.model, p.dp_rank, p.dp):
+                if seq.epoch > 0:
+                    break
+                sequences.append(seq)
+                if len(sequences) == need:
+                    break
+            if len(sequences) < need:
+                raise ValueError(f"data.val_shards ({d.val_shards!r}) gives data-parallel rank {p.dp_rank} only "
+                                 f"{len(sequences)} packed sequence(s); trainer.eval_batches asks for {need}")
+            self._val_sequences = sequences
+        return self._val_sequences
+
+    def data_counters(self) -> Dict[str, float]:
+        """The loaders' counters (samples read, skipped by reason, corrupt shards, ...) over every
+        data-parallel rank, as data/<name> (collective over dp)."""
+        if not self.packed:
+            return {}
+        mine = self.loader.counters()
+        everyone = [mine]
+        if self.parallel.dp > 1:
+            everyone = [None] * self.parallel.dp
+            dist.all_gather_object(everyone, mine, group=self.parallel.groups.dp)
+        total: Dict[str, float] = {}
+        for counts in everyone:
+            for name, value in counts.items():
+                total[f"data/{name}"] = total.get(f"data/{name}", 0) + value
+        return total
+
+    def loader_state(self) -> Optional[Dict]:
+        """The merged position of every data-parallel rank's loader (collective over dp)."""
+        if not self.packed:
+            return None
+        mine = self.loader.state_dict()
+        everyone = [mine]
+        if self.parallel.dp > 1:
+            everyone = [None] * self.parallel.dp
+            dist.all_gather_object(everyone, mine, group=self.parallel.groups.dp)
+        return merge_loader_states(everyone)
+
+    def validation_videos(self) -> Dict[str, Path]:
+        """trainer.sample_count videos from held-out captions with the inference sampler (collective over the
+        model-parallel ranks; every data-parallel replica runs it too, rank 0 writes). {name: mp4 path}."""
+        from magi_infer.config import SamplerConfig
+        from magi_train.eval_videos import latent_channels, make_decoder, sample_validation_videos
+
+        tc, p, model = self.cfg.trainer, self.parallel, self.model
+        prompts, latent_hw = self._video_prompts()
+        if not hasattr(self, "_video_decoder"):
+            self._video_decoder = make_decoder(tc.sample_vae, tc.sample_vae_dir, p.device,
+                                               latent_channels=latent_channels(model))
+        # Distilled models sample with one pass per step; base models with MAGI-1's three-pass guidance.
+        sampler = SamplerConfig(num_steps=tc.sample_steps, cfg_number=1 if model.cfg.distill else 3)
+        paths = sample_validation_videos(
+            model, prompts, model.y_embedder.null_caption_embedding.detach(), latent_hw=latent_hw,
+            num_chunks=tc.sample_chunks, sampler_cfg=sampler, seed=tc.seed, decode=self._video_decoder,
+            out_dir=self.out_dir / "videos", step=self.step, fps=24, write=p.is_main)
+        return {f"video/{i}": path for i, path in enumerate(paths)}
+
+    def _video_prompts(self):
+        """([(caption (sample_chunks, L, Cc), mask)], latent (H, W) or one per prompt) of the first held-out
+        samples, each sampled at its own size. A sample with fewer chunks than trainer.sample_chunks repeats
+        its last caption row."""
+        tc, d = self.cfg.trainer, self.cfg.data
+        n = tc.sample_chunks
+        prompts = []
+
+        def rows(caption, mask):
+            idx = torch.arange(n).clamp(max=caption.shape[0] - 1)
+            return caption[idx], mask[idx]
+
+        if not self.packed:
+            for i in range(tc.sample_count):
+                item = self.held_out[i]
+                prompts.append(rows(item["caption"], item["caption_mask"]))
+            return prompts, (d.latent_height, d.latent_width)
+        sizes = []
+        for s in [s for seq in self._validation_sequences() for s in seq.samples][:tc.sample_count]:
+            caption, mask, _ = caption_rows(s.caption, s.caption_lengths, s.caption.shape[0], d.caption_length)
+            prompts.append(rows(caption, mask))
+            sizes.append(tuple(s.latent.shape[2:]))
+        return prompts, sizes
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """A checkpoint of every rank's shard (collective), resumable under any other layout."""
         extra = {"step": self.step, "config": asdict(self.cfg)}
+        if self.packed:
+            extra["data_loader"] = self.loader_state()
         return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel)
 
     def load(self, path: Path) -> None:
         if is_distributed_checkpoint(path):
             extra = load_train_state(path, self.models, self.optimizer, self.parallel)
             self.step = int(extra["step"])
+            if self.packed:
+                if extra.get("data_loader"):
+                    self.loader.load_state_dict(extra["data_loader"])
+                elif self.parallel.is_main:
+                    print(f"warning: {path} holds no data loader position (not a data.kind=webdataset run): "
+                          f"reading the shards from the start", flush=True)
         else:
             self._load_model_only(path)
         if self.parallel.is_main:
@@ -325,16 +524,19 @@ class Trainer:
         history: List[Dict[str, float]] = []
         try:
             if tc.eval_every and self.step == 0:
-                history.append({"step": 0, "eval_loss": self.evaluate()})
+                history.append({"step": 0, **self.evaluate()})
                 logger.log(history[-1])
             while self.step < last:
                 rec = self.train_step()
                 history.append(rec)
                 logger.advance(1, rec["loss"])
                 if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
-                    rec["eval_loss"] = self.evaluate()
+                    rec.update(self.evaluate())
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps or "eval_loss" in rec:
+                    rec.update(self.data_counters())
                     logger.log(rec)
+                if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
+                    logger.log_videos(self.step, self.validation_videos(), fps=24)
                 if tc.save_every and self.step % tc.save_every == 0:
                     self.save()
             if not tc.save_every or self.step % tc.save_every:

@@ -84,7 +84,9 @@ class DataConfig:
     latent_width: int = 8
     latent_channels: int = 16
     num_blobs: int = 1
-    caption_length: int = 32  # text tokens per caption row (padded; must be <= model.caption_max_length)
+    # Text tokens per caption row (<= model.caption_max_length): synthetic captions have this many; shard
+    # captions are padded or cut to it (>= model.null_caption_length), so every packed sequence has one shape.
+    caption_length: int = 32
     micro_batch_size: int = 2  # samples per forward on one data-parallel rank
     # Samples per optimizer step over all data-parallel ranks; a multiple of micro_batch_size * dp.
     # The quotient is the number of micro-batches (gradient accumulation / pipeline micro-batches).
@@ -101,6 +103,8 @@ class DataConfig:
     num_streams: int = 4  # independent shard streams over dp ranks x workers (a multiple of dp x max(1, num_workers))
     buckets: List[str] = field(default_factory=list)  # keep only these "HxW" pixel buckets; empty = all
     max_chunks: int = 0  # longer samples keep their first max_chunks chunks; 0 = no cap
+    # Held-out shards for trainer.eval_every (same format); "" = no validation loss for webdataset runs.
+    val_shards: str = ""
 
 
 @dataclass
@@ -149,10 +153,22 @@ class TrainerConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     log_every: int = 1
-    # Loss on a fixed held-out batch (fixed noise and times): a clean learning signal, unlike the noisy
-    # per-step training loss. 0 disables.
+    # Validation loss every N steps on held-out samples (synthetic: another data seed; webdataset:
+    # data.val_shards) with fixed noise, once at each of eval_t (every chunk at that t, text-to-video, no
+    # caption dropout): logged per t as eval_loss/t=<t> and their mean as eval_loss. 0 disables.
     eval_every: int = 0
-    eval_batches: int = 2
+    eval_batches: int = 2  # per t: held-out global batches (synthetic) / packed sequences per dp rank (webdataset)
+    eval_t: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    # Validation videos every N steps (0 disables): the held-out captions of sample_count samples generated
+    # with the inference sampler (sample_steps steps, no KV cache needed), written under
+    # output_dir/videos and logged to wandb as videos. Decoded with the latent colour preview (synthetic
+    # data) or the VAE in sample_vae_dir (kind vit).
+    sample_every: int = 0
+    sample_count: int = 2
+    sample_steps: int = 16
+    sample_chunks: int = 2
+    sample_vae: str = "preview"  # preview | vit
+    sample_vae_dir: Optional[str] = None
     save_every: int = 0  # 0 disables periodic checkpoints
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>

@@ -215,7 +215,7 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
     yield from _one_of("data.kind", d.kind, ("synthetic", "webdataset"))
     webdataset = d.kind == "webdataset"
     if webdataset:
-        yield from _check_webdataset(d)
+        yield from _check_webdataset(d, m)
     # The synthetic generator's sizes mean nothing to shards, which carry their own.
     synthetic_sizes = () if webdataset else (
         "num_samples", "chunks_per_sample", "latent_height", "latent_width", "num_blobs", "caption_length")
@@ -271,7 +271,7 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
 _BUCKET = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 
 
-def _check_webdataset(d: DataConfig) -> Iterator[str]:
+def _check_webdataset(d: DataConfig, m: ModelConfig) -> Iterator[str]:
     """Streamed shards packed online into one sequence of data.seq_length tokens per micro-batch."""
     if not d.shards.strip():
         yield "data.shards ('') must name the training shards (a directory, a glob or a brace pattern) for data.kind=webdataset"
@@ -282,6 +282,10 @@ def _check_webdataset(d: DataConfig) -> Iterator[str]:
     if d.micro_batch_size > 1:
         yield (f"data.micro_batch_size ({d.micro_batch_size}) must be 1 for data.kind=webdataset "
                f"(one packed sequence per micro-batch; raise data.seq_length instead)")
+    if d.caption_length > m.caption_max_length or d.caption_length < m.null_caption_length:
+        yield (f"data.caption_length ({d.caption_length}) must be in [model.null_caption_length, "
+               f"model.caption_max_length] ([{m.null_caption_length}, {m.caption_max_length}]): shard captions are "
+               f"padded or cut to it, and a dropped caption is the null caption's first null_caption_length rows")
     for bucket in d.buckets:
         if not isinstance(bucket, str) or not _BUCKET.match(bucket):
             yield f"data.buckets entry {bucket!r} must look like 'HxW' in pixels (e.g. '480x832')"
@@ -343,6 +347,13 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
     yield from _at_least("trainer", t, ("max_steps", "log_every"), 1)
     yield from _at_least("trainer", t, ("save_every", "keep_last", "num_threads", "eval_every"), 0)
     yield from _at_least("trainer", t, ("eval_batches",), 1)
+    if not t.eval_t or not all(0.0 <= v <= 1.0 for v in t.eval_t):
+        yield f"trainer.eval_t ({list(t.eval_t)}) must be a non-empty list of times in [0, 1]"
+    yield from _at_least("trainer", t, ("sample_every",), 0)
+    yield from _at_least("trainer", t, ("sample_count", "sample_steps", "sample_chunks"), 1)
+    yield from _one_of("trainer.sample_vae", t.sample_vae, ("preview", "vit"))
+    if t.sample_every and t.sample_vae == "vit" and not t.sample_vae_dir:
+        yield "trainer.sample_vae_dir must name the VAE directory when trainer.sample_vae=vit"
     yield from _one_of("trainer.precision", t.precision, ("fp32", "bf16"))
     yield from _one_of("trainer.recompute", t.recompute, ("none", "full", "selective"))
     yield from _at_least("trainer", t, ("recompute_layers",), 0)

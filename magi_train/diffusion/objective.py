@@ -74,6 +74,14 @@ def draw_objective(latent_frames: int, chunk_frames: int, is_image: bool, cfg: D
     return ObjectiveDraw(task, t, clean_chunks, clean_frames, frame_t, dropped)
 
 
+def fixed_draw(latent_frames: int, chunk_frames: int, t: float) -> ObjectiveDraw:
+    """Validation: text-to-video with every chunk at time `t` and the caption kept."""
+    chunks = latent_frames // chunk_frames
+    times = torch.full((chunks,), float(t))
+    return ObjectiveDraw("t2v", times, torch.zeros(chunks, dtype=torch.bool),
+                         torch.zeros(latent_frames, dtype=torch.bool), times.repeat_interleave(chunk_frames), False)
+
+
 def noisy_input(x: torch.Tensor, noise: torch.Tensor, frame_t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) noise + t x per latent frame; x, noise (C, T, H, W) or (N, C, T, H, W), frame_t (T,) or (N, T)."""
     tt = frame_t.to(x.dtype)

@@ -8,6 +8,7 @@ Stages are contiguous blocks of layers; with `vpp` virtual stages a rank holds v
 stream: what one stage hands to the next is
 
     h (S_local, N, H), condition (N, dn, Dc), y (N*dn, L, Hx + 1), sin, cos (S_cp, R/2)
+    [+ token_map (1, S, 2) for packed sequences: each micro-batch has its own attention ranges]
 
 (under MagiAttention's dispatch h is (L, 1, H) and sin/cos have a row per token of the cp rank)
 
@@ -27,7 +28,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from magi_train.config.schema import ParallelConfig
-from magi_train.model.attention import AttnRanges, block_causal_ranges
+from magi_train.model.attention import AttnRanges, block_causal_ranges, row_block_causal_ranges
 from magi_train.model.dit import Stream, VideoDiT
 
 
@@ -46,12 +47,27 @@ class MicroBatchShape:
     chunks: int
     tokens_per_chunk: int
     caption_length: int
-    grid: Tuple[int, int, int]  # latent (T, H, W) in patches
-    out_shape: Tuple[int, ...]  # (N, C, T, H, W) of the velocity
+    grid: Tuple[int, int, int]  # latent (T, H, W) in patches (dense batches)
+    out_shape: Tuple[int, ...]  # (N, C, T, H, W) of the velocity; (1, C*pt*p*p, S) for packed sequences
+    # Packed sequences (data.kind=webdataset): tokens per sequence; `chunks` is then the caption rows per
+    # sequence (data.max_rows_per_sequence) and `micro_batch` is 1. 0 = dense batches.
+    seq_length: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.seq_length > 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one sample (dense) or of the one packed sequence."""
+        return self.seq_length if self.packed else self.chunks * self.tokens_per_chunk
 
 
 class DiTStage(nn.Module):
-    """One pipeline stage of the DiT as the engine sees it: a module from tensors to tensors."""
+    """One pipeline stage of the DiT as the engine sees it: a module from tensors to tensors.
+
+    Inputs of the first stage: dense (x, t, caption, caption_mask, null_rows, adaln) or packed (patches, t,
+    caption, caption_mask, null_rows, adaln, coords, token_map), see `VideoDiT.embed` / `embed_packed`."""
 
     def __init__(self, model: VideoDiT, shape: MicroBatchShape,
                  ranges_fn: Callable[[int, int, int], AttnRanges] = block_causal_ranges):
@@ -62,36 +78,51 @@ class DiTStage(nn.Module):
 
     @functools.cached_property
     def placement(self):
-        """The micro-batch's self-attention placement: every micro-batch has the same shape, so it is built
+        """The self-attention placement of a dense micro-batch: every one has the same shape, so it is built
         once (under MagiAttention's dispatch that is a collective over the cp group)."""
         s = self.shape
-        return self.model.place(self.ranges_fn(s.micro_batch, s.chunks, s.tokens_per_chunk), s.micro_batch,
-                                s.chunks * s.tokens_per_chunk)
+        if s.packed:
+            raise RuntimeError("packed sequences have a placement per micro-batch (packed_placement)")
+        return self.model.place(self.ranges_fn(s.micro_batch, s.chunks, s.tokens_per_chunk), s.micro_batch, s.tokens)
+
+    def packed_placement(self, token_map: torch.Tensor):
+        """A packed sequence's placement: block-causal inside each of its samples."""
+        return self.model.place(row_block_causal_ranges(token_map), 1, self.shape.seq_length)
 
     def forward(self, *args: torch.Tensor):
         m = self.model
-        placement = self.placement
+        packed = self.shape.packed
+        token_map = args[-1] if packed else None
+        placement = self.packed_placement(token_map) if packed else self.placement
         if m.pre_process:
-            x, t, caption, caption_mask, null_rows, adaln = args
+            x, t, caption, caption_mask, null_rows, adaln = args[:6]
             # Caption dropout (and null captions for clean chunks) inside the stage: it is differentiable
             # w.r.t. the learned null caption, which lives here.
             caption, caption_mask = m.drop_captions(caption, caption_mask.bool(), null_rows.bool())
-            stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), placement=placement)
+            if packed:
+                stream = m.embed_packed(x, t, caption, caption_mask, adaln.bool(), args[6], token_map,
+                                        placement=placement)
+            else:
+                stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), placement=placement)
         else:
-            h, condition, y, sin, cos = args
-            stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos)
+            h, condition, y, sin, cos = args[:5]
+            rows = token_map[..., 0].round().long() if packed else None
+            stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos, rows)
         stream = m.run_layers(stream, placement)
         if m.post_process:
-            return m.head(stream.h, self.shape.grid, placement)
+            return m.head_tokens(stream.h, placement) if packed else m.head(stream.h, self.shape.grid, placement)
         y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
-        return tuple(v.contiguous() for v in (stream.h, stream.condition, y, stream.sin, stream.cos))
+        out = (stream.h, stream.condition, y, stream.sin, stream.cos) + ((token_map,) if packed else ())
+        return tuple(v.contiguous() for v in out)
 
 
 def _boundary_tensors(stage: DiTStage, device):
     """Example tensors of what crosses a stage boundary (shapes and dtypes only)."""
     shape, cfg, dtype = stage.shape, stage.model.cfg, stage.model.dtype
     N, dn = shape.micro_batch, shape.chunks
-    (rows, batch), rope_rows = stage.model.stream_shapes(stage.placement, N, dn * shape.tokens_per_chunk)
+    # Packed sequences: the shapes of the Ulysses split only depend on the sequence length.
+    placement = None if shape.packed else stage.placement
+    (rows, batch), rope_rows = stage.model.stream_shapes(placement, N, shape.tokens)
     H = cfg.hidden_size
     cond = int(H * cfg.cond_hidden_ratio)
     hx = int(H * cfg.xattn_cond_hidden_ratio)
@@ -102,7 +133,7 @@ def _boundary_tensors(stage: DiTStage, device):
         torch.empty(N * dn, shape.caption_length, hx + 1, dtype=dtype, device=device),
         torch.empty(rope_rows, half, device=device),
         torch.empty(rope_rows, half, device=device),
-    )
+    ) + ((torch.empty(1, shape.seq_length, 2, device=device),) if shape.packed else ())
 
 
 def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], parallel_cfg: ParallelConfig, pp_group,
