@@ -17,7 +17,13 @@ per stored piece). `read_full_model_state` holds the whole model in one process,
     optim.<parameter name>.exp_avg     full shape; the parameter's ZeRO owner (in dp x cp), TP writers
     optim.<parameter name>.exp_avg_sq  full shape; likewise
     optim.<parameter name>.step        (1,); the owner on TP rank 0
+    <prefix>.<parameter name>          full shape, the given tensors' own dtype; written like model.* (the
+                                       caller's `extra_weights`, e.g. prefix "ema": a distillation EMA)
     trainer.json                       rank 0: the caller's `extra` plus the saving "layout"
+
+`extra_weights` are further sets of per-parameter tensors (one dict per held model chunk, same names and
+local shapes as its parameters) stored and resharded exactly like the model weights; a checkpoint may hold
+sets a loader does not ask for (they are skipped), and `checkpoint_has` tells whether it holds a set.
 
 "TP writers": a TP rank holding a slice no other rank writes (`ShardSpec.writer`: replicated tensors
 and replicated KV heads are written once). A rank's pieces follow `VideoDiT.shard_spec`, so a SwiGLU
@@ -41,7 +47,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -64,6 +70,10 @@ from magi_train.parallel.zero import ShardedAdamW
 TRAINER_FILE = "trainer.json"
 DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, listing every key and box
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+RESERVED_PREFIXES = ("model", "optim", "trainer")  # not available as `extra_weights` prefixes
+
+# Prefix -> one {parameter name: local tensor} per held model chunk (parallel to `models`).
+ExtraWeights = Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
 
 # A box: its offsets in the full tensor, and the local tensor (a view) holding it.
 Box = Tuple[Tuple[int, ...], torch.Tensor]
@@ -214,6 +224,11 @@ def _full_model(models: Sequence[VideoDiT]) -> Dict[str, Tuple[Tuple[int, ...], 
     return {k: (tuple(v.shape), v.dtype) for k, v in build_dit(models[0].cfg, device="meta").state_dict().items()}
 
 
+def _full_parameter_names(models: Sequence[VideoDiT]) -> List[str]:
+    """The parameter names of the whole model (the keys an extra weight set has; buffers have none)."""
+    return [name for name, _ in build_dit(models[0].cfg, device="meta").named_parameters()]
+
+
 def _held(models: Sequence[VideoDiT]) -> Dict[str, Tuple[VideoDiT, torch.Tensor]]:
     """Parameter name -> (the model chunk holding it, its local tensor), over this rank's chunks."""
     held = {}
@@ -234,7 +249,46 @@ def _optimizer_names(optimizer: ShardedAdamW, models: Sequence[VideoDiT]) -> Dic
     return names
 
 
-def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: Parallel) -> Dict[str, Any]:
+def _check_prefix(prefix: Any) -> None:
+    if not isinstance(prefix, str) or not prefix.isidentifier() or prefix in RESERVED_PREFIXES:
+        raise ValueError(f"extra_weights prefix {prefix!r} is not allowed: it must be a Python identifier other "
+                         f"than {', '.join(map(repr, RESERVED_PREFIXES))}")
+
+
+def _extra_held(models: Sequence[VideoDiT], extra_weights: ExtraWeights | None
+                ) -> Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]]:
+    """Prefix -> parameter name -> (the model chunk, the extra tensor), after checking that every set
+    matches the models' parameters: one dict per model, same names, same local shapes."""
+    out: Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]] = {}
+    for prefix, dicts in (extra_weights or {}).items():
+        _check_prefix(prefix)
+        if isinstance(dicts, Mapping) or len(dicts) != len(models):
+            raise ValueError(f"extra_weights[{prefix!r}] must be a sequence of one dict per model "
+                             f"({len(models)}), got {type(dicts).__name__}"
+                             + ("" if isinstance(dicts, Mapping) else f" of length {len(dicts)}"))
+        held: Dict[str, Tuple[VideoDiT, torch.Tensor]] = {}
+        for i, (model, tensors) in enumerate(zip(models, dicts)):
+            params = dict(model.named_parameters())
+            missing = [name for name in params if name not in tensors]
+            unexpected = [name for name in tensors if name not in params]
+            if missing or unexpected:
+                what = (f"lacks parameter {missing[0]!r}" if missing else f"has parameter {unexpected[0]!r}, "
+                        "which the model does not")
+                raise ValueError(f"extra_weights[{prefix!r}][{i}] {what} ({len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected names)")
+            for name, p in params.items():
+                t = tensors[name]
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"extra_weights[{prefix!r}][{i}] parameter {name!r}: expected local shape "
+                                     f"{tuple(p.shape)}, got {got}")
+                held[name] = (model, t)
+        out[prefix] = held
+    return out
+
+
+def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: Parallel,
+                extra: Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]]) -> Dict[str, Any]:
     """{key: (full shape, boxes this rank writes)}; keys another rank writes are left out."""
     full = _full_model(models)
     held = _held(models)
@@ -245,6 +299,12 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
             spec = model.shard_spec(name, full[name][0])
             if spec.writer:
                 state[f"model.{name}"] = (spec.full_shape, _boxes(spec, tensor))
+        # Extra weight sets: the same boxes and writers as the parameters they shadow.
+        for prefix, tensors in extra.items():
+            for name, (model, tensor) in tensors.items():
+                spec = model.shard_spec(name, full[name][0])
+                if spec.writer:
+                    state[f"{prefix}.{name}"] = (spec.full_shape, _boxes(spec, tensor))
     names = _optimizer_names(optimizer, models)
     for opt_name, moments in optimizer.owned_state().items():
         name = names[opt_name]
@@ -262,13 +322,18 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
 
 
 def save_train_state(manager: CheckpointManager, step: int, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
-                     extra: Dict[str, Any], parallel: Parallel) -> Path:
+                     extra: Dict[str, Any], parallel: Parallel,
+                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None) -> Path:
     """Write checkpoint `step` from every rank (collective); returns its final path on every rank.
 
     `extra` is the JSON-able trainer state (rank 0's is written); the saving layout is added to it as
-    "layout". A failure on any rank fails the save on every rank and leaves the previous checkpoints as
-    they were; a crash leaves at most a `.tmp_*` directory without marker, which is never taken for a
-    checkpoint and is removed by the next writable manager."""
+    "layout". `extra_weights` (e.g. {"ema": [one dict per model]}) are further per-parameter tensors, each
+    dict with the names and local shapes of its model's parameters, saved as `<prefix>.<name>` in full
+    coordinates like the parameters (in their own dtype); a bad prefix or set raises ValueError.
+
+    A failure on any rank fails the save on every rank and leaves the previous checkpoints as they were;
+    a crash leaves at most a `.tmp_*` directory without marker, which is never taken for a checkpoint and
+    is removed by the next writable manager."""
     if "layout" in extra:
         raise ValueError('extra["layout"] is reserved: save_train_state records the saving layout there')
     layout = {"tp": parallel.tp, "cp": parallel.cp, "pp": parallel.pp, "dp": parallel.dp, "vpp": len(models),
@@ -277,7 +342,8 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
     rank, world = ranks.rank, ranks.size
 
     def prepare() -> Tuple[str, Dict[str, Any]]:
-        return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel)
+        held_extra = _extra_held(models, extra_weights)
+        return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel, held_extra)
 
     trainer, state = ranks.agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
 
@@ -324,15 +390,44 @@ def _tensor_metadata(metadata: Metadata) -> Dict[str, TensorStorageMetadata]:
     return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
+def _prefix(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _stored_prefixes(metadata: Metadata) -> List[str]:
+    return sorted({_prefix(k) for k in metadata.state_dict_metadata})
+
+
 def _check_keys(path: Path, metadata: Metadata, full: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
-                held: Dict[str, Tuple[VideoDiT, torch.Tensor]]) -> None:
+                held: Dict[str, Tuple[VideoDiT, torch.Tensor]],
+                extra: Mapping[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]] | None = None,
+                parameter_names: Sequence[str] = ()) -> None:
     """Raise naming every key that is missing, unexpected or of the wrong shape, and the dtype mismatches
-    of the parameters this rank holds (loading must be bitwise)."""
-    stored = _tensor_metadata(metadata)
+    of the parameters (and requested extra weights) this rank holds (loading must be bitwise). An extra set
+    has one key per name of `parameter_names` (the whole model's parameters).
+
+    Extra weight sets the checkpoint holds but the caller did not ask for (`extra`'s prefixes) are
+    ignored; a requested set the checkpoint lacks entirely raises naming the checkpoint and the prefix."""
+    extra = extra or {}
+    for prefix in extra:
+        if prefix not in _stored_prefixes(metadata):
+            raise ValueError(f"checkpoint {path} holds no {prefix!r} weights (it holds "
+                             f"{', '.join(map(repr, _stored_prefixes(metadata)))}); use checkpoint_has(path, "
+                             f"{prefix!r}) to check before loading")
+
+    def ignored(key: str) -> bool:  # an extra weight set nobody asked for
+        p = _prefix(key)
+        return p.isidentifier() and p not in RESERVED_PREFIXES and p not in extra
+
+    stored = {k: v for k, v in _tensor_metadata(metadata).items() if not ignored(k)}
     got: Dict[str, Any] = {k: torch.empty(v.size, dtype=v.properties.dtype, device="meta") for k, v in stored.items()}
-    got.update({k: torch.empty(0, device="meta") for k in metadata.state_dict_metadata if k not in stored})
+    got.update({k: torch.empty(0, device="meta") for k in metadata.state_dict_metadata
+                if k not in stored and not ignored(k)})
     expected: Dict[str, Tuple[Tuple[int, ...], torch.dtype | None]] = {
         f"model.{name}": (shape, held[name][1].dtype if name in held else None) for name, (shape, _) in full.items()}
+    for prefix, tensors in extra.items():
+        expected.update({f"{prefix}.{name}": (full[name][0], tensors[name][1].dtype if name in tensors else None)
+                         for name in parameter_names})
     # Optimizer state exists for the parameters that had been stepped; for each, all three parts.
     stepped = {k[len("optim."):-len(f".{m}")] for k in stored for m in (*_MOMENTS, "step")
                if k.startswith("optim.") and k.endswith(f".{m}")}
@@ -344,9 +439,15 @@ def _check_keys(path: Path, metadata: Metadata, full: Dict[str, Tuple[Tuple[int,
 
 
 def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
-                     parallel: Parallel) -> Dict[str, Any]:
+                     parallel: Parallel,
+                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None) -> Dict[str, Any]:
     """Fill the models' local parameters and the optimizer's owned state for the CURRENT layout from a
     checkpoint saved under any layout (collective). Returns the saved trainer state (with "layout").
+
+    `extra_weights` (as for `save_train_state`: per prefix, one dict per model with its parameters' names
+    and local shapes) are filled in place from the checkpoint's `<prefix>.*` tensors, which must have the
+    dicts' dtypes; a prefix the checkpoint lacks raises ValueError (see `checkpoint_has`). Extra sets the
+    checkpoint holds but that are not asked for are skipped.
 
     Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state."""
     path = Path(path)
@@ -360,11 +461,15 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
         metadata = dcp.FileSystemReader(path).read_metadata()
         full = _full_model(models)
         held = _held(models)
-        _check_keys(path, metadata, full, held)
+        held_extra = _extra_held(models, extra_weights)
+        _check_keys(path, metadata, full, held, held_extra, _full_parameter_names(models) if held_extra else ())
         stored = _tensor_metadata(metadata)
         targets: Dict[str, List[Box]] = {}
         for name, (model, tensor) in held.items():
             targets[f"model.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
+        for prefix, tensors in held_extra.items():
+            for name, (model, tensor) in tensors.items():
+                targets[f"{prefix}.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
         # The optimizer state of the parameters this rank owns NOW, in its current TP layout.
         names = _optimizer_names(optimizer, models)
         moments: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -394,17 +499,44 @@ def read_trainer_state(path: str | Path) -> Dict[str, Any]:
         return json.load(f)
 
 
-def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
-    """The full (TP=1, released-layout) model state dict of checkpoint `path`, read in this process alone
-    (no process group needed, none used if there is one), dtypes as stored. Memory: the whole model."""
-    path = Path(path)
-    verify_checkpoint(path)
+def _read_metadata(path: Path) -> Metadata:
     if not is_distributed_checkpoint(path):
         raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
-    stored = _tensor_metadata(dcp.FileSystemReader(path).read_metadata())
-    out = {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
-           if k.startswith("model.")}
-    targets = {f"model.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
+    return dcp.FileSystemReader(path).read_metadata()
+
+
+def checkpoint_has(path: str | Path, prefix: str) -> bool:
+    """Whether checkpoint `path` (written by `save_train_state`) holds weights under `prefix` ("model", or
+    an `extra_weights` prefix such as "ema"). Reads only the marker and DCP's metadata."""
+    if not isinstance(prefix, str) or not prefix.isidentifier():
+        raise ValueError(f"prefix {prefix!r} is not an identifier")
+    return prefix in _stored_prefixes(_read_metadata(Path(path)))
+
+
+def read_full_weights(path: str | Path, prefix: str = "model") -> Dict[str, torch.Tensor]:
+    """The full (TP=1, released-layout) state dict of the weights stored under `prefix` ("model", or an
+    `extra_weights` prefix such as "ema") in checkpoint `path`, keyed by parameter name, read in this process
+    alone (no process group needed, none used if there is one), dtypes as stored. Memory: the whole model.
+    A prefix the checkpoint lacks raises ValueError."""
+    if prefix != "model":
+        _check_prefix(prefix)
+    path = Path(path)
+    verify_checkpoint(path)
+    metadata = _read_metadata(path)
+    if prefix not in _stored_prefixes(metadata):
+        raise ValueError(f"checkpoint {path} holds no {prefix!r} weights (it holds "
+                         f"{', '.join(map(repr, _stored_prefixes(metadata)))})")
+    stored = _tensor_metadata(metadata)
+    out = {k[len(prefix) + 1:]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
+           if k.startswith(f"{prefix}.")}
+    targets = {f"{prefix}.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
     with _Ranks(None).dcp(f"reading checkpoint {path}"):
         dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=True)
     return out
+
+
+def read_full_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
+    """The full (TP=1, released-layout) model state dict of checkpoint `path`, read in this process alone
+    (no process group needed, none used if there is one), dtypes as stored. Memory: the whole model.
+    Only the model weights: `read_full_weights(path, prefix)` reads an extra set such as "ema"."""
+    return read_full_weights(path, "model")

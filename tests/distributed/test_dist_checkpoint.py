@@ -4,6 +4,11 @@ layout, and saved under DP4 and resumed under TP2 x PP2, with every parameter an
 to the saved ones; a failed or interrupted save never becomes the latest checkpoint; a different model
 fails naming the key and the file.
 
+The checkpoints also carry an "ema" set of extra weights (`extra_weights`, values unlike the model's): it
+reshards the same way (every local EMA tensor equals the full EMA's slice, bitwise), loads that do not ask
+for it still work, a checkpoint without it fails naming the checkpoint and the prefix, a float64 set keeps
+its dtype, and bad prefixes or sets that do not match the model fail naming the prefix and the parameter.
+
 The reference is a TP=1 model with an unsharded AdamW: every layout initialises the same full weights
 (layout-independent init) and takes one AdamW step with the same full-size random gradients, and AdamW is
 elementwise, so every layout's state is the reference's, sliced (checked for the saving layout itself,
@@ -50,12 +55,52 @@ def _optimizer(models, group):
     return ShardedAdamW([np for m in models for np in m.named_parameters()], _opt_cfg(), group=group)
 
 
-def _train_step(models, optimizer) -> None:
-    """One AdamW step with full-size gradients drawn per parameter name, sliced for the layout."""
+def _full_shapes() -> dict:
     from magi_train.model.dit import build_dit
+
+    return {k: v.shape for k, v in build_dit(tiny(**CFG), device="meta").named_parameters()}
+
+
+def _full_ema(name: str, shape) -> torch.Tensor:
+    """The full "ema" tensor of parameter `name`: random, unlike the model's weights."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f"ema.{name}".encode())))
+
+
+def _ema(models, fill: float | None = None, dtype=torch.float32) -> list:
+    """One "ema" dict per model: the local slices of the full EMA, or tensors of `fill` (load targets)."""
     from magi_train.parallel.sharding import local_from_full
 
-    full = {k: v.shape for k, v in build_dit(tiny(**CFG), device="meta").named_parameters()}
+    full = _full_shapes()
+    return [{name: (local_from_full(_full_ema(name, full[name]), model.shard_spec(name, full[name])).clone()
+                    if fill is None else torch.full(p.shape, fill)).to(dtype)
+             for name, p in model.named_parameters()} for model in models]
+
+
+def _ema_mismatches(models, ema) -> list:
+    """Names whose local "ema" tensor differs from the full EMA's slice (bitwise; NaN = never filled)."""
+    from magi_train.parallel.sharding import local_from_full
+
+    full = _full_shapes()
+    expected = {name: local_from_full(_full_ema(name, full[name]), model.shard_spec(name, full[name]))
+                for model in models for name, _ in model.named_parameters()}
+    return [f"ema {name}" for tensors in ema for name, t in tensors.items()
+            if not torch.equal(t, expected[name].to(t.dtype))]
+
+
+def _error(fn) -> str | None:
+    """The message of the ValueError `fn` raises (None if it returns)."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _train_step(models, optimizer) -> None:
+    """One AdamW step with full-size gradients drawn per parameter name, sliced for the layout."""
+    from magi_train.parallel.sharding import local_from_full
+
+    full = _full_shapes()
     for model in models:
         for name, p in model.named_parameters():
             g = torch.randn(full[name], generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
@@ -106,15 +151,16 @@ def _local_snapshot(models, optimizer) -> dict:
     return snap
 
 
-def _load_into(path, par, reference) -> tuple:
-    """A fresh stage for layout `par` (another init) loaded from `path`: what differs from the reference,
-    and the saved trainer state."""
+def _load_into(path, par, reference, ema: bool = False) -> tuple:
+    """A fresh stage for layout `par` (another init) loaded from `path` (with its "ema" set if `ema`): what
+    differs from the reference and the full EMA, and the saved trainer state."""
     from magi_train.checkpoint.distributed import load_train_state
 
     model = _stage(par, OTHER_SEED)
     optimizer = _optimizer([model], par.groups.dp_cp)
-    extra = load_train_state(path, [model], optimizer, par)
-    return _mismatches([model], optimizer, reference), extra
+    sets = {"ema": _ema([model], fill=float("nan"))} if ema else None
+    extra = load_train_state(path, [model], optimizer, par, extra_weights=sets)
+    return _mismatches([model], optimizer, reference) + (_ema_mismatches([model], sets["ema"]) if ema else []), extra
 
 
 def _round_trips(root: str, root2: str) -> dict:
@@ -138,7 +184,23 @@ def _round_trips(root: str, root2: str) -> dict:
     optimizer = _optimizer([model], par.groups.dp_cp)
     _train_step([model], optimizer)
     manager = CheckpointManager(root, keep_last=2, read_only=rank != 0)
-    path = save_train_state(manager, 1, [model], optimizer, EXTRA, par)
+    # Sets that do not fit fail on every rank before anything is written.
+    good = _ema([model])[0]
+    # A TP-sharded parameter of this stage: local shape (512, 256), full (1024, 256).
+    name = out["fc1_name"] = f"videodit_blocks.layers.{2 * par.pp_rank}.mlp.linear_fc1.weight"
+    bad_sets = {
+        "prefix_model": {"model": [good]}, "prefix_optim": {"optim": [good]}, "prefix_trainer": {"trainer": [good]},
+        "prefix_dash": {"my-ema": [good]}, "prefix_dot": {"ema.x": [good]},
+        "missing_name": {"ema": [{k: v for k, v in good.items() if k != name}]},
+        "unexpected_name": {"ema": [{**good, "not_a_param": good[name]}]},
+        "full_shape": {"ema": [{**good, name: torch.zeros(1024, 256)}]},
+        "two_dicts": {"ema": [good, good]},
+    }
+    out["save_errors"] = {label: _error(lambda sets=sets: save_train_state(manager, 1, [model], optimizer, EXTRA, par,
+                                                                            extra_weights=sets))
+                          for label, sets in bad_sets.items()}
+
+    path = save_train_state(manager, 1, [model], optimizer, EXTRA, par, extra_weights={"ema": _ema([model])})
     out["path"] = str(path)
     out["trained_vs_reference"] = _mismatches([model], optimizer, reference)
 
@@ -183,31 +245,44 @@ def _round_trips(root: str, root2: str) -> dict:
     # ---- resumed under other layouts
     layouts = {"tp2_dp2": {"tp": 2}, "dp4": {}, "cp2_dp2": {"cp": 2}}
     pars = {label: init_parallel(ParallelConfig(**layout)) for label, layout in layouts.items()}
-    for label, par in pars.items():
-        out[label] = _load_into(path, par, reference)[0]
+    for label, par in pars.items():  # the "ema" set with TP (a replicated KV head) and CP; DP4 without it
+        out[label] = _load_into(path, par, reference, ema=label != "dp4")[0]
     # Two virtual-pipeline chunks per rank.
     chunks = [_stage(pars["dp4"], OTHER_SEED, layers=[0, 1], pre=True, post=False),
               _stage(pars["dp4"], OTHER_SEED, layers=[2, 3], pre=False, post=True)]
     optimizer = _optimizer(chunks, pars["dp4"].groups.dp_cp)
-    load_train_state(path, chunks, optimizer, pars["dp4"])
-    out["two_chunks"] = _mismatches(chunks, optimizer, reference)
+    ema = _ema(chunks, fill=float("nan"))
+    load_train_state(path, chunks, optimizer, pars["dp4"], extra_weights={"ema": ema})
+    out["two_chunks"] = _mismatches(chunks, optimizer, reference) + _ema_mismatches(chunks, ema)
     # TP1 x PP1 on each rank: the whole model and an unsharded optimizer.
     whole = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
     optimizer = _optimizer([whole], None)
-    load_train_state(path, [whole], optimizer, pars["dp4"])
-    out["tp1_whole_model"] = _mismatches([whole], optimizer, reference)
-    # A one-process layout inside the larger job (the tests' oracles): each rank saves and loads alone.
+    whole_ema = _ema([whole], fill=float("nan"))
+    load_train_state(path, [whole], optimizer, pars["dp4"], extra_weights={"ema": whole_ema})
+    out["tp1_whole_model"] = _mismatches([whole], optimizer, reference) + _ema_mismatches([whole], whole_ema)
+    # Asking for a set the checkpoint lacks, or with a dict that does not fit, fails on every rank.
+    out["load_missing_prefix"] = _error(lambda: load_train_state(
+        path, [whole], _optimizer([whole], None), pars["dp4"], extra_weights={"swa": _ema([whole])}))
+    out["load_missing_name"] = _error(lambda: load_train_state(
+        path, [whole], _optimizer([whole], None), pars["dp4"],
+        extra_weights={"ema": [{k: v for k, v in _ema([whole])[0].items() if k != out["fc1_name"]}]}))
+    # A one-process layout inside the larger job (the tests' oracles): each rank saves and loads alone,
+    # here with a float64 "ema" set (the extra weights' own dtype is stored).
     alone = single_process_parallel()
-    own = save_train_state(CheckpointManager(f"{root2}_rank{rank}", keep_last=1), 3, [whole], optimizer, EXTRA, alone)
+    own = save_train_state(CheckpointManager(f"{root2}_rank{rank}", keep_last=1), 3, [whole], optimizer, EXTRA, alone,
+                           extra_weights={"ema": [{k: v.double() for k, v in whole_ema[0].items()}]})
     whole2 = build_dit(tiny(**CFG), tp_group=singleton_groups()[rank], init_seed=OTHER_SEED)
     optimizer2 = _optimizer([whole2], None)
-    load_train_state(own, [whole2], optimizer2, alone)
-    out["alone"] = _mismatches([whole2], optimizer2, reference)
+    ema64 = _ema([whole2], fill=float("nan"), dtype=torch.float64)
+    load_train_state(own, [whole2], optimizer2, alone, extra_weights={"ema": ema64})
+    out["alone"] = _mismatches([whole2], optimizer2, reference) + _ema_mismatches([whole2], ema64)
+    out["load_wrong_dtype"] = _error(lambda: load_train_state(
+        own, [whole2], _optimizer([whole2], None), alone, extra_weights={"ema": _ema([whole2])}))
 
     # ---- saved under DP4 (ZeRO: each rank owns a quarter), resumed under TP2 x PP2
     again = save_train_state(CheckpointManager(root2, keep_last=1, read_only=rank != 0), 5, [whole], optimizer,
-                             EXTRA, pars["dp4"])
-    out["dp4_to_tp2_pp2"], extra = _load_into(again, init_parallel(ParallelConfig(tp=2, pp=2)), reference)
+                             EXTRA, pars["dp4"], extra_weights={"ema": whole_ema})
+    out["dp4_to_tp2_pp2"], extra = _load_into(again, init_parallel(ParallelConfig(tp=2, pp=2)), reference, ema=True)
     out["dp4_layout"] = extra["layout"]
 
     # ---- a different model fails on every rank, naming the key and the file
@@ -230,8 +305,10 @@ def _round_trips(root: str, root2: str) -> dict:
 
 
 def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
-    from magi_train.checkpoint.distributed import read_full_model_state
+    from magi_train.checkpoint.distributed import (checkpoint_has, load_train_state, read_full_model_state,
+                                                   read_full_weights)
     from magi_train.checkpoint.manager import CheckpointManager, find_checkpoint
+    from magi_train.model.dit import build_dit
 
     root = tmp_path / "ckpt"
     results = run_ranks(4, _round_trips, str(root), str(tmp_path / "ckpt_dp4"))
@@ -251,6 +328,26 @@ def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
         assert str(step1 / ".metadata") in more, more
         fc1 = out["error_no_swiglu"]
         assert fc1 is not None and "model.videodit_blocks.layers.0.mlp.linear_fc1.weight: expected (512, 256)" in fc1, fc1
+        # Extra weight sets: every bad one raises ValueError on every rank, naming the prefix and the parameter.
+        fc1_name = out["fc1_name"]
+        assert fc1_name == f"videodit_blocks.layers.{0 if rank < 2 else 2}.mlp.linear_fc1.weight", fc1_name
+        errors = out["save_errors"]
+        for label, prefix in (("prefix_model", "'model'"), ("prefix_optim", "'optim'"), ("prefix_trainer", "'trainer'"),
+                              ("prefix_dash", "'my-ema'"), ("prefix_dot", "'ema.x'")):
+            assert errors[label] is not None and f"prefix {prefix} is not allowed" in errors[label], (label, errors[label])
+        assert errors["missing_name"] is not None and f"extra_weights['ema'][0] lacks parameter '{fc1_name}'" \
+            in errors["missing_name"], errors["missing_name"]
+        assert errors["unexpected_name"] is not None and "'ema'" in errors["unexpected_name"] \
+            and "'not_a_param'" in errors["unexpected_name"], errors["unexpected_name"]
+        assert errors["full_shape"] is not None and f"extra_weights['ema'][0] parameter '{fc1_name}': expected local " \
+            "shape (512, 256), got (1024, 256)" in errors["full_shape"], errors["full_shape"]
+        assert errors["two_dicts"] is not None and "one dict per model (1)" in errors["two_dicts"], errors["two_dicts"]
+        missing = out["load_missing_prefix"]
+        assert missing is not None and f"checkpoint {step1} holds no 'swa' weights" in missing, missing
+        assert out["load_missing_name"] is not None and f"lacks parameter '{fc1_name}'" in out["load_missing_name"]
+        wrong = out["load_wrong_dtype"]
+        assert wrong is not None and "dtype mismatches" in wrong and "ema.x_embedder.weight: expected " \
+            "torch.float32, checkpoint has torch.float64" in wrong, wrong
     assert results[0]["after_failed_save"] == ["step_00000001"]  # the failed save's temporary dir is gone
     assert results[0]["full_state_keys_equal"] and results[0]["full_state_differs"] == []
 
@@ -265,5 +362,24 @@ def test_save_tp2_pp2_resume_under_other_layouts(tmp_path: Path):
     # The converter's and inference's path: one process, no process group.
     full = read_full_model_state(step1)
     reference = results[0]["reference_state"]
-    assert sorted(full) == sorted(reference)
+    assert sorted(full) == sorted(reference)  # the model weights only, not the "ema" set
     assert all(torch.equal(full[k], reference[k]) and full[k].dtype == reference[k].dtype for k in reference)
+    assert torch.equal(read_full_weights(step1, "model")["final_linear.linear.weight"],
+                       reference["final_linear.linear.weight"])
+    # The exporter's path for the EMA: the full set, as saved (and float64 where it was saved so).
+    ema = read_full_weights(step1, "ema")
+    assert sorted(ema) == sorted(reference)
+    assert all(torch.equal(ema[k], _full_ema(k, reference[k].shape)) and ema[k].dtype == torch.float32 for k in ema)
+    ema64 = read_full_weights(tmp_path / "ckpt_dp4_rank0" / "step_00000003", "ema")
+    assert all(ema64[k].dtype == torch.float64 and torch.equal(ema64[k], _full_ema(k, reference[k].shape).double())
+               for k in reference)
+    assert checkpoint_has(step1, "ema") and checkpoint_has(step1, "model") and not checkpoint_has(step1, "swa")
+    assert "holds no 'swa' weights" in _error(lambda: read_full_weights(step1, "swa"))
+    assert "is not allowed" in _error(lambda: read_full_weights(step1, "optim"))
+
+    # TP1 in this process alone (no process group): the EMA of the TP2 x PP2 save, in place.
+    whole = build_dit(tiny(**CFG), init_seed=OTHER_SEED)
+    ema_targets = _ema([whole], fill=float("nan"))
+    load_train_state(step1, [whole], _optimizer([whole], None), None, extra_weights={"ema": ema_targets})
+    assert _ema_mismatches([whole], ema_targets) == []
+    assert all(torch.equal(p.detach(), reference[k]) for k, p in whole.named_parameters())
