@@ -89,7 +89,7 @@ class Trainer:
 
         stages = p.pp * cfg.parallel.vpp
         held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
-        cp_impl = magi_attention.resolve_cp_impl(cfg.parallel.cp_impl, p.cp_group)
+        self.cp_impl = cp_impl = magi_attention.resolve_cp_impl(cfg.parallel.cp_impl, p.cp_group)
         if tc.sample_every and cp_impl == "magi":
             raise ValueError("trainer.sample_every > 0 samples with the inference KV cache, which needs "
                              "parallel.cp_impl=ulysses (MagiAttention's dispatch splits heads' tokens over ranks)")
@@ -352,6 +352,7 @@ class Trainer:
                 if param.grad is not None:
                     param.grad.mul_(coef)
         self.optimizer.step()
+        self._after_optimizer_step()
         self.step += 1
         elapsed = time.perf_counter() - started
         rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": self.last_tokens / elapsed}
@@ -484,11 +485,24 @@ class Trainer:
         extra = {"step": self.step, "config": asdict(self.cfg)}
         if self.packed:
             extra["data_loader"] = self.loader_state()
-        return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel)
+        return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
+                                extra_weights=self._extra_weights())
+
+    # Hooks of trainers that keep more than the model and its optimizer (DistillTrainer: the EMA).
+    def _after_optimizer_step(self) -> None:
+        pass
+
+    def _extra_weights(self) -> Optional[Dict[str, List[Dict[str, torch.Tensor]]]]:
+        """Per-parameter tensors saved with the weights ({prefix: [one dict per held model]})."""
+        return None
+
+    def _extra_weights_to_load(self) -> Optional[Dict[str, List[Dict[str, torch.Tensor]]]]:
+        return None
 
     def load(self, path: Path) -> None:
         if is_distributed_checkpoint(path):
-            extra = load_train_state(path, self.models, self.optimizer, self.parallel)
+            extra = load_train_state(path, self.models, self.optimizer, self.parallel,
+                                     extra_weights=self._extra_weights_to_load())
             self.step = int(extra["step"])
             if self.packed:
                 if extra.get("data_loader"):

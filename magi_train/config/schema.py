@@ -185,6 +185,27 @@ class TrainerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Shortcut + CFG distillation (experiment=distill): a student with the step-size embedding
+    (model.distill=true), initialised from the base model `teacher`, learns v(x, t, s) for s = m/64.
+    m = 1: the teacher's three-pass guided velocity (CFG distillation); m > 1: the shortcut target, two
+    half steps of the EMA student on the 64-step inference grid (magi_train/diffusion/distill.py)."""
+
+    enabled: bool = False
+    # The base model: a checkpoint of this trainer (or a run's checkpoint root) or a released MAGI-1 directory.
+    # It initialises the student (unless the run resumes) and stays frozen as the guidance teacher.
+    teacher: str = ""
+    step_cycle: List[int] = field(default_factory=lambda: [1] * 8 + [2, 4, 8])  # m per step, cyclic
+    ema_decay: float = 0.999
+    # Which weights take the two half steps of the shortcut target: ema (the released recipe) | student.
+    shortcut_model: str = "ema"
+    # Guidance folded in at m = 1 (the released base-model inference scales, by bucket of t).
+    cfg_t_range: List[float] = field(default_factory=lambda: [0.0, 0.0217, 0.1, 0.3, 0.999])
+    prev_chunk_scales: List[float] = field(default_factory=lambda: [1.5, 1.5, 1.5, 1.0, 1.0])
+    text_scales: List[float] = field(default_factory=lambda: [7.5, 7.5, 7.5, 0.0, 0.0])
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -192,5 +213,6 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     experiment: Optional[str] = None
     tags: List[str] = field(default_factory=list)

@@ -41,6 +41,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     problems += _check_trainer(cfg.trainer)
     problems += _check_sequence_split(cfg)
     problems += _check_packing(cfg)
+    problems += _check_distill(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -305,6 +306,36 @@ def _check_packing(cfg: TrainConfig) -> Iterator[str]:
     if p.dp >= 1 and d.num_streams >= 1 and d.num_workers >= 0 and d.num_streams % readers:
         yield (f"data.num_streams ({d.num_streams}) must be a multiple of parallel.dp x max(1, data.num_workers) "
                f"({p.dp} x {max(1, d.num_workers)} = {readers})")
+
+
+def _check_distill(cfg: TrainConfig) -> Iterator[str]:
+    """Distillation runs the teacher and the EMA student inside the step: whole models on every rank."""
+    x = cfg.distill
+    if not x.enabled:
+        if cfg.model.distill:
+            yield ("model.distill=true trains the step-size embedding, which only distillation feeds: set "
+                   "distill.enabled=true (experiment=distill) or use a base model preset")
+        return
+    if not cfg.model.distill:
+        yield "distill.enabled=true needs a student with the step-size embedding: model.distill=true"
+    if not x.teacher.strip():
+        yield "distill.teacher ('') must name the base model (a checkpoint of ours or a released MAGI-1 directory)"
+    if cfg.parallel.pp > 1:
+        yield f"distill.enabled=true supports parallel.pp=1 only (got {cfg.parallel.pp}): the teacher runs whole"
+    if cfg.data.kind != "synthetic":
+        yield f"distill.enabled=true supports data.kind=synthetic only for now (got {cfg.data.kind!r})"
+    if cfg.diffusion.caption_dropout != 0:
+        yield (f"diffusion.caption_dropout ({cfg.diffusion.caption_dropout}) must be 0 when distilling: the guided "
+               f"teacher target folds the null caption in (MAGI-1 introduces no null-text token in distillation)")
+    if not 0.0 <= x.ema_decay < 1.0:
+        yield f"distill.ema_decay ({x.ema_decay}) must be in [0, 1)"
+    yield from _one_of("distill.shortcut_model", x.shortcut_model, ("ema", "student"))
+    steps = [m for m in x.step_cycle]
+    if not steps or any(not (isinstance(m, int) and m > 0 and m & (m - 1) == 0 and 64 % m == 0) for m in steps):
+        yield f"distill.step_cycle ({steps}) must be a non-empty list of powers of two dividing 64"
+    if not len(x.cfg_t_range) == len(x.prev_chunk_scales) == len(x.text_scales):
+        yield (f"distill.cfg_t_range ({len(x.cfg_t_range)}), prev_chunk_scales ({len(x.prev_chunk_scales)}) and "
+               f"text_scales ({len(x.text_scales)}) must have the same length")
 
 
 def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:

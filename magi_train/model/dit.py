@@ -292,7 +292,11 @@ class VideoDiT(nn.Module):
         if cfg.distill:
             if distill_dt is None:
                 raise ValueError("a distilled model (model.distill=true) needs distill_dt (the step-size embedding input)")
-            t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)))
+            if isinstance(distill_dt, torch.Tensor) and distill_dt.numel() > 1:  # one per sample (N,)
+                dt = distill_dt.float().reshape(N, 1).expand(N, R).flatten()
+            else:
+                dt = torch.full_like(t_flat, float(distill_dt))
+            t_emb = t_emb + self.t_embedder(dt)
         y_xattn, y_adaln = self.y_embedder(caption.float(), adaln_uncond)
         return t_emb.reshape(N, R, -1) + y_adaln, y_xattn
 

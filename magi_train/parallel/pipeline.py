@@ -66,8 +66,10 @@ class MicroBatchShape:
 class DiTStage(nn.Module):
     """One pipeline stage of the DiT as the engine sees it: a module from tensors to tensors.
 
-    Inputs of the first stage: dense (x, t, caption, caption_mask, null_rows, adaln) or packed (patches, t,
-    caption, caption_mask, null_rows, adaln, coords, token_map), see `VideoDiT.embed` / `embed_packed`."""
+    Inputs of the first stage: dense (x, t, caption, caption_mask, null_rows, adaln[, distill_dt]) or packed
+    (patches, t, caption, caption_mask, null_rows, adaln[, distill_dt], coords, token_map), see
+    `VideoDiT.embed` / `embed_packed`; distill_dt (N,) is the step-size embedding input of a distilled
+    model (model.distill), one per sample."""
 
     def __init__(self, model: VideoDiT, shape: MicroBatchShape,
                  ranges_fn: Callable[[int, int, int], AttnRanges] = block_causal_ranges):
@@ -99,11 +101,12 @@ class DiTStage(nn.Module):
             # Caption dropout (and null captions for clean chunks) inside the stage: it is differentiable
             # w.r.t. the learned null caption, which lives here.
             caption, caption_mask = m.drop_captions(caption, caption_mask.bool(), null_rows.bool())
+            dt = args[6] if m.cfg.distill else None
             if packed:
-                stream = m.embed_packed(x, t, caption, caption_mask, adaln.bool(), args[6], token_map,
+                stream = m.embed_packed(x, t, caption, caption_mask, adaln.bool(), args[-2], token_map, distill_dt=dt,
                                         placement=placement)
             else:
-                stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), placement=placement)
+                stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), distill_dt=dt, placement=placement)
         else:
             h, condition, y, sin, cos = args[:5]
             rows = token_map[..., 0].round().long() if packed else None

@@ -1,0 +1,81 @@
+"""How well a distilled model reproduces its teacher: few-step samples against the teacher's 64-step samples.
+
+For each held-out caption and noise seed, three generations run through the inference sampler
+(`StaircaseSampler`, exactly as `magi_infer/generate.py` runs them):
+
+    reference   the base (teacher) model, 64 steps, three-pass guidance   (what distillation imitates)
+    base@N      the same base model with only N steps, three-pass guidance (the undistilled shortcut)
+    student@N   the distilled model, N steps, one pass per step             (step-size input 64/N / 2)
+
+and the error of a generation is the mean squared difference of its final latents from the reference's.
+Distillation worked when student@N is closer to the reference than base@N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Sequence
+
+import torch
+
+from magi_infer.config import SamplerConfig
+from magi_infer.engine import build_model
+from magi_infer.sampler import StaircaseSampler
+from magi_train.config.schema import DataConfig, ModelConfig
+from magi_train.data.synthetic import SyntheticBlobDataset
+from magi_train.eval_videos import build_captions, latent_channels
+
+
+@dataclass
+class DistillReport:
+    steps: int
+    samples: int
+    base_error: float  # mean squared latent difference of base@steps from the 64-step reference
+    student_error: float  # the same for student@steps
+    per_sample: List[Dict[str, float]]
+
+    def lines(self) -> List[str]:
+        return [f"{self.samples} held-out samples, error = mean squared latent difference from the teacher's 64-step "
+                f"samples:",
+                f"  undistilled base model, {self.steps} steps: {self.base_error:.5f}",
+                f"  distilled student,      {self.steps} steps: {self.student_error:.5f}"
+                f"  ({self.student_error / self.base_error:.2f}x)"]
+
+
+@torch.no_grad()
+def generate(model, sampler_cfg: SamplerConfig, caption, mask, num_chunks: int, latent_hw, seed: int) -> torch.Tensor:
+    """The final latents (1, C, T, H, W) of one t2v generation (noise from a CPU generator seeded `seed`)."""
+    captions = build_captions(caption, mask, model.y_embedder.null_caption_embedding.detach(),
+                              model.cfg.null_caption_length, num_chunks)
+    H, W = latent_hw
+    noise = torch.randn(1, latent_channels(model), num_chunks * model.cfg.chunk_width, H, W,
+                        generator=torch.Generator().manual_seed(seed))
+    chunks = [c.latent for c in StaircaseSampler(model, sampler_cfg).sample(noise, captions)]
+    return torch.cat(chunks, dim=2)
+
+
+def compare(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, torch.Tensor], model_cfg: ModelConfig,
+            data_cfg: DataConfig, steps: int = 8, samples: int = 8, seed: int = 0,
+            nearly_clean_weight: float = 0.7, guidance: Sequence[Sequence[float]] = ()) -> DistillReport:
+    """Reference / base@steps / student@steps over `samples` held-out synthetic captions (data seed + 1e6, as the
+    trainer's held-out set). `guidance` = (cfg_t_range, prev_chunk_scales, text_scales) of the teacher, default
+    the released ones; `nearly_clean_weight` as the distilled sampler's blend (released 0.7)."""
+    base = build_model(replace(model_cfg, distill=False), teacher_state, "teacher").eval()
+    student = build_model(replace(model_cfg, distill=True), student_state, "student").eval()
+    held_out = SyntheticBlobDataset(replace(data_cfg, seed=data_cfg.seed + 1_000_000), model_cfg.caption_channels,
+                                    model_cfg.caption_max_length)
+    scales = dict(zip(("cfg_t_range", "prev_chunk_scales", "text_scales"), guidance)) if guidance else {}
+    reference_cfg = SamplerConfig(cfg_number=3, num_steps=64, **scales)
+    base_cfg = SamplerConfig(cfg_number=3, num_steps=steps, **scales)
+    student_cfg = SamplerConfig(cfg_number=1, num_steps=steps, nearly_clean_weight=nearly_clean_weight)
+    n = data_cfg.chunks_per_sample
+    hw = (data_cfg.latent_height, data_cfg.latent_width)
+    rows = []
+    for i in range(samples):
+        item = held_out[i]
+        args = (item["caption"], item["caption_mask"], n, hw, seed + i)
+        reference = generate(base, reference_cfg, *args)
+        rows.append({"base": float((generate(base, base_cfg, *args) - reference).square().mean()),
+                     "student": float((generate(student, student_cfg, *args) - reference).square().mean())})
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    return DistillReport(steps, samples, mean("base"), mean("student"), rows)

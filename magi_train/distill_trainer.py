@@ -1,0 +1,208 @@
+"""Shortcut + CFG distillation (experiment=distill): the trainer loop with targets from a teacher and an EMA.
+
+The student is the base model with the step-size embedding switched on (model.distill; it adds no weights:
+the timestep embedder also embeds 1/(2s)), initialised from the teacher's weights. Step `i` trains step size
+m = distill.step_cycle[i % len] (in 1/64 units of the inference grid's coordinate, see
+magi_train/diffusion/distill.py) on every sample of the batch:
+
+* m = 1: the target is the frozen teacher's guided velocity, MAGI-1's three passes (text + context,
+  null caption + context, null caption with each chunk alone) combined with the t-bucketed scales
+  distill.prev_chunk_scales / text_scales: classifier-free guidance is distilled at the finest step.
+* m > 1: the target is the shortcut average of two half steps (m/2) of the EMA student on the grid, weighted
+  by their Δt (the grid is non-uniform).
+
+Chunk times are grid points (t = G[k], k a multiple of m), so the student is trained where the m-step
+sampler evaluates it. The multi-task draw is the base trainer's (t2v / i2v / v2v, clean frames without loss);
+there is no caption dropout (the guidance is folded into the m = 1 targets). The EMA of the student is kept
+in fp32 beside each rank's parameters and saved in every checkpoint as `ema.<parameter>` (reshardable like
+the weights); inference from an EMA checkpoint: tools/convert_checkpoint.py, or sample with `self.ema`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from magi_infer.weights import load_into, load_weights
+from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_checkpoint
+from magi_train.data.synthetic import collate
+from magi_train.diffusion.distill import (EmaWeights, distill_embedding, draw_distill_times, guided_velocity,
+                                          shortcut_target, step_size_at)
+from magi_train.diffusion.objective import draw_objective, fixed_draw, noisy_input
+from magi_train.model.attention import block_causal_ranges
+from magi_train.model.dit import build_dit
+from magi_train.parallel.sharding import shard_state_dict
+from magi_train.trainer import _SAMPLE_STREAM, Trainer, _generator
+
+_DISTILL_STREAM = 3  # offset of the grid-time generator from the sample's objective generator
+
+
+class DistillTrainer(Trainer):
+    def __init__(self, cfg, parallel):
+        self._m = 1
+        self._ema: Optional[EmaWeights] = None
+        self._want_ema = self._resumed = False
+        super().__init__(cfg, parallel)  # builds the student; a resume loads it, the step and the EMA
+        x, m, p = cfg.distill, cfg.model, parallel
+        state, source = load_weights(x.teacher, replace(m, distill=False), fp8=False)
+        self.teacher = build_dit(replace(m, distill=False), tp_group=p.tp_group, cp_group=p.cp_group,
+                                 sequence_parallel=p.sequence_parallel, init_weights=False,
+                                 cp_impl=self.cp_impl).to(p.device)
+        # A teacher of another preset fails here, naming the keys and shapes that differ.
+        load_into(self.teacher, state, source, self.full_shapes, p.tp_rank, p.tp)
+        self.teacher.eval().requires_grad_(False)
+        if self.step == 0 and not self._resumed:
+            # The student starts as the teacher (the same weights; its step-size embedding is the timestep
+            # embedder it already has).
+            self.student.load_state_dict(shard_state_dict(state, m, p.tp_rank, p.tp, keys=list(self.student.state_dict())))
+        del state
+        if self._ema is None:
+            self._ema = EmaWeights(self.student.named_parameters())
+        if p.is_main:
+            print(f"distillation: teacher {source}; step sizes {list(x.step_cycle)} / 64", flush=True)
+
+    @property
+    def student(self):
+        return self.model
+
+    # ------------------------------------------------------------------ hooks of Trainer
+    def _extra_weights(self) -> Optional[Dict[str, List[Dict[str, torch.Tensor]]]]:
+        return {"ema": [self._ema.state_dict()]}
+
+    def load(self, path: Path) -> None:
+        # The EMA is filled by the checkpoint when it has one (a distillation checkpoint), else from the weights.
+        self._ema = EmaWeights(self.student.named_parameters())
+        self._want_ema = is_distributed_checkpoint(path) and checkpoint_has(path, "ema")
+        super().load(path)
+        if not self._want_ema:
+            self._ema = EmaWeights(self.student.named_parameters())
+        self._resumed = True
+
+    def _extra_weights_to_load(self) -> Optional[Dict[str, List[Dict[str, torch.Tensor]]]]:
+        return {"ema": [self._ema.state_dict()]} if self._want_ema else None
+
+    def _after_optimizer_step(self) -> None:
+        self._ema.update(self.student.named_parameters(), self.cfg.distill.ema_decay)
+
+    def step_micro_batches(self, step: int):
+        self._m = step_size_at(step, self.cfg.distill.step_cycle)
+        return super().step_micro_batches(step)
+
+    def train_step(self) -> Dict[str, float]:
+        rec = super().train_step()
+        rec["step_size"] = self._m / 64
+        return rec
+
+    def evaluate(self) -> Dict[str, float]:
+        """The student at m = 1 against the guided teacher, at the fixed eval times."""
+        self._m = 1
+        return super().evaluate()
+
+    # ------------------------------------------------------------------ batches
+    def micro_batches(self, dataset, indices: List[int], stream: int, fixed_t: Optional[float] = None):
+        """Stage-0 inputs (with the step-size input per sample) and [target | loss weight] per micro-batch."""
+        cfg, p = self.cfg, self.parallel
+        d = cfg.data
+        n, cw = d.chunks_per_sample, d.latent_frames_per_chunk
+        m = self._m
+        frames = n * cw
+        elements = d.latent_channels * d.latent_height * d.latent_width
+        draws = [draw_objective(frames, cw, False, cfg.diffusion, _generator(stream + pos * _SAMPLE_STREAM))
+                 if fixed_t is None else fixed_draw(frames, cw, fixed_t) for pos in range(len(indices))]
+        count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
+        per_rank = len(indices) // p.dp
+        out = []
+        for k in range(per_rank // d.micro_batch_size):
+            lo = p.dp_rank * per_rank + k * d.micro_batch_size
+            pos = list(range(lo, lo + d.micro_batch_size))
+            batch = collate([dataset[indices[i]] for i in pos])
+            x = batch["latent"]
+            times, frame_t = [], []
+            for i in pos:
+                draw = draws[i]
+                if fixed_t is None:
+                    grid = draw_distill_times(n, draw.clean_chunks, m,
+                                              _generator(stream + i * _SAMPLE_STREAM + _DISTILL_STREAM), clean_t=draw.t)
+                    t_i = grid.t
+                    # Clean frames (v2v context, the i2v frame) keep their nearly-clean time.
+                    frame_t.append(torch.where(draw.clean_frames, draw.frame_t, t_i.repeat_interleave(cw)))
+                    times.append((t_i, grid.t_mid, grid.dt1, grid.dt2))
+                else:
+                    frame_t.append(draw.frame_t)
+                    zero = torch.zeros(n)
+                    times.append((draw.t, draw.t, zero, zero))
+            t = torch.stack([v[0] for v in times])
+            noise = torch.stack([self._noise(stream, i, x.shape[1:]) for i in pos])
+            x_t = noisy_input(x, noise, torch.stack(frame_t))
+            clean = torch.stack([draws[i].clean_chunks for i in pos])
+            clean_frames = torch.stack([draws[i].clean_frames for i in pos])
+            caption, mask = batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1)
+            dev = p.device
+            target = self._target(m, x_t.to(dev), t.to(dev), caption.to(dev), mask.to(dev), clean.flatten().to(dev),
+                                  clean_frames.to(dev), [tuple(v.to(dev) for v in per_sample) for per_sample in times])
+            frame_weight = torch.stack([draws[i].frame_weight for i in pos])
+            weight = frame_weight[:, None, :, None, None].expand(x.shape[0], 1, *x.shape[2:]) / count
+            dt = torch.full((len(pos),), distill_embedding(m))
+            null_rows = clean.flatten()
+            no_dropout = torch.zeros(len(pos), dtype=torch.bool)
+            inputs = (x_t, t, caption, mask, null_rows, no_dropout, dt)
+            out.append((tuple(v.to(dev) for v in inputs), torch.cat([target, weight.to(dev)], dim=1)))
+        return out
+
+    @torch.no_grad()
+    def _target(self, m, x_t, t, caption, mask, clean_rows, clean_frames, times):
+        """(N, C, T, H, W) fp32 target of step size m for the micro-batch."""
+        N, n = t.shape
+        tokens = self.tokens_per_chunk
+        ranges = block_causal_ranges(N, n, tokens)
+        # Clean context chunks always see the null caption (as in the base objective and at inference).
+        text_caption, text_mask = self.teacher.drop_captions(caption, mask.bool(), clean_rows)
+        if m == 1:
+            return self._guided_teacher(x_t, t, text_caption, text_mask, caption, mask, ranges)
+        t_mid = torch.stack([v[1] for v in times])
+        dt1 = torch.stack([v[2] for v in times])
+        dt2 = torch.stack([v[3] for v in times])
+        half = distill_embedding(m // 2)
+        # The student's own null caption (it is trained; the teacher's stays as it was).
+        s_caption, s_mask = self.student.drop_captions(caption, mask.bool(), clean_rows)
+        frames = clean_frames[:, None, :, None, None]
+
+        def velocity(x, tt):
+            # Clean frames (the i2v image frame inside a noisy chunk) are pasted back, as the sampler does.
+            x = torch.where(frames, x_t, x)
+            return self.student(x, tt, s_caption, s_mask, ranges, adaln_uncond=torch.zeros(N, dtype=torch.bool,
+                                                                                            device=x.device),
+                                distill_dt=half).float()
+
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            if self.cfg.distill.shortcut_model == "ema":
+                with self._ema.swapped(self.student.named_parameters()):
+                    return shortcut_target(velocity, x_t, t, t_mid, dt1, dt2, self.cfg.data.latent_frames_per_chunk)
+            return shortcut_target(velocity, x_t, t, t_mid, dt1, dt2, self.cfg.data.latent_frames_per_chunk)
+        finally:
+            self.student.train(was_training)
+
+    def _guided_teacher(self, x_t, t, text_caption, text_mask, caption, mask, ranges):
+        """MAGI-1's three-pass guided velocity of the teacher (the sampler's cfg_number 3)."""
+        teacher, x = self.teacher, self.cfg.distill
+        N, n = t.shape
+        cw = self.cfg.data.latent_frames_per_chunk
+        every = torch.ones(N * n, dtype=torch.bool, device=x_t.device)
+        null_caption, null_mask = teacher.drop_captions(caption, mask.bool(), every)
+        yes = torch.ones(N, dtype=torch.bool, device=x_t.device)
+        v_text = teacher(x_t, t, text_caption, text_mask, ranges, adaln_uncond=~yes).float()
+        v_context = teacher(x_t, t, null_caption, null_mask, ranges, adaln_uncond=yes).float()
+        # Each chunk alone: its own sample, attending only to itself, at temporal positions from 0.
+        C, T, H, W = x_t.shape[1:]
+        alone = x_t.reshape(N, C, n, cw, H, W).permute(0, 2, 1, 3, 4, 5).reshape(N * n, C, cw, H, W)
+        v_alone = teacher(alone, t.reshape(N * n, 1), null_caption, null_mask,
+                          block_causal_ranges(N * n, 1, self.tokens_per_chunk),
+                          adaln_uncond=torch.ones(N * n, dtype=torch.bool, device=x_t.device)).float()
+        v_alone = v_alone.reshape(N, n, C, cw, H, W).permute(0, 2, 1, 3, 4, 5).reshape(N, C, T, H, W)
+        return guided_velocity(v_text, v_context, v_alone, t, cw, x.cfg_t_range, x.prev_chunk_scales, x.text_scales)
+
