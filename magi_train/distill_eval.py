@@ -39,7 +39,7 @@ class DistillReport:
                 f"samples:",
                 f"  undistilled base model, {self.steps} steps: {self.base_error:.5f}",
                 f"  distilled student,      {self.steps} steps: {self.student_error:.5f}"
-                f"  ({self.student_error / self.base_error:.2f}x)"]
+                + (f"  ({self.student_error / self.base_error:.2f}x)" if self.base_error > 0 else "")]
 
 
 @torch.no_grad()

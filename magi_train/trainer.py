@@ -225,18 +225,21 @@ class Trainer:
         return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream)
 
     def packed_micro_batches(self, sequences: List[PackedSequence], stream: int, fixed_t: Optional[float] = None):
-        """This rank's packed sequences as micro-batches. Sample j of sequence k draws its objective from
-        (stream, its position (dp_rank, k, j)); the loss is normalised by the count of loss elements over
-        every data-parallel rank (one scalar all-reduce), as in the dense path."""
+        """This rank's packed sequences as micro-batches. Sample j of a sequence draws its objective from
+        (stream, its position: the sequence's shard stream, how many sequences of that stream came before it
+        in this step, j), so a step's draws do not depend on how the streams are dealt to data-parallel ranks;
+        the loss is normalised by the count of loss elements over every data-parallel rank (one scalar
+        all-reduce), as in the dense path."""
         cfg, p = self.cfg, self.parallel
         m, d = cfg.model, cfg.data
         staged, local_count, tokens = [], 0, 0
         for k, seq in enumerate(sequences):
+            occurrence = sum(other.stream == seq.stream for other in sequences[:k])
             items = []
             for j, sample in enumerate(seq.samples):
                 C, T, H, W = sample.latent.shape
                 chunk_frames = T if T == 1 else m.chunk_width  # an image is one chunk of one frame
-                position = (p.dp_rank * self.num_micro + k) * d.max_rows_per_sequence + j
+                position = (occurrence * d.num_streams + seq.stream) * d.max_rows_per_sequence + j
                 if fixed_t is None:
                     draw = draw_objective(T, chunk_frames, T == 1, cfg.diffusion,
                                           _generator(stream + position * _SAMPLE_STREAM))

@@ -113,7 +113,8 @@ class DiTStage(nn.Module):
             stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos, rows)
         stream = m.run_layers(stream, placement)
         if m.post_process:
-            return m.head_tokens(stream.h, placement) if packed else m.head(stream.h, self.shape.grid, placement)
+            # The engine checks outputs against contiguous examples (head_tokens ends in a permute).
+            return m.head_tokens(stream.h, placement).contiguous() if packed else m.head(stream.h, self.shape.grid, placement)
         y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
         out = (stream.h, stream.condition, y, stream.sin, stream.cos) + ((token_map,) if packed else ())
         return tuple(v.contiguous() for v in out)
