@@ -24,7 +24,7 @@ pipeline stage (`magi_infer/pipeline.py`), which broadcasts it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 

@@ -14,7 +14,6 @@ import socket
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist

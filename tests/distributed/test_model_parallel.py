@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.distributed.common import emulated_magi_cp, grad_errors, inputs, nonzero_output_layer, rel_err, singleton_groups, tiny
 from tests.distributed.launch import run_ranks

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
 
 from tests.distributed.common import emulated_magi_cp, grad_errors, nonzero_output_layer, single_process_parallel, train_config
 from tests.distributed.launch import run_ranks

@@ -4,7 +4,6 @@ that recomputes every earlier chunk (fp32, same noise): they must agree to 1e-5 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
