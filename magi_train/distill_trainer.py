@@ -15,12 +15,17 @@ Chunk times are grid points (t = G[k], k a multiple of m), so the student is tra
 sampler evaluates it. The multi-task draw is the base trainer's (t2v / i2v / v2v, clean frames without loss);
 there is no caption dropout (the guidance is folded into the m = 1 targets). The EMA of the student is kept
 in fp32 beside each rank's parameters and saved in every checkpoint as `ema.<parameter>` (reshardable like
-the weights); inference from an EMA checkpoint: tools/convert_checkpoint.py, or sample with `self.ema`.
+the weights; `read_full_weights(path, "ema")` exports them).
+
+Dense batches (data=synthetic) and packed sequences (data=webdataset) get the same targets: on a packed
+sequence the teacher's passes run on the whole sequence (block-causal inside each sample; for the "alone"
+pass every chunk is its own sample), and the half steps move each token by its row's Δt.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -31,13 +36,29 @@ from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_che
 from magi_train.data.synthetic import collate
 from magi_train.diffusion.distill import (EmaWeights, distill_embedding, draw_distill_times, guided_velocity,
                                           shortcut_target, step_size_at)
-from magi_train.diffusion.objective import draw_objective, fixed_draw, noisy_input
-from magi_train.model.attention import block_causal_ranges
+from magi_train.data.packed_inputs import PackedItem, pack_inputs
+from magi_infer.guidance import cfg_scales, combine_cfg3
+from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, fixed_draw, noisy_input
+from magi_train.model.attention import block_causal_ranges, row_block_causal_ranges
 from magi_train.model.dit import build_dit
 from magi_train.parallel.sharding import shard_state_dict
 from magi_train.trainer import _SAMPLE_STREAM, Trainer, _generator
 
 _DISTILL_STREAM = 3  # offset of the grid-time generator from the sample's objective generator
+
+
+@dataclass
+class GridDraw(ObjectiveDraw):
+    """An objective draw whose noisy chunks sit on the distillation grid, with the half-step times."""
+
+    t_mid: torch.Tensor = None  # (chunks,) t after the first half step (= t for clean chunks)
+    dt1: torch.Tensor = None  # (chunks,) the two half steps (0 for clean chunks)
+    dt2: torch.Tensor = None
+
+
+def _per_token(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(R,) per caption row -> (1, 1, S) per token (0 on padding)."""
+    return torch.where(rows >= 0, values[rows.clamp(min=0)], values.new_zeros(())).reshape(1, 1, -1)
 
 
 class DistillTrainer(Trainer):
@@ -206,3 +227,97 @@ class DistillTrainer(Trainer):
         v_alone = v_alone.reshape(N, n, C, cw, H, W).permute(0, 2, 1, 3, 4, 5).reshape(N, C, T, H, W)
         return guided_velocity(v_text, v_context, v_alone, t, cw, x.cfg_t_range, x.prev_chunk_scales, x.text_scales)
 
+    # ------------------------------------------------------------------ packed sequences (data=webdataset)
+    def _sample_draw(self, latent_frames: int, stream: int, position: int, fixed_t: Optional[float]) -> ObjectiveDraw:
+        draw = super()._sample_draw(latent_frames, stream, position, fixed_t)
+        chunks = draw.t.shape[0]
+        zero = torch.zeros(chunks)
+        if fixed_t is not None:
+            return GridDraw(**vars(draw), t_mid=draw.t, dt1=zero, dt2=zero)
+        grid = draw_distill_times(chunks, draw.clean_chunks, self._m,
+                                  _generator(stream + position * _SAMPLE_STREAM + _DISTILL_STREAM), clean_t=draw.t)
+        frames = latent_frames // chunks
+        frame_t = torch.where(draw.clean_frames, draw.frame_t, grid.t.repeat_interleave(frames))
+        return GridDraw(draw.task, grid.t, draw.clean_chunks, draw.clean_frames, frame_t, False,
+                        t_mid=grid.t_mid, dt1=grid.dt1, dt2=grid.dt2)
+
+    def _packed_targets(self, items: List[PackedItem], draws, inputs, target):
+        m, R = self._m, self.cfg.data.max_rows_per_sequence
+        patches, t, caption, mask, null_rows, adaln, coords, token_map = inputs
+        weight = target[:, -1:]
+        with torch.no_grad():
+            if m == 1:
+                v = self._packed_guided(items, inputs)
+            else:
+                per_row = [torch.zeros(R, device=t.device) for _ in range(3)]
+                row = 0
+                for draw in draws:
+                    n = draw.t.shape[0]
+                    for values, src in zip(per_row, (draw.t_mid, draw.dt1, draw.dt2)):
+                        values[row:row + n] = src.to(t.device)
+                    row += n
+                v = self._packed_shortcut(inputs, weight, *per_row)
+        dt = torch.full((1,), distill_embedding(m), device=t.device)
+        return (patches, t, caption, mask, null_rows, adaln, dt, coords, token_map), torch.cat([v, weight], dim=1)
+
+    def _packed_velocity(self, model, patches, t, caption, mask, adaln, coords, token_map, dt=None) -> torch.Tensor:
+        """(1, P, S) fp32 velocity of a packed sequence (captions already dropped where they should be)."""
+        placement = model.place(row_block_causal_ranges(token_map), 1, patches.shape[1])
+        stream = model.embed_packed(patches, t, caption, mask, adaln, coords, token_map, distill_dt=dt,
+                                    placement=placement)
+        return model.head_tokens(model.run_layers(stream, placement).h, placement).float()
+
+    def _packed_guided(self, items: List[PackedItem], inputs) -> torch.Tensor:
+        """The teacher's three-pass guided velocity on a packed sequence (as `_guided_teacher` per sample)."""
+        teacher, x, d = self.teacher, self.cfg.distill, self.cfg.data
+        patches, t, caption, mask, null_rows, adaln, coords, token_map = inputs
+        R = t.shape[1]
+        text_caption, text_mask = teacher.drop_captions(caption, mask.bool(), null_rows.bool())
+        null_caption, null_mask = teacher.drop_captions(caption, mask.bool(), torch.ones_like(null_rows, dtype=torch.bool))
+        yes = torch.ones(1, R, dtype=torch.bool, device=t.device)
+        v_text = self._packed_velocity(teacher, patches, t, text_caption, text_mask, adaln.bool(), coords, token_map)
+        v_context = self._packed_velocity(teacher, patches, t, null_caption, null_mask, yes, coords, token_map)
+        # Each chunk alone: the same tokens in the same places, each chunk its own sample with RoPE from frame 0.
+        chunk_items = []
+        for item in items:
+            n = item.t.shape[0]
+            frames = item.x_t.shape[1] // n
+            for c in range(n):
+                f = slice(c * frames, (c + 1) * frames)
+                chunk_items.append(PackedItem(item.x_t[:, f], item.target[:, f], item.frame_weight[f], item.t[c:c + 1],
+                                              item.caption[c:c + 1], item.caption_mask[c:c + 1],
+                                              item.null_rows[c:c + 1], item.adaln_uncond[c:c + 1]))
+        (_, _, _, _, _, _, alone_coords, alone_map), _ = pack_inputs(chunk_items, self.cfg.model, d.seq_length, R)
+        v_alone = self._packed_velocity(teacher, patches, t, null_caption, null_mask, yes, alone_coords.to(t.device),
+                                        alone_map.to(t.device))
+        s_prev, s_text = cfg_scales(t[0].cpu(), x.cfg_t_range, x.prev_chunk_scales, x.text_scales)
+        rows = token_map[0, :, 0].round().long()
+        return combine_cfg3(v_alone, v_context, v_text, _per_token(s_prev.to(t.device), rows),
+                            _per_token(s_text.to(t.device), rows))
+
+    def _packed_shortcut(self, inputs, weight, t_mid, dt1, dt2) -> torch.Tensor:
+        """Δt-weighted two half steps (m/2) of the EMA student on a packed sequence."""
+        patches, t, caption, mask, null_rows, adaln, coords, token_map = inputs
+        student = self.student
+        rows = token_map[0, :, 0].round().long()
+        caption, mask = student.drop_captions(caption, mask.bool(), null_rows.bool())
+        half = distill_embedding(self._m // 2)
+        d1, d2 = _per_token(dt1, rows), _per_token(dt2, rows)
+        given = (weight == 0).transpose(1, 2)  # (1, S, 1): clean frames (and padding) are pasted back
+
+        def velocity(x, tt):
+            x = torch.where(given, patches, x)
+            return self._packed_velocity(student, x, tt, caption, mask, adaln.bool(), coords, token_map, dt=half)
+
+        was_training = student.training
+        student.eval()
+        try:
+            swap = self._ema.swapped(student.named_parameters()) if self.cfg.distill.shortcut_model == "ema" \
+                else contextlib.nullcontext()
+            with swap:
+                v1 = velocity(patches, t)
+                v2 = velocity(patches + (d1 * v1).transpose(1, 2), t_mid[None])
+        finally:
+            student.train(was_training)
+        total = d1 + d2
+        return torch.where(total > 0, (d1 * v1 + d2 * v2) / torch.where(total > 0, total, torch.ones_like(total)), v1)

@@ -236,18 +236,15 @@ class Trainer:
         for k, seq in enumerate(sequences):
             occurrence = sum(other.stream == seq.stream for other in sequences[:k])
             items = []
+            draws = []
             for j, sample in enumerate(seq.samples):
                 C, T, H, W = sample.latent.shape
-                chunk_frames = T if T == 1 else m.chunk_width  # an image is one chunk of one frame
                 position = (occurrence * d.num_streams + seq.stream) * d.max_rows_per_sequence + j
-                if fixed_t is None:
-                    draw = draw_objective(T, chunk_frames, T == 1, cfg.diffusion,
-                                          _generator(stream + position * _SAMPLE_STREAM))
-                else:
-                    draw = fixed_draw(T, chunk_frames, fixed_t)
+                draw = self._sample_draw(T, stream, position, fixed_t)
                 items.append(self._packed_item(sample, draw, self._noise(stream, position, sample.latent.shape)))
+                draws.append(draw)
                 local_count += int(draw.frame_weight.sum()) * C * H * W
-            staged.append(items)
+            staged.append((items, draws))
             tokens += seq.tokens
         totals = torch.tensor([local_count, tokens], dtype=torch.float64)
         if p.dp > 1:
@@ -256,10 +253,23 @@ class Trainer:
         if count == 0:
             raise ValueError("no noisy frame in the global batch (all are clean context)")
         out = []
-        for items in staged:
+        for items, draws in staged:
             inputs, target = pack_inputs(items, m, d.seq_length, d.max_rows_per_sequence, 1.0 / count)
-            out.append((tuple(v.to(p.device) for v in inputs), target.to(p.device)))
+            out.append(self._packed_targets(items, draws, tuple(v.to(p.device) for v in inputs), target.to(p.device)))
         return out
+
+    def _sample_draw(self, latent_frames: int, stream: int, position: int, fixed_t: Optional[float]) -> ObjectiveDraw:
+        """The objective draw of a packed sample (`fixed_t`: validation, every chunk at that t)."""
+        T = latent_frames
+        chunk_frames = T if T == 1 else self.cfg.model.chunk_width  # an image is one chunk of one frame
+        if fixed_t is not None:
+            return fixed_draw(T, chunk_frames, fixed_t)
+        return draw_objective(T, chunk_frames, T == 1, self.cfg.diffusion, _generator(stream + position * _SAMPLE_STREAM))
+
+    def _packed_targets(self, items: List[PackedItem], draws: List[ObjectiveDraw], inputs, target):
+        """(stage-0 inputs, [target | weight]) of one packed sequence: flow matching's as packed (DistillTrainer
+        replaces the target and adds the step-size input)."""
+        return inputs, target
 
     def _packed_item(self, sample, draw: ObjectiveDraw, noise: torch.Tensor) -> PackedItem:
         x = sample.latent.float()

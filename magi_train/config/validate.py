@@ -322,8 +322,6 @@ def _check_distill(cfg: TrainConfig) -> Iterator[str]:
         yield "distill.teacher ('') must name the base model (a checkpoint of ours or a released MAGI-1 directory)"
     if cfg.parallel.pp > 1:
         yield f"distill.enabled=true supports parallel.pp=1 only (got {cfg.parallel.pp}): the teacher runs whole"
-    if cfg.data.kind != "synthetic":
-        yield f"distill.enabled=true supports data.kind=synthetic only for now (got {cfg.data.kind!r})"
     if cfg.diffusion.caption_dropout != 0:
         yield (f"diffusion.caption_dropout ({cfg.diffusion.caption_dropout}) must be 0 when distilling: the guided "
                f"teacher target folds the null caption in (MAGI-1 introduces no null-text token in distillation)")

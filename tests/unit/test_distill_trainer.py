@@ -155,3 +155,108 @@ def test_distill_settings_are_checked(teacher, tmp_path):
         validate(replace(cfg, model=replace(cfg.model, distill=False)))
     with pytest.raises(ValueError, match="distill.teacher"):
         validate(replace(cfg, distill=replace(cfg.distill, teacher="")))
+
+
+# --- packed sequences (data=webdataset) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_setup(tmp_path_factory, parallel):
+    """Shards, a base model trained on them for two steps, and the matching distillation config."""
+    from tests.unit.test_train_webdataset import config as webdataset_config
+    from tests.shard_helpers import write_dataset
+
+    root = tmp_path_factory.mktemp("packed_distill")
+    write_dataset(root / "train", shards=2, per_shard=6, chunk_width=2, seed=4)
+    base = webdataset_config(root / "train", root / "base", max_steps=2)
+    Trainer(base, parallel).fit()
+    cfg = replace(base, model=replace(base.model, distill=True),
+                  diffusion=DiffusionConfig(caption_dropout=0.0, i2v_prob=0.0, clean_prefix_prob=0.0),
+                  distill=DistillConfig(enabled=True, teacher=str(root / "base" / "checkpoints"), cfg_t_range=T_RANGE,
+                                        prev_chunk_scales=PREV, text_scales=TEXT, shortcut_model="student"),
+                  trainer=replace(base.trainer, output_dir=str(root / "distill")))
+    return validate(cfg)
+
+
+def _dense_pieces(inputs, samples, cfg):
+    """Per sample of a packed sequence: (x_t (1, C, T, H, W), t (1, n), caption rows, mask rows, token slice)."""
+    from einops import rearrange
+
+    patches, t, caption, mask = inputs[:4]
+    pos = row = 0
+    for s in samples:
+        C, T, H, W = s.latent.shape
+        n = 1 if T == 1 else T // cfg.model.chunk_width
+        tokens = T * (H // 2) * (W // 2)
+        x = rearrange(patches[0, pos:pos + tokens], "(t h w) (c ph pw) -> 1 c t (h ph) (w pw)", t=T, h=H // 2,
+                      w=W // 2, ph=2, pw=2)
+        yield x, t[:, row:row + n], caption[row:row + n], mask[row:row + n], slice(pos, pos + tokens)
+        pos, row = pos + tokens, row + n
+
+
+def _per_sample_velocity(dense_out, sl, target):
+    from einops import rearrange
+
+    return rearrange(dense_out[0], "c t (h ph) (w pw) -> (t h w) (c ph pw)", ph=2, pw=2), target[0, :-1, sl].t()
+
+
+def test_packed_targets_equal_the_per_sample_formulas(packed_setup, parallel):
+    from magi_train.data.loader import WebDatasetLoader
+
+    trainer = DistillTrainer(packed_setup, parallel)
+    seq = next(iter(WebDatasetLoader(trainer.cfg.data, trainer.cfg.model, 0, 1)))
+    assert len(seq.samples) >= 2
+    teacher, student = trainer.teacher, trainer.student
+    with torch.no_grad():
+        student.final_linear.linear.weight.mul_(1.5)
+    # m = 1: three teacher passes per sample, combined by the formula with the scales of each chunk's t.
+    trainer._m = 1
+    (inputs, target), = trainer.packed_micro_batches([seq], stream=5)
+    assert float(inputs[6]) == 32.0
+    L = inputs[2].shape[1]
+    for x, t, caption, mask, sl in _dense_pieces(inputs, seq.samples, trainer.cfg):
+        n, cw = t.shape[1], x.shape[2] // t.shape[1]
+        tokens = x.shape[2] // n * x.shape[3] * x.shape[4] // 4
+        null = teacher.y_embedder.null_caption_embedding[:L].expand(n, -1, -1)
+        null_mask = (torch.arange(L) < teacher.cfg.null_caption_length).expand(n, -1)
+        yes = torch.ones(1, dtype=torch.bool)
+        with torch.no_grad():
+            v_text = teacher(x, t, caption, mask, block_causal_ranges(1, n, tokens))
+            v_ctx = teacher(x, t, null, null_mask, block_causal_ranges(1, n, tokens), adaln_uncond=yes)
+            v_alone = torch.cat([teacher(x[:, :, c * cw:(c + 1) * cw], t[:, c:c + 1], null[:1], null_mask[:1],
+                                         block_causal_ranges(1, 1, tokens), adaln_uncond=yes) for c in range(n)], dim=2)
+        expected = torch.zeros_like(v_text)
+        for c in range(n):
+            bucket = 0 if t[0, c] < 0.5 else 1
+            wp, wt = PREV[bucket], TEXT[bucket]
+            f = slice(c * cw, (c + 1) * cw)
+            expected[:, :, f] = (1 - wp) * v_alone[:, :, f] + (wp - wt) * v_ctx[:, :, f] + wt * v_text[:, :, f]
+        want, got = _per_sample_velocity(expected, sl, target)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # m = 2: two student half steps (m = 1, embedding 32) on the grid, Δt-weighted, per sample.
+    trainer._m = 2
+    (inputs, target), = trainer.packed_micro_batches([seq], stream=5)
+    assert float(inputs[6]) == 16.0
+    student.eval()
+    for x, t, caption, mask, sl in _dense_pieces(inputs, seq.samples, trainer.cfg):
+        n, cw = t.shape[1], x.shape[2] // t.shape[1]
+        tokens = x.shape[2] // n * x.shape[3] * x.shape[4] // 4
+        ks = [min(range(0, 65, 2), key=lambda k: abs(grid(k) - float(v))) for v in t[0]]
+        assert all(abs(grid(k) - float(v)) < 1e-7 for k, v in zip(ks, t[0]))
+        t_mid = torch.tensor([[grid(k + 1) for k in ks]])
+        d1 = (t_mid - t).repeat_interleave(cw, dim=1)[:, None, :, None, None]
+        d2 = (torch.tensor([[grid(k + 2) for k in ks]]) - t_mid).repeat_interleave(cw, dim=1)[:, None, :, None, None]
+        ranges = block_causal_ranges(1, n, tokens)
+        with torch.no_grad():
+            v1 = student(x, t, caption, mask, ranges, distill_dt=32.0)
+            v2 = student(x + d1 * v1, t_mid, caption, mask, ranges, distill_dt=32.0)
+        want, got = _per_sample_velocity((d1 * v1 + d2 * v2) / (d1 + d2), sl, target)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_trains_on_shards(packed_setup, parallel):
+    cfg = replace(packed_setup, distill=replace(packed_setup.distill, step_cycle=[1, 2]),
+                  trainer=replace(packed_setup.trainer, max_steps=4))
+    history = DistillTrainer(cfg, parallel).fit()
+    assert [h["step_size"] for h in history] == [1 / 64, 2 / 64] * 2
+    assert all(h["loss"] > 0 and h["packing_util"] > 0 for h in history)
