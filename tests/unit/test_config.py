@@ -78,10 +78,23 @@ RELEASED_24B = dict(
     ],
 )
 def test_released_presets(preset, expected):
-    cfg = load([f"model={preset}"])
+    # Training a distilled preset means distilling it (the base trainer feeds no step-size input).
+    distill = ["distill.enabled=true", "distill.teacher=/ckpt/base", "diffusion.caption_dropout=0"]
+    cfg = load([f"model={preset}"] + (distill if expected.get("distill") else []))
     assert cfg.model.name == preset
     actual = {name: getattr(cfg.model, name) for name in expected}
     assert actual == expected
+
+
+def test_a_distilled_preset_trains_only_by_distillation():
+    with pytest.raises(ConfigError, match="set distill.enabled=true"):
+        load(["model=magi1_4.5b_distill"])
+
+
+def test_experiment_distill_tiny():
+    cfg = load(["experiment=distill_tiny", "distill.teacher=runs/tiny/checkpoints"])
+    assert cfg.model.distill and cfg.distill.enabled and cfg.diffusion.caption_dropout == 0
+    assert cfg.distill.step_cycle == [1] * 8 + [2, 4, 8]
 
 
 def test_tiny_preset_is_small():

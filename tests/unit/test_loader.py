@@ -286,7 +286,8 @@ def test_a_stream_without_usable_samples_is_an_error(tmp_path):
 
 def webdataset_config(**data) -> TrainConfig:
     cfg = TrainConfig()
-    fields = dict(kind="webdataset", shards="/data/train-{000000..000009}.tar", seq_length=4096, micro_batch_size=1)
+    fields = dict(kind="webdataset", shards="/data/train-{000000..000009}.tar", seq_length=4096, micro_batch_size=1,
+                  caption_length=256)
     cfg.data = dataclasses.replace(cfg.data, **{**fields, **data})
     return cfg
 
@@ -309,6 +310,7 @@ def test_a_webdataset_config_validates():
     (dict(max_chunks=-1), {}, "data.max_chunks (-1) must be >= 0"),
     (dict(buckets=["480x832", "480*832"]), {}, "data.buckets entry '480*832' must look like 'HxW'"),
     (dict(kind="parquet"), {}, "data.kind ('parquet') must be one of 'synthetic', 'webdataset'"),
+    (dict(caption_length=10_000), {}, "data.caption_length (10000) must be in [model.null_caption_length, "),
     (dict(seq_length=4098), dict(tp=2, cp=2),
      "data.seq_length (4098) must be divisible by parallel.tp x parallel.cp (2 x 2 = 4)"),
     (dict(num_streams=6, num_workers=2), dict(dp=2),
@@ -323,5 +325,6 @@ def test_webdataset_rules_name_the_field(data, parallel, message):
 
 
 def test_synthetic_sizes_do_not_apply_to_webdataset():
-    # Shards carry their own sizes and captions; the synthetic generator's fields are not checked.
-    validate(webdataset_config(latent_height=7, caption_length=10_000, chunks_per_sample=1))
+    # Shards carry their own sizes; the synthetic generator's fields are not checked (data.caption_length is:
+    # shard captions are padded or cut to it).
+    validate(webdataset_config(latent_height=7, num_samples=0, chunks_per_sample=1))
