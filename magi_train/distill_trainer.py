@@ -33,12 +33,11 @@ import torch
 
 from magi_infer.weights import load_into, load_weights
 from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_checkpoint
-from magi_train.data.synthetic import collate
 from magi_train.diffusion.distill import (EmaWeights, distill_embedding, draw_distill_times, guided_velocity,
                                           shortcut_target, step_size_at)
 from magi_train.data.packed_inputs import PackedItem, pack_inputs
 from magi_infer.guidance import cfg_scales, combine_cfg3
-from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, fixed_draw, noisy_input
+from magi_train.diffusion.objective import ObjectiveDraw
 from magi_train.model.attention import block_causal_ranges, row_block_causal_ranges
 from magi_train.model.dit import build_dit
 from magi_train.parallel.sharding import shard_state_dict
@@ -122,60 +121,20 @@ class DistillTrainer(Trainer):
         self._m = 1
         return super().evaluate()
 
-    # ------------------------------------------------------------------ batches
-    def micro_batches(self, dataset, indices: List[int], stream: int, fixed_t: Optional[float] = None):
-        """Stage-0 inputs (with the step-size input per sample) and [target | loss weight] per micro-batch."""
-        cfg, p = self.cfg, self.parallel
-        d = cfg.data
-        n, cw = d.chunks_per_sample, d.latent_frames_per_chunk
-        m = self._m
-        frames = n * cw
-        elements = d.latent_channels * d.latent_height * d.latent_width
-        draws = [draw_objective(frames, cw, False, cfg.diffusion, _generator(stream + pos * _SAMPLE_STREAM))
-                 if fixed_t is None else fixed_draw(frames, cw, fixed_t) for pos in range(len(indices))]
-        count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
-        per_rank = len(indices) // p.dp
-        out = []
-        for k in range(per_rank // d.micro_batch_size):
-            lo = p.dp_rank * per_rank + k * d.micro_batch_size
-            pos = list(range(lo, lo + d.micro_batch_size))
-            batch = collate([dataset[indices[i]] for i in pos])
-            x = batch["latent"]
-            times, frame_t = [], []
-            for i in pos:
-                draw = draws[i]
-                if fixed_t is None:
-                    grid = draw_distill_times(n, draw.clean_chunks, m,
-                                              _generator(stream + i * _SAMPLE_STREAM + _DISTILL_STREAM), clean_t=draw.t)
-                    t_i = grid.t
-                    # Clean frames (v2v context, the i2v frame) keep their nearly-clean time.
-                    frame_t.append(torch.where(draw.clean_frames, draw.frame_t, t_i.repeat_interleave(cw)))
-                    times.append((t_i, grid.t_mid, grid.dt1, grid.dt2))
-                else:
-                    frame_t.append(draw.frame_t)
-                    zero = torch.zeros(n)
-                    times.append((draw.t, draw.t, zero, zero))
-            t = torch.stack([v[0] for v in times])
-            noise = torch.stack([self._noise(stream, i, x.shape[1:]) for i in pos])
-            x_t = noisy_input(x, noise, torch.stack(frame_t))
-            clean = torch.stack([draws[i].clean_chunks for i in pos])
-            clean_frames = torch.stack([draws[i].clean_frames for i in pos])
-            caption, mask = batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1)
-            dev = p.device
-            target = self._target(m, x_t.to(dev), t.to(dev), caption.to(dev), mask.to(dev), clean.flatten().to(dev),
-                                  clean_frames.to(dev), [tuple(v.to(dev) for v in per_sample) for per_sample in times])
-            frame_weight = torch.stack([draws[i].frame_weight for i in pos])
-            weight = frame_weight[:, None, :, None, None].expand(x.shape[0], 1, *x.shape[2:]) / count
-            dt = torch.full((len(pos),), distill_embedding(m))
-            null_rows = clean.flatten()
-            no_dropout = torch.zeros(len(pos), dtype=torch.bool)
-            inputs = (x_t, t, caption, mask, null_rows, no_dropout, dt)
-            out.append((tuple(v.to(dev) for v in inputs), torch.cat([target, weight.to(dev)], dim=1)))
-        return out
+    # ------------------------------------------------------------------ dense batches (data=synthetic)
+    def _dense_targets(self, draws, inputs, target):
+        x_t, t, caption, mask, null_rows = inputs[:5]
+        dev = x_t.device
+        per_sample = lambda name: torch.stack([getattr(d, name) for d in draws]).to(dev)  # noqa: E731
+        v = self._target(self._m, x_t, t, caption, mask, null_rows, per_sample("clean_frames"), per_sample("t_mid"),
+                         per_sample("dt1"), per_sample("dt2"))
+        dt = torch.full((len(draws),), distill_embedding(self._m), device=dev)
+        return inputs + (dt,), torch.cat([v, target[:, -1:]], dim=1)
 
     @torch.no_grad()
-    def _target(self, m, x_t, t, caption, mask, clean_rows, clean_frames, times):
-        """(N, C, T, H, W) fp32 target of step size m for the micro-batch."""
+    def _target(self, m, x_t, t, caption, mask, clean_rows, clean_frames, t_mid, dt1, dt2):
+        """(N, C, T, H, W) fp32 target of step size m for the micro-batch (clean_rows: the rows that see the null
+        caption; clean_frames (N, T); t_mid, dt1, dt2 (N, n): the half steps)."""
         N, n = t.shape
         tokens = self.tokens_per_chunk
         ranges = block_causal_ranges(N, n, tokens)
@@ -183,9 +142,6 @@ class DistillTrainer(Trainer):
         text_caption, text_mask = self.teacher.drop_captions(caption, mask.bool(), clean_rows)
         if m == 1:
             return self._guided_teacher(x_t, t, text_caption, text_mask, caption, mask, ranges)
-        t_mid = torch.stack([v[1] for v in times])
-        dt1 = torch.stack([v[2] for v in times])
-        dt2 = torch.stack([v[3] for v in times])
         half = distill_embedding(m // 2)
         # The student's own null caption (it is trained; the teacher's stays as it was).
         s_caption, s_mask = self.student.drop_captions(caption, mask.bool(), clean_rows)

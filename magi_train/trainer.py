@@ -170,13 +170,6 @@ class Trainer:
             out.append(int(perms[epoch][offset]))
         return out
 
-    def _draws(self, stream: int, position: int) -> ObjectiveDraw:
-        """Task, times, clean frames and caption dropout of the sample at `position` of a batch."""
-        d = self.cfg.data
-        g = _generator(stream + position * _SAMPLE_STREAM)
-        return draw_objective(d.chunks_per_sample * d.latent_frames_per_chunk, d.latent_frames_per_chunk, False,
-                              self.cfg.diffusion, g)
-
     def _noise(self, stream: int, position: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=_generator(stream + position * _SAMPLE_STREAM + 1))
 
@@ -187,9 +180,7 @@ class Trainer:
         d = cfg.data
         n = d.chunks_per_sample
         elements = d.latent_channels * d.latent_height * d.latent_width  # per latent frame
-        frames = n * d.latent_frames_per_chunk
-        draws = [self._draws(stream, pos) if fixed_t is None else fixed_draw(frames, d.latent_frames_per_chunk, fixed_t)
-                 for pos in range(len(indices))]
+        draws = [self._sample_draw(n * d.latent_frames_per_chunk, stream, pos, fixed_t) for pos in range(len(indices))]
         count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
         if count == 0:
             raise ValueError("no noisy frame in the global batch (all are clean context)")
@@ -212,8 +203,13 @@ class Trainer:
             inputs = (x_t, t, batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1), null_rows, dropped)
             target = torch.cat([velocity_target(x, noise), weight], dim=1)
             dev = p.device
-            out.append((tuple(v.to(dev) for v in inputs), target.to(dev)))
+            out.append(self._dense_targets([draws[i] for i in pos], tuple(v.to(dev) for v in inputs), target.to(dev)))
         return out
+
+    def _dense_targets(self, draws: List[ObjectiveDraw], inputs, target):
+        """(stage-0 inputs, [target | weight]) of one dense micro-batch: flow matching's (DistillTrainer replaces
+        the target and adds the step-size input)."""
+        return inputs, target
 
     def step_micro_batches(self, step: int):
         stream = self.cfg.trainer.seed * _STEP_STREAM + step * 1_000_000_007
@@ -259,7 +255,8 @@ class Trainer:
         return out
 
     def _sample_draw(self, latent_frames: int, stream: int, position: int, fixed_t: Optional[float]) -> ObjectiveDraw:
-        """The objective draw of a packed sample (`fixed_t`: validation, every chunk at that t)."""
+        """Task, times, clean frames and caption dropout of the sample at `position` of a batch or step
+        (`fixed_t`: validation, every chunk at that t)."""
         T = latent_frames
         chunk_frames = T if T == 1 else self.cfg.model.chunk_width  # an image is one chunk of one frame
         if fixed_t is not None:
