@@ -136,6 +136,7 @@ class Trainer:
                 (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample,
                  d.latent_height, d.latent_width))
         self.last_tokens = 0  # real (unpadded) tokens of the last step, over every data-parallel rank
+        self.skipped_steps = self.bad_steps_in_row = 0  # non-finite steps: in all, and in a row
         self.schedule = None
         # Without a pipeline one stage holds the whole model (built once: it keeps the attention placement).
         self.stage = DiTStage(self.models[0], self.shape) if p.pp == 1 else None
@@ -350,10 +351,12 @@ class Trainer:
         micro = self.step_micro_batches(step)
         self.optimizer.zero_grad()
         loss = self._sum_loss(self.forward_backward(micro))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
         finalize_model_grads(self.models, self.parallel.groups.dp_cp)
         norm = self.grad_norm()
+        # Loss and norm are reduced over every rank, so all ranks take the same decision.
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return self._skip_step(step, lr, loss, norm)
+        self.bad_steps_in_row = 0
         clip = self.cfg.optimizer.clip_grad
         if clip > 0:
             # torch.nn.utils.clip_grad_norm_'s formula, applied with the global norm.
@@ -369,7 +372,24 @@ class Trainer:
         if self.packed:
             # Real tokens over padded ones this step (MAGI-1 reports >= 99% with First-Fit-Decreasing).
             rec["packing_util"] = self.last_tokens / (self.global_batch * self.cfg.data.seq_length)
+        if self.skipped_steps:
+            rec["skipped_steps"] = self.skipped_steps
         return rec
+
+    def _skip_step(self, step: int, lr: float, loss: float, norm: float) -> Dict[str, float]:
+        """A step with a NaN/inf loss or gradient: no update (its batch is spent, the schedule moves on)."""
+        limit = self.cfg.trainer.max_bad_steps
+        self.optimizer.zero_grad()
+        self.skipped_steps += 1
+        self.bad_steps_in_row += 1
+        if self.bad_steps_in_row > limit:
+            raise FloatingPointError(f"loss {loss} / gradient norm {norm} at step {step}: {self.bad_steps_in_row} "
+                                     f"non-finite steps in a row, more than trainer.max_bad_steps={limit}")
+        if self.parallel.is_main:
+            print(f"warning: step {step} skipped (loss {loss}, gradient norm {norm}); {self.bad_steps_in_row} in a row, "
+                  f"trainer.max_bad_steps={limit}", flush=True)
+        self.step += 1
+        return {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped_steps": self.skipped_steps}
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -492,7 +512,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """A checkpoint of every rank's shard (collective), resumable under any other layout."""
-        extra = {"step": self.step, "config": asdict(self.cfg)}
+        extra = {"step": self.step, "config": asdict(self.cfg), "skipped_steps": self.skipped_steps}
         if self.packed:
             extra["data_loader"] = self.loader_state()
         return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
@@ -514,6 +534,7 @@ class Trainer:
             extra = load_train_state(path, self.models, self.optimizer, self.parallel,
                                      extra_weights=self._extra_weights_to_load())
             self.step = int(extra["step"])
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
             if self.packed:
                 if extra.get("data_loader"):
                     self.loader.load_state_dict(extra["data_loader"])
@@ -572,7 +593,7 @@ class Trainer:
 
 def summarize(history: List[Dict[str, float]], window: Optional[int] = None) -> Dict[str, float]:
     """First/last-window means of the training loss and of the held-out loss, and the relative drop."""
-    losses = [h["loss"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
     w = window or max(1, math.ceil(len(losses) / 10))
     out = {"first_loss": sum(losses[:w]) / w, "last_loss": sum(losses[-w:]) / w}
     out["loss_drop"] = 1 - out["last_loss"] / out["first_loss"]

@@ -173,6 +173,9 @@ class TrainerConfig:
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>
     output_dir: str = "runs/default"
+    # Steps whose loss or gradient norm is NaN/inf are skipped (no update; counted and logged as
+    # skipped_steps); more than this many in a row stop the run. 0 stops at the first.
+    max_bad_steps: int = 3
     progress_bar: bool = True
     deterministic: bool = True  # torch deterministic algorithms (CPU runs are then bit-reproducible)
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default

@@ -374,7 +374,7 @@ def _check_optimizer(o: OptimizerConfig) -> Iterator[str]:
 
 def _check_trainer(t: TrainerConfig) -> Iterator[str]:
     yield from _at_least("trainer", t, ("max_steps", "log_every"), 1)
-    yield from _at_least("trainer", t, ("save_every", "keep_last", "num_threads", "eval_every"), 0)
+    yield from _at_least("trainer", t, ("save_every", "keep_last", "num_threads", "eval_every", "max_bad_steps"), 0)
     yield from _at_least("trainer", t, ("eval_batches",), 1)
     if not t.eval_t or not all(0.0 <= v <= 1.0 for v in t.eval_t):
         yield f"trainer.eval_t ({list(t.eval_t)}) must be a non-empty list of times in [0, 1]"

@@ -85,3 +85,27 @@ def test_resume_with_another_model_preset_names_the_mismatch(tmp_path, parallel)
     wider = replace(cfg, model=replace(cfg.model, ffn_hidden_size=256), trainer=replace(cfg.trainer, resume="auto"))
     with pytest.raises(ValueError, match=r"linear_fc1.weight.*\(512, 256\).*\(256, 256\)|linear_fc1.weight"):
         Trainer(wider, parallel)
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, parallel, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, max_bad_steps=1), parallel)
+    trainer.train_step()
+    real = trainer.forward_backward
+    poisoned = {2, 4, 5}  # step 2 alone; then 4 and 5 in a row, one more than max_bad_steps allows
+
+    def forward_backward(micro, backward=True):
+        total = real(micro, backward)
+        return total * float("nan") if trainer.step in poisoned else total
+
+    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
+    trainer.train_step()  # step 1: fine
+    before = {k: v.detach().clone() for k, v in trainer.named_parameters()}
+    rec = trainer.train_step()  # step 2: NaN loss -> no update, counted
+    assert math.isnan(rec["loss"]) and rec["skipped_steps"] == 1 and trainer.step == 3
+    assert all(torch.equal(before[k], v) for k, v in trainer.named_parameters())
+    rec = trainer.train_step()  # step 3: fine again, the count stays in the log
+    assert math.isfinite(rec["loss"]) and rec["skipped_steps"] == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.named_parameters())
+    trainer.train_step()  # step 4: skipped (1 in a row)
+    with pytest.raises(FloatingPointError, match="trainer.max_bad_steps=1"):
+        trainer.train_step()  # step 5: the second in a row
