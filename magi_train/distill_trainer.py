@@ -138,9 +138,9 @@ class DistillTrainer(Trainer):
         N, n = t.shape
         tokens = self.tokens_per_chunk
         ranges = block_causal_ranges(N, n, tokens)
-        # Clean context chunks always see the null caption (as in the base objective and at inference).
-        text_caption, text_mask = self.teacher.drop_captions(caption, mask.bool(), clean_rows)
         if m == 1:
+            # Clean context chunks always see the null caption (as in the base objective and at inference).
+            text_caption, text_mask = self.teacher.drop_captions(caption, mask.bool(), clean_rows)
             return self._guided_teacher(x_t, t, text_caption, text_mask, caption, mask, ranges)
         half = distill_embedding(m // 2)
         # The student's own null caption (it is trained; the teacher's stays as it was).

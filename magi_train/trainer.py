@@ -137,6 +137,7 @@ class Trainer:
                  d.latent_height, d.latent_width))
         self.last_tokens = 0  # real (unpadded) tokens of the last step, over every data-parallel rank
         self.skipped_steps = self.bad_steps_in_row = 0  # non-finite steps: in all, and in a row
+        self._video_decoder = None  # built at the first validation video
         self.schedule = None
         # Without a pipeline one stage holds the whole model (built once: it keeps the attention placement).
         self.stage = DiTStage(self.models[0], self.shape) if p.pp == 1 else None
@@ -272,7 +273,7 @@ class Trainer:
     def _packed_item(self, sample, draw: ObjectiveDraw, noise: torch.Tensor) -> PackedItem:
         x = sample.latent.float()
         chunks = draw.t.shape[0]
-        caption, mask, _ = caption_rows(sample.caption, sample.caption_lengths, chunks, self.cfg.data.caption_length)
+        caption, mask = caption_rows(sample.caption, sample.caption_lengths, chunks, self.cfg.data.caption_length)
         # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
         null_rows = draw.clean_chunks | draw.dropped
         return PackedItem(x_t=noisy_input(x, noise, draw.frame_t), target=velocity_target(x, noise),
@@ -423,7 +424,8 @@ class Trainer:
         if self._val_sequences is None:
             d, p = self.cfg.data, self.parallel
             if not d.val_shards:
-                raise ValueError("trainer.eval_every > 0 with data.kind=webdataset needs data.val_shards (held-out shards)")
+                raise ValueError("trainer.eval_every / trainer.sample_every > 0 with data.kind=webdataset need "
+                                 "data.val_shards (held-out shards)")
             val = replace(d, shards=d.val_shards, num_streams=p.dp, num_workers=0, shuffle_buffer=0)
             need = self.cfg.trainer.eval_batches
             sequences = []
@@ -444,13 +446,8 @@ class Trainer:
         data-parallel rank, as data/<name> (collective over dp)."""
         if not self.packed:
             return {}
-        mine = self.loader.counters()
-        everyone = [mine]
-        if self.parallel.dp > 1:
-            everyone = [None] * self.parallel.dp
-            dist.all_gather_object(everyone, mine, group=self.parallel.groups.dp)
         total: Dict[str, float] = {}
-        for counts in everyone:
+        for counts in self._gather_dp(self.loader.counters()):
             for name, value in counts.items():
                 total[f"data/{name}"] = total.get(f"data/{name}", 0) + value
         return total
@@ -459,12 +456,15 @@ class Trainer:
         """The merged position of every data-parallel rank's loader (collective over dp)."""
         if not self.packed:
             return None
-        mine = self.loader.state_dict()
-        everyone = [mine]
-        if self.parallel.dp > 1:
-            everyone = [None] * self.parallel.dp
-            dist.all_gather_object(everyone, mine, group=self.parallel.groups.dp)
-        return merge_loader_states(everyone)
+        return merge_loader_states(self._gather_dp(self.loader.state_dict()))
+
+    def _gather_dp(self, obj) -> List:
+        """`obj` of every data-parallel rank, in rank order (collective over dp)."""
+        if self.parallel.dp == 1:
+            return [obj]
+        everyone = [None] * self.parallel.dp
+        dist.all_gather_object(everyone, obj, group=self.parallel.groups.dp)
+        return everyone
 
     def validation_videos(self) -> Dict[str, Path]:
         """trainer.sample_count videos from held-out captions with the inference sampler (collective over the
@@ -474,7 +474,7 @@ class Trainer:
 
         tc, p, model = self.cfg.trainer, self.parallel, self.model
         prompts, latent_hw = self._video_prompts()
-        if not hasattr(self, "_video_decoder"):
+        if self._video_decoder is None:
             self._video_decoder = make_decoder(tc.sample_vae, tc.sample_vae_dir, p.device,
                                                latent_channels=latent_channels(model))
         # Distilled models sample with one pass per step; base models with MAGI-1's three-pass guidance.
@@ -504,7 +504,7 @@ class Trainer:
             return prompts, (d.latent_height, d.latent_width)
         sizes = []
         for s in [s for seq in self._validation_sequences() for s in seq.samples][:tc.sample_count]:
-            caption, mask, _ = caption_rows(s.caption, s.caption_lengths, s.caption.shape[0], d.caption_length)
+            caption, mask = caption_rows(s.caption, s.caption_lengths, s.caption.shape[0], d.caption_length)
             prompts.append(rows(caption, mask))
             sizes.append(tuple(s.latent.shape[2:]))
         return prompts, sizes

@@ -87,16 +87,14 @@ def pack_inputs(items: List[PackedItem], cfg: ModelConfig, seq_length: int, max_
 
 
 def caption_rows(caption: torch.Tensor, lengths: torch.Tensor, chunks: int, length: int):
-    """(rows (chunks, length, D), mask (chunks, length), cut) for a sample's (R, L, D) caption features with
-    R = 1 (shared by every chunk) or R = chunks. Rows are padded, or cut, to `length` tokens so that every
-    packed sequence has the same caption shape (the pipeline's stage boundaries are static); `cut` counts
-    the rows that lost tokens."""
+    """(rows (chunks, length, D), mask (chunks, length)) for a sample's (R, L, D) caption features with R = 1
+    (shared by every chunk) or R = chunks. Rows are padded, or cut, to `length` tokens so that every packed
+    sequence has the same caption shape (the pipeline's stage boundaries are static)."""
     R, L, D = caption.shape
     if R not in (1, chunks):
         raise ValueError(f"{R} caption rows for {chunks} chunks (must be 1 or one per chunk)")
     rows = torch.zeros(R, length, D)
     keep = min(L, length)
     rows[:, :keep] = caption[:, :keep].float()
-    cut = int((lengths > length).sum()) * (chunks // R)
     mask = torch.arange(length)[None] < lengths.clamp(max=length)[:, None]
-    return rows.expand(chunks, -1, -1), mask.expand(chunks, -1), cut
+    return rows.expand(chunks, -1, -1), mask.expand(chunks, -1)
