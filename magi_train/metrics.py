@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import json
+import netrc
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from tqdm.auto import tqdm
 
-from magi_train.config.schema import TrainerConfig
+from magi_train.config.schema import TrainerConfig, WandbConfig
+
+_LINE_KEYS = (("loss", ".4f"), ("eval_loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".2e"), ("tokens_per_s", ".0f"),
+              ("samples_per_s", ".2f"), ("mfu", ".3f"), ("time/step", ".3f"), ("skipped_steps", "d"))
 
 
 def format_record(rec: Dict[str, Any], max_steps: int) -> str:
     parts = [f"step {rec['step']}/{max_steps}"]
-    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".2e"), ("tokens_per_s", ".0f")):
+    for key, fmt in _LINE_KEYS:
         if key in rec:
             parts.append(f"{key} {rec[key]:{fmt}}")
     return " | ".join(parts)
+
+
+def wandb_key_configured() -> bool:
+    """An API key as wandb itself finds one: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(cfg: WandbConfig) -> str:
+    """trainer.wandb.mode with `auto` resolved: online with a key, else offline."""
+    if cfg.mode == "auto":
+        return "online" if wandb_key_configured() else "offline"
+    if cfg.mode == "online" and not wandb_key_configured():
+        raise ValueError("trainer.wandb.mode=online needs a wandb API key (WANDB_API_KEY or `wandb login`); "
+                         "use trainer.wandb.mode=offline (or auto) to log to files without one")
+    return cfg.mode
 
 
 class MetricsLogger:
@@ -31,11 +57,14 @@ class MetricsLogger:
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.progress_bar:
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        if cfg.wandb.mode != "disabled":
+        mode = resolve_wandb_mode(cfg.wandb)
+        if mode != "disabled":
             import wandb
 
+            print(f"wandb: {mode}" + (" (no API key configured)" if cfg.wandb.mode == "auto" and mode == "offline"
+                                      else ""), flush=True)
             self.wandb = wandb.init(
-                project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode, dir=str(out_dir),
+                project=cfg.wandb.project, name=cfg.wandb.name, mode=mode, dir=str(out_dir),
                 config=run_config, resume="allow", settings=wandb.Settings(silent=True),
             )
 

@@ -38,6 +38,7 @@ from magi_train.data.packed_inputs import PackedItem, caption_rows, pack_inputs
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
 from magi_train.diffusion.flow_matching import velocity_target
 from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, fixed_draw, noisy_input
+from magi_train.flops import SampleShape, train_flops
 from magi_train.metrics import MetricsLogger
 from magi_train.model import magi_attention
 from magi_train.model.dit import build_dit
@@ -47,6 +48,9 @@ from magi_train.parallel.groups import Parallel
 from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule, stage_layers
 from magi_train.parallel.sharding import shard_state_dict
 from magi_train.parallel.zero import ShardedAdamW
+from magi_train.step_timer import StepTimer
+from magi_train.stop import StopRequest
+from magi_train.throughput import peak_flops_per_device, throughput_record
 
 # Streams derived from the run seed; distinct multipliers keep them independent.
 _STEP_STREAM = 1_000_003
@@ -136,6 +140,12 @@ class Trainer:
                 (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample,
                  d.latent_height, d.latent_width))
         self.last_tokens = 0  # real (unpadded) tokens of the last step, over every data-parallel rank
+        self.last_samples = 0  # samples of the last step, over every data-parallel rank
+        self.last_flops = 0  # model FLOPs of the last step's forward and backward (magi_train/flops.py), all ranks
+        self.timer = StepTimer(p.device, tc.step_timers)
+        self.peak_flops = peak_flops_per_device(tc.peak_tflops, p.device)
+        stop_file = self.out_dir / tc.stop_file if tc.stop_file else None
+        self.stop = StopRequest(stop_file, tc.stop_signals, p.device, p.is_main)
         self.skipped_steps = self.bad_steps_in_row = 0  # non-finite steps: in all, and in a row
         self._video_decoder = None  # built at the first validation video
         self.schedule = None
@@ -145,9 +155,25 @@ class Trainer:
             self.schedule = build_schedule(self.models, self.stage_ids, cfg.parallel, p.groups.pp, self.shape,
                                            self.num_micro, weighted_sq_error, p.device)
         self.step = 0
-        resume_from = self.checkpoints.resolve_resume(tc.resume)
+        self.saved_step: Optional[int] = None  # step of the last checkpoint this run wrote or resumed from
+        resume_from = self._agree_resume(tc.resume)
         if resume_from is not None:
             self.load(resume_from)
+
+    def _agree_resume(self, spec: str) -> Optional[Path]:
+        """The checkpoint to resume from, chosen by rank 0 (whose manager has just tidied interrupted saves)
+        and broadcast, so that every rank loads the same step; rank 0's error is raised on every rank."""
+        choice: List[object] = [None]
+        if self.parallel.is_main:
+            try:
+                choice[0] = self.checkpoints.resolve_resume(spec)
+            except (OSError, ValueError) as e:
+                choice[0] = e
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], BaseException):
+            raise choice[0]
+        return choice[0]
 
     @property
     def model(self):
@@ -219,7 +245,11 @@ class Trainer:
             if self._sequences is None:
                 self._sequences = iter(self.loader)
             return self.packed_micro_batches([next(self._sequences) for _ in range(self.num_micro)], stream)
-        self.last_tokens = self.global_batch * self.cfg.data.chunks_per_sample * self.tokens_per_chunk
+        d, m = self.cfg.data, self.cfg.model
+        self.last_tokens = self.global_batch * d.chunks_per_sample * self.tokens_per_chunk
+        self.last_samples = self.global_batch
+        sample = SampleShape((self.tokens_per_chunk,) * d.chunks_per_sample, min(d.caption_length, m.caption_max_length))
+        self.last_flops = train_flops(m, [sample]) * self.global_batch
         return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream)
 
     def packed_micro_batches(self, sequences: List[PackedSequence], stream: int, fixed_t: Optional[float] = None):
@@ -230,7 +260,7 @@ class Trainer:
         all-reduce), as in the dense path."""
         cfg, p = self.cfg, self.parallel
         m, d = cfg.model, cfg.data
-        staged, local_count, tokens = [], 0, 0
+        staged, local_count, tokens, shapes = [], 0, 0, []
         for k, seq in enumerate(sequences):
             occurrence = sum(other.stream == seq.stream for other in sequences[:k])
             items = []
@@ -242,12 +272,13 @@ class Trainer:
                 items.append(self._packed_item(sample, draw, self._noise(stream, position, sample.latent.shape)))
                 draws.append(draw)
                 local_count += int(draw.frame_weight.sum()) * C * H * W
+                shapes.append(self._sample_shape(sample))
             staged.append((items, draws))
             tokens += seq.tokens
-        totals = torch.tensor([local_count, tokens], dtype=torch.float64)
+        totals = torch.tensor([local_count, tokens, len(shapes), train_flops(m, shapes)], dtype=torch.float64)
         if p.dp > 1:
             dist.all_reduce(totals, group=p.groups.dp)
-        count, self.last_tokens = int(totals[0]), int(totals[1])
+        count, self.last_tokens, self.last_samples, self.last_flops = (int(v) for v in totals)
         if count == 0:
             raise ValueError("no noisy frame in the global batch (all are clean context)")
         out = []
@@ -255,6 +286,16 @@ class Trainer:
             inputs, target = pack_inputs(items, m, d.seq_length, d.max_rows_per_sequence, 1.0 / count)
             out.append(self._packed_targets(items, draws, tuple(v.to(p.device) for v in inputs), target.to(p.device)))
         return out
+
+    def _sample_shape(self, sample) -> SampleShape:
+        """A shard sample as the model sees it (for the FLOP count): tokens of each chunk, and its valid
+        caption tokens per chunk row (the mean over rows, cut to data.caption_length as packing does)."""
+        m = self.cfg.model
+        _, T, H, W = sample.latent.shape
+        per_frame = (H // m.patch_size) * (W // m.patch_size)
+        frames = [min(m.chunk_width, T - lo) for lo in range(0, T, m.chunk_width)]
+        caption = round(float(sample.caption_lengths.clamp(max=self.cfg.data.caption_length).float().mean()))
+        return SampleShape(tuple(f // m.t_patch_size * per_frame for f in frames), caption)
 
     def _sample_draw(self, latent_frames: int, stream: int, position: int, fixed_t: Optional[float]) -> ObjectiveDraw:
         """Task, times, clean frames and caption dropout of the sample at `position` of a batch or step
@@ -300,10 +341,11 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         if self.schedule is None:
             for inputs, target in micro:
-                with self._autocast():
+                with self.timer.phase("forward"), self._autocast():
                     loss = weighted_sq_error(self.stage(*inputs), target)
                 if backward:
-                    loss.backward()
+                    with self.timer.phase("backward"):
+                        loss.backward()
                 total += loss.detach().double().cpu()
             return total
         # Pipeline: one call runs every micro-batch through the stages (forward and backward interleaved).
@@ -312,7 +354,7 @@ class Trainer:
         has_first = any(m.pre_process for m in self.models)
         has_last = any(m.post_process for m in self.models)
         losses: List[torch.Tensor] = []
-        with self._autocast():
+        with self.timer.phase("forward_backward"), self._autocast():
             self.schedule.step(*(inputs if has_first else ()), target=target if has_last else None,
                                losses=losses if has_last else None)
         for loss in losses:
@@ -347,29 +389,36 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         step = self.step
         started = time.perf_counter()
+        self.timer.reset()
         lr = lr_at(step, self.cfg.optimizer, self.cfg.trainer.max_steps)
         set_lr(self.optimizer, lr)
-        micro = self.step_micro_batches(step)
+        with self.timer.phase("data"):
+            micro = self.step_micro_batches(step)
         self.optimizer.zero_grad()
-        loss = self._sum_loss(self.forward_backward(micro))
-        finalize_model_grads(self.models, self.parallel.groups.dp_cp)
-        norm = self.grad_norm()
+        local_loss = self.forward_backward(micro)
+        with self.timer.phase("comm"):
+            loss = self._sum_loss(local_loss)
+            finalize_model_grads(self.models, self.parallel.groups.dp_cp)
+            norm = self.grad_norm()
         # Loss and norm are reduced over every rank, so all ranks take the same decision.
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return self._skip_step(step, lr, loss, norm)
         self.bad_steps_in_row = 0
-        clip = self.cfg.optimizer.clip_grad
-        if clip > 0:
-            # torch.nn.utils.clip_grad_norm_'s formula, applied with the global norm.
-            coef = min(1.0, clip / (norm + 1e-6))
-            for _, param in self.named_parameters():
-                if param.grad is not None:
-                    param.grad.mul_(coef)
-        self.optimizer.step()
-        self._after_optimizer_step()
+        with self.timer.phase("optimizer"):
+            clip = self.cfg.optimizer.clip_grad
+            if clip > 0:
+                # torch.nn.utils.clip_grad_norm_'s formula, applied with the global norm.
+                coef = min(1.0, clip / (norm + 1e-6))
+                for _, param in self.named_parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(coef)
+            self.optimizer.step()
+            self._after_optimizer_step()
         self.step += 1
         elapsed = time.perf_counter() - started
-        rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": self.last_tokens / elapsed}
+        rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr, **self.timer.record(),
+               **throughput_record(elapsed, self.last_tokens, self.last_samples, self.last_flops,
+                                   self.parallel.world_size, self.peak_flops)}
         if self.packed:
             # Real tokens over padded ones this step (MAGI-1 reports >= 99% with First-Fit-Decreasing).
             rec["packing_util"] = self.last_tokens / (self.global_batch * self.cfg.data.seq_length)
@@ -515,8 +564,10 @@ class Trainer:
         extra = {"step": self.step, "config": asdict(self.cfg), "skipped_steps": self.skipped_steps}
         if self.packed:
             extra["data_loader"] = self.loader_state()
-        return save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
+        path = save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
                                 extra_weights=self._extra_weights())
+        self.saved_step = self.step
+        return path
 
     # Hooks of trainers that keep more than the model and its optimizer (DistillTrainer: the EMA).
     def _after_optimizer_step(self) -> None:
@@ -533,7 +584,7 @@ class Trainer:
         if is_distributed_checkpoint(path):
             extra = load_train_state(path, self.models, self.optimizer, self.parallel,
                                      extra_weights=self._extra_weights_to_load())
-            self.step = int(extra["step"])
+            self.step = self.saved_step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             if self.packed:
                 if extra.get("data_loader"):
@@ -567,6 +618,7 @@ class Trainer:
         last = tc.max_steps if until is None else min(until, tc.max_steps)
         logger = MetricsLogger(tc, self.out_dir, asdict(self.cfg), self.step, enabled=self.parallel.is_main)
         history: List[Dict[str, float]] = []
+        self.stop.install()
         try:
             if tc.eval_every and self.step == 0:
                 history.append({"step": 0, **self.evaluate()})
@@ -584,9 +636,14 @@ class Trainer:
                     logger.log_videos(self.step, self.validation_videos(), fps=24)
                 if tc.save_every and self.step % tc.save_every == 0:
                     self.save()
-            if not tc.save_every or self.step % tc.save_every:
+                if self.stop.poll():
+                    if self.parallel.is_main:
+                        print(f"stop requested ({self.stop.reason}): saving at step {self.step}", flush=True)
+                    break
+            if self.saved_step != self.step:
                 self.save()  # the final state is always kept
         finally:
+            self.stop.close()
             logger.close()
         return history
 

@@ -215,6 +215,8 @@ class CheckpointManager:
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints under root, oldest step first (sizes checked, hashes not)."""
         found: list[tuple[int, Path]] = []
+        if not self.root.is_dir():  # a reader may look before the first writer created the directory
+            return []
         for entry in self.root.iterdir():
             match = _STEP_DIR_RE.match(entry.name)
             if match is None or not entry.is_dir():

@@ -142,7 +142,9 @@ class OptimizerConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    # auto: online when an API key is configured (WANDB_API_KEY or `wandb login`'s ~/.netrc entry), else
+    # offline (files under output_dir/wandb, `wandb sync` uploads them later); the choice is printed.
+    mode: str = "auto"  # auto | offline | online | disabled
     project: str = "magi"
     name: Optional[str] = None
 
@@ -176,6 +178,16 @@ class TrainerConfig:
     # Steps whose loss or gradient norm is NaN/inf are skipped (no update; counted and logged as
     # skipped_steps); more than this many in a row stop the run. 0 stops at the first.
     max_bad_steps: int = 3
+    # Graceful stop (magi_train/stop.py): this file under output_dir ("" disables), or one of these signals
+    # caught by a training process, ends the run after the step in flight with a checkpoint.
+    stop_file: str = "STOP"
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1"])
+    # Step time per phase (data/forward/backward/comm/optimizer) logged as time/<phase>; on a GPU each phase
+    # ends with a synchronisation. false: only the step time.
+    step_timers: bool = True
+    # Peak dense TFLOP/s of one device for the logged MFU; 0: looked up by GPU name (bf16 dense peak of
+    # A100/H100/H200/B200), otherwise (CPU, unknown GPU) MFU is not logged, only tflops_per_device.
+    peak_tflops: float = 0.0
     progress_bar: bool = True
     deterministic: bool = True  # torch deterministic algorithms (CPU runs are then bit-reproducible)
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default

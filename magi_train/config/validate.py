@@ -24,6 +24,7 @@ from magi_train.config.schema import (
     TrainConfig,
     TrainerConfig,
 )
+from magi_train.stop import parse_signal
 
 
 class ConfigError(ValueError):
@@ -387,7 +388,16 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
     yield from _one_of("trainer.recompute", t.recompute, ("none", "full", "selective"))
     yield from _at_least("trainer", t, ("recompute_layers",), 0)
     yield from _one_of("trainer.fp8_recipe", t.fp8_recipe, ("none", "delayed", "tensorwise", "mxfp8", "blockwise"))
-    yield from _one_of("trainer.wandb.mode", t.wandb.mode, ("offline", "online", "disabled"))
+    yield from _one_of("trainer.wandb.mode", t.wandb.mode, ("auto", "offline", "online", "disabled"))
+    if t.peak_tflops < 0:
+        yield f"trainer.peak_tflops ({t.peak_tflops}) must be >= 0 (0: look up the GPU's peak)"
+    for name in t.stop_signals:
+        try:
+            parse_signal(name)
+        except ValueError as e:
+            yield str(e)
+    if "/" in t.stop_file or t.stop_file in (".", ".."):
+        yield f"trainer.stop_file ({t.stop_file!r}) must be a file name (it lives in trainer.output_dir) or ''"
     # "none", "auto", or a checkpoint directory; whether that directory exists is the trainer's concern.
     if not t.resume.strip():
         yield "trainer.resume ('') must be 'none', 'auto' or a checkpoint path"

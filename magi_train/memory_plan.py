@@ -1,0 +1,535 @@
+"""Training memory per GPU for a model preset and a parallel layout (tools/estimate_memory.py prints it).
+
+What one rank holds, read from the training code:
+
+* Parameters: every parameter of the rank's pipeline stage, tensor-parallel local shape (`tp_shard_spec`), in
+  its run-time dtype: `params_dtype`, except the fp32 list `FP32_MODULES` (embedders, final linear, RoPE,
+  self-attention QK-norms, post-norms). There are no fp32 master copies: AdamW updates the parameters in
+  place in their own dtype.
+* Gradients: one per parameter, in the parameter's dtype (autograd accumulates in place); replicated over
+  data parallel ranks (ZeRO-1 does not shard them).
+* Optimizer: `ShardedAdamW` (parallel/zero.py) gives every parameter to one owner rank of the data x context
+  parallel group (greedy by size); the owner keeps exp_avg and exp_avg_sq in the parameter's dtype and a
+  4-byte step scalar (host memory on GPUs; counted here, a few KiB). The worst rank is reported.
+* After backward (the activations are gone by then): `finalize_model_grads` sums the gradients over data x
+  context parallel ranks through one flat copy of them, and `Trainer.grad_norm` squares each gradient in
+  float64 (two copies of the largest one).
+* Activations: the tensors autograd saves for backward, counted tensor by tensor from the layer code
+  (`layer_activations`), per micro-batch, times the layers of the stage, times the micro-batches a 1F1B
+  pipeline keeps in flight (the first stage: pp of them), plus the embedder/head tensors, plus the
+  working set of backward (one layer recomputed under full recompute, one attention under selective, the
+  largest score gradient of the torch kernel).
+
+Dtypes follow the code: precision "fp32" runs the model in its params dtype; "bf16" is CUDA autocast
+(linears in bf16, layer_norm and softmax in fp32). Two attention kernels: "flash" (MagiAttention /
+flash-attn: saves q, k, v, the output and the fp32 log-sum-exp) and "torch" (`range_attention`, the exact CPU
+kernel: it keeps fp32 scores of every (query range, key range) slice and GQA-expanded keys/values).
+Context parallelism is modelled as Ulysses (cp_impl=ulysses; MagiAttention's dispatch holds the same bytes).
+
+Not counted: the CUDA caching allocator's fragmentation and the CUDA/NCCL context (a few GiB: keep a margin),
+communication buffers other than the gradient all-reduce, tensors of a few bytes per chunk row, and backward
+temporaries other than the score gradient (gradients of a layer's activations live one op at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+from magi_train.config.schema import ModelConfig, ParallelConfig
+from magi_train.config.validate import check_parallel
+from magi_train.flops import block_causal_area
+from magi_train.parallel.sharding import tp_shard_spec
+from magi_train.parallel.zero import assign_owners
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+F32 = 4
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("fp32", "bf16")
+ATTENTION = ("flash", "torch")
+
+
+def load_preset(name: str) -> ModelConfig:
+    """The ModelConfig of conf/model/<name>.yaml, following its `defaults` chain."""
+    path = CONF / "model" / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+        raise ValueError(f"no model preset {name!r} in {CONF / 'model'} (have {names})")
+    raw = OmegaConf.load(path)
+    merged = OmegaConf.structured(ModelConfig)
+    for parent in raw.get("defaults", []):
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, OmegaConf.structured(load_preset(parent)))
+    raw.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(merged, raw))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One rank's view of a parallel layout and the trainer settings that change memory."""
+
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"  # trainer.recompute: none | selective | full (every layer)
+    precision: str = "bf16"  # trainer.precision: fp32 (no autocast) | bf16 (autocast)
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.cp, self.pp, self.dp) < 1:
+            raise ValueError(f"parallel sizes must be >= 1: {self}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.cp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        return self.model_parallel * self.dp
+
+    def describe(self) -> str:
+        sp = " sp" if self.sequence_parallel else ""
+        return (f"tp={self.tp} cp={self.cp} pp={self.pp} dp={self.dp}{sp} recompute={self.recompute} "
+                f"precision={self.precision}")
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """What one forward of one rank's pipeline stage sees."""
+
+    seq_length: int  # video tokens of one sample (dense) or of one packed sequence
+    micro_batch_size: int = 1  # samples (sequences) per micro-batch
+    chunk_tokens: int = 0  # tokens per chunk (block-causal attention, one caption/condition row each); 0 = seq_length
+    caption_length: int = 0  # caption rows of each chunk as padded (data.caption_length); 0 = model.caption_max_length
+    caption_tokens: int = 0  # valid caption tokens of each chunk (cross-attention keys); 0 = caption_length
+    attention: str = "flash"  # flash | torch (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"seq_length and micro_batch_size must be >= 1: {self}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
+
+    def chunk_sizes(self) -> List[int]:
+        """Tokens of each chunk of one sample (the last one may be shorter)."""
+        c = self.chunk_tokens or self.seq_length
+        return [min(c, self.seq_length - start) for start in range(0, self.seq_length, c)]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    full_shape: Tuple[int, ...]
+    itemsize: int
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Every parameter of the full model (TP = 1) with its run-time dtype; built once per preset."""
+
+    cfg: ModelConfig
+    params: Tuple[ParamInfo, ...]
+    # Memo of `stage` and `optimizer` by layout sizes: a layout search asks for the same ones many times.
+    _memo: Dict[tuple, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def of(cfg: ModelConfig) -> "ModelParams":
+        """Shapes from a meta-device build of a one-layer model, its layer repeated num_layers times: every layer
+        of the DiT has the same parameters, and building 48 of them takes seconds."""
+        from magi_train.model.dit import build_dit, module_dtype_plan  # torch + megatron: only when needed
+
+        model = build_dit(replace(cfg, num_layers=1), device="meta")
+        plan = module_dtype_plan(model)
+        first = "videodit_blocks.layers.0."
+        out = []
+        for name, p in model.named_parameters():
+            names = [f"videodit_blocks.layers.{i}." + name[len(first):] for i in range(cfg.num_layers)] \
+                if name.startswith(first) else [name]
+            out.extend(ParamInfo(n, tuple(p.shape), plan[name].itemsize) for n in names)
+        return ModelParams(cfg, tuple(out))
+
+    def stage(self, layout: Layout, stage: int) -> List[Tuple[str, int, int]]:
+        """(name, local numel, itemsize) of the parameters pipeline stage `stage` holds on tensor-parallel rank 0
+        (every tp rank holds the same sizes)."""
+        key = ("stage", layout.tp, layout.pp, stage)
+        if key not in self._memo:
+            self._memo[key] = self._stage(layout, stage)
+        return self._memo[key]
+
+    def optimizer(self, layout: Layout, stage: int) -> int:
+        """`optimizer_bytes` of the stage's parameters over the data x context parallel group."""
+        key = ("optimizer", layout.tp, layout.pp, stage, layout.dp * layout.cp)
+        if key not in self._memo:
+            self._memo[key] = optimizer_bytes(self.stage(layout, stage), layout.dp * layout.cp)
+        return self._memo[key]
+
+    def _stage(self, layout: Layout, stage: int) -> List[Tuple[str, int, int]]:
+        cfg = self.cfg
+        per = cfg.num_layers // layout.pp
+        layers = range(stage * per, (stage + 1) * per)
+        out = []
+        for p in self.params:
+            if p.name.startswith("videodit_blocks.layers."):
+                if int(p.name.split(".")[2]) not in layers:
+                    continue
+            elif p.name.startswith("videodit_blocks.final_layernorm") or p.name.startswith("final_linear"):
+                if stage != layout.pp - 1:
+                    continue
+            elif stage != 0:  # embedders and RoPE live on the first stage
+                continue
+            local = tp_shard_spec(p.name, p.full_shape, cfg, 0, layout.tp).local_shape
+            numel = 1
+            for s in local:
+                numel *= s
+            out.append((p.name, numel, p.itemsize))
+        return out
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """What `assign_owners` reads of a parameter: its numel."""
+
+    n: int
+
+    def numel(self) -> int:
+        return self.n
+
+
+def optimizer_bytes(params: Sequence[Tuple[str, int, int]], ranks: int) -> int:
+    """AdamW state of the most loaded of `ranks` owner ranks, assigned exactly as `ShardedAdamW` does."""
+    owner = assign_owners([(name, _Sized(numel)) for name, numel, _ in params], ranks)
+    load = [0] * ranks
+    for name, numel, itemsize in params:
+        load[owner[name]] += 2 * numel * itemsize + F32  # exp_avg, exp_avg_sq, step
+    return max(load)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class _Sizes:
+    """Per-rank sizes of one micro-batch (the notation of `layer_activations`)."""
+
+    T: int  # tokens of this context-parallel slice (rows of the column linears)
+    Tr: int  # residual-stream tokens (T / tp under sequence parallel)
+    Ta: int  # tokens attention sees after the Ulysses all-to-all (every token of the micro-batch)
+    R: int  # chunk rows (condition / caption rows)
+    C: int  # valid caption tokens over the rows (cross-attention keys)
+    C_q: int  # caption tokens of the rows this rank's queries touch (context parallel cuts rows)
+    Q: int  # query width on this rank (heads / tp x head dim)
+    K: int  # key (or value) width on this rank
+    hq: int  # query heads on this rank
+    hkv: int  # KV heads on this rank
+    hq_a: int  # query heads per rank inside self-attention (hq / cp)
+    hkv_a: int  # KV heads per rank inside self-attention (replicated up to cp)
+    F: int  # ffn width on this rank
+    self_area: int  # (query, key) pairs of self-attention, block-causal per sample
+    self_keys: int  # key tokens summed over the (query range, key range) slices
+    widest_slice: int  # (query, key) pairs of the largest self-attention slice
+
+
+def _sizes(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> _Sizes:
+    tp, cp, N = layout.tp, layout.cp, mb.micro_batch_size
+    d = cfg.kv_channels
+    S = mb.seq_length
+    chunks = mb.chunk_sizes()
+    caption = mb.caption_tokens or mb.caption_length or cfg.caption_max_length
+    hq = cfg.num_attention_heads // tp
+    hkv = max(cfg.num_query_groups, tp) // tp
+    T = N * S // cp
+    seen, keys, widest = 0, 0, 0
+    for c in chunks:
+        seen += c
+        keys += seen
+        widest = max(widest, c * seen)
+    # Chunks that the busiest context-parallel window [r S/cp, (r+1) S/cp) of a sample overlaps.
+    window = S // cp
+    touched = max(sum(1 for start in range(0, S, chunks[0]) if start < (r + 1) * window and start + chunks[0] > r * window)
+                  for r in range(cp))
+    return _Sizes(
+        T=T, Tr=T // tp if layout.sequence_parallel and tp > 1 else T, Ta=N * S, R=N * len(chunks),
+        C=N * len(chunks) * caption, C_q=N * touched * caption, Q=hq * d, K=hkv * d, hq=hq, hkv=hkv, hq_a=hq // cp,
+        hkv_a=max(hkv, cp) // cp, F=cfg.ffn_hidden_size // tp, self_area=N * block_causal_area(chunks),
+        self_keys=N * keys, widest_slice=widest,
+    )
+
+
+def _attention_kernel(z: _Sizes, d: int, md: int, autocast: bool, flash: bool, cross: bool) -> Tuple[int, int]:
+    """(bytes the core attention saves itself, bytes of its q/k/v inputs) for self- or cross-attention.
+
+    torch kernel (`range_attention`): per slice q.float(), the GQA-expanded k/v .float() (views of the inputs
+    when no copy is needed: fp32 inputs, one query head per KV head, no autocast), the fp32 softmax output,
+    and under autocast the bf16 copies matmul makes of each operand."""
+    if cross:
+        tokens_q, heads, kv_tokens, kv_heads = z.T, z.hq, z.C, z.hkv
+        area, keys = z.T * (z.C // z.R), z.C_q  # each chunk's queries see its own row's keys
+        # Inputs: the LN outputs (fp32 under autocast, else the model dtype) and vx (linear output).
+        q_item = F32 if autocast else md
+        k_item, v_item = q_item, (2 if autocast else md)
+    else:
+        tokens_q, heads, kv_tokens, kv_heads = z.Ta, z.hq_a, z.Ta, z.hkv_a
+        area, keys = z.self_area, z.self_keys
+        q_item = k_item = v_item = 2 if autocast else md
+    inputs = tokens_q * heads * d * q_item + kv_tokens * kv_heads * d * (k_item + v_item)
+    if flash:
+        out_lse = tokens_q * heads * (d * (2 if autocast else md) + F32)
+        return inputs + out_lse, inputs
+    operand = 2 if autocast else F32  # what the matmuls save of each operand
+    q = tokens_q * heads * d * operand  # a view of q, or its per-slice copies (the slices cover every query)
+    per_slice_kv = keys * heads * d * operand  # expanded / cast copies of the keys of every slice
+    if not autocast and heads == kv_heads:
+        k = kv_tokens * kv_heads * d * F32 if k_item == F32 else per_slice_kv
+        v = kv_tokens * kv_heads * d * F32 if v_item == F32 else per_slice_kv
+    else:
+        k = v = per_slice_kv
+    probs = area * heads * (F32 + (2 if autocast else 0))  # fp32 softmax output (+ its bf16 copy under autocast)
+    return q + k + v + probs, inputs
+
+
+def layer_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
+    """Bytes autograd saves in one transformer layer for one micro-batch without recompute, by part.
+
+    Read from model/layers.py (notation of `_Sizes`; md = model dtype, cd = linear compute dtype):
+      adaln         silu(condition) into the gate linear, the fp32 tanh of the softcap
+      attn_norm     the pre-norm's input (fp32 copy under autocast) and its mean / rstd
+      qkv_input     the normed tokens each of q, k, v, qx saves: one shared tensor, or four copies when
+                    each linear gathers (sequence parallel) or casts (autocast) its own
+      qk_norm       the fp32 QK-norm inputs and outputs (RoPE saves the normed values) and their statistics
+      self_attention / cross_attention   the core kernel (see `_attention_kernel`)
+      cross_norm    the cross-attention query / key norm inputs and statistics
+      proj_input    linear_proj runs in fp32: its fp32 input [self | cross]
+      weight_copies linear_proj's fp32 copy of a bf16 weight; under autocast with fp32 weights, every other
+                    linear's bf16 weight copy (one per layer per micro-batch)
+      post_norms    per modulated add: the branch, the token gate and the post-norm input (fp32) + statistics
+      mlp           the MLP pre-norm input, fc1's input, the activation's inputs / outputs, fc2's input
+    """
+    autocast = layout.precision == "bf16"
+    md = BYTES[cfg.params_dtype]
+    cd = 2 if autocast else md
+    ln_out = F32 if autocast else md  # CUDA autocast runs layer_norm in fp32
+    z = _sizes(cfg, layout, mb)
+    H, d = cfg.hidden_size, cfg.kv_channels
+    cond, gate = int(H * cfg.cond_hidden_ratio), int(H * cfg.cond_gating_ratio)
+    hx = int(H * cfg.xattn_cond_hidden_ratio)
+    sp = layout.sequence_parallel and layout.tp > 1
+    flash = mb.attention == "flash"
+    stats = 2 * F32  # mean and rstd per normalised row
+
+    parts: Dict[str, int] = {}
+    parts["adaln"] = z.R * (cond * cd + 2 * gate * F32)
+    parts["attn_norm"] = z.Tr * H * (F32 if autocast else md) + z.Tr * stats
+    copies = 1 if (not sp and ln_out == cd) else 4
+    parts["qkv_input"] = copies * z.T * H * cd
+    parts["qk_norm"] = 2 * z.T * (z.Q + z.K) * F32 + z.T * (z.hq + z.hkv) * stats
+    self_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=False)
+    cross_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=True)
+    parts["self_attention"] = self_saved
+    parts["cross_attention"] = cross_saved
+    # q_layernorm_xattn: its input (the qx linear output; fp32 copy under autocast); k_layernorm_xattn: the
+    # [K | V] linear output it is a view of (an fp32 copy of K under autocast); vx is made contiguous.
+    kv_norm_input = z.C * z.K * F32 if autocast else z.C * 2 * z.K * cd
+    parts["cross_norm"] = (z.T * z.Q * (F32 if autocast else md) + z.T * z.hq * stats
+                           + kv_norm_input + z.C * z.hkv * stats)
+    parts["proj_input"] = z.T * 2 * z.Q * F32
+    fc1 = (2 if cfg.gated_linear_unit else 1) * z.F
+    proj_weight = 2 * z.Q * H
+    copies_numel = 0
+    if autocast and md != 2:
+        copies_numel = H * (2 * z.Q + 2 * z.K) + fc1 * H + z.F * H + hx * 2 * z.K + cond * 2 * gate
+    parts["weight_copies"] = (proj_weight * F32 if md != F32 else 0) + copies_numel * 2
+    if autocast and md != 2:
+        # torch.matmul of the caption tokens with each of the max(1, 8 / tp) row blocks of linear_kv_xattn
+        # casts them again.
+        parts["weight_copies"] += max(1, 8 // layout.tp) * z.C * hx * 2
+    parts["post_norms"] = 2 * (3 * z.Tr * H * F32 + z.Tr * stats)
+    mlp = z.Tr * H * (F32 if autocast else md) + z.Tr * stats + z.T * H * cd  # pre-norm input, fc1 input
+    if cfg.gated_linear_unit:
+        # fp32: fc1's output (both halves, viewed), silu's output, the product; else fp32 copies of both
+        # halves, silu's output and the product rounded to cd.
+        mlp += z.T * z.F * (4 * F32 if cd == F32 else 3 * F32 + cd)
+    else:
+        mlp += 2 * z.T * z.F * cd  # gelu's input and output
+    parts["mlp"] = mlp
+    if cfg.apply_layernorm_1p:
+        # "gamma + 1" of the 1p norms: self QK-norms and post-norms in fp32, cross QK-norms in the model dtype.
+        parts["norm_gains"] = 2 * d * F32 + 2 * d * md + 2 * H * F32
+    return parts
+
+
+def attention_inputs(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Tuple[int, int]:
+    """(self, cross) bytes of the core attention's q/k/v inputs: what selective recompute keeps instead of
+    everything the kernel saves."""
+    autocast = layout.precision == "bf16"
+    z = _sizes(cfg, layout, mb)
+    md, flash = BYTES[cfg.params_dtype], mb.attention == "flash"
+    return (_attention_kernel(z, cfg.kv_channels, md, autocast, flash, cross=False)[1],
+            _attention_kernel(z, cfg.kv_channels, md, autocast, flash, cross=True)[1])
+
+
+def boundary_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch, first: bool, last: bool) -> int:
+    """Bytes saved outside the layers for one micro-batch: the conditioning every layer reads (RoPE tables,
+    token -> row map, caption tokens), the embedders (first stage) and the head and loss (last stage)."""
+    md = BYTES[cfg.params_dtype]
+    z = _sizes(cfg, layout, mb)
+    H, N, S = cfg.hidden_size, mb.micro_batch_size, mb.seq_length
+    hx = int(H * cfg.xattn_cond_hidden_ratio)
+    L = mb.caption_length or cfg.caption_max_length
+    rotary = 6 * (cfg.kv_channels // 8)
+    # Every layer's RoPE reads sin | cos: on the first stage views of the table of all S tokens, on the
+    # others the context-parallel slice received from the previous stage.
+    table_rows = S if first else S // layout.cp
+    total = table_rows * rotary * F32 + z.Tr * 8 + z.C * hx * md  # sin | cos, token -> row map, caption tokens
+    if first:
+        patch_in = cfg.in_channels * cfg.t_patch_size * cfg.patch_size ** 2
+        total += N * S * patch_in * F32  # the patch embedding's fp32 input
+        total += S * (3 + rotary // 2) * F32  # the learnable RoPE bands' coordinates and angles
+        total += z.R * L * (cfg.caption_channels + hx) * F32  # caption projection: its input, SiLU's input
+    if last:
+        patch_out = cfg.out_channels * cfg.t_patch_size * cfg.patch_size ** 2
+        # final_layernorm's fp32 input and statistics, final_linear's input, the loss's difference and square.
+        total += 2 * z.Tr * H * F32 + z.Tr * 2 * F32 + 2 * N * S * patch_out * F32
+    # The pipeline keeps what crosses a stage boundary until the micro-batch's backward: the received inputs
+    # (the residual stream is the first layer's saved input, counted there) and the sent outputs; the
+    # caption rows travel padded, with the mask as one more channel (parallel/pipeline.py).
+    caption_rows = z.R * L * (hx + 1) * md
+    if not first:
+        total += caption_rows
+    if not last:
+        total += z.Tr * H * md + caption_rows
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the most loaded GPU (the pipeline stage with the largest total)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    # After backward, when the activations are gone: the flat gradient copy of the data x context parallel
+    # all-reduce, or the float64 square of the largest gradient in the gradient norm, whichever is larger.
+    after_backward: int
+    stage: int = 0
+    layers: int = 0  # layers of the stage
+    in_flight: int = 1  # micro-batches whose activations the stage holds at once
+    per_layer: int = 0  # saved bytes of one layer and one micro-batch (after recompute)
+    working: int = 0  # backward's working set inside one layer (recomputed forward, score gradients)
+    terms: Dict[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + max(self.activations, self.after_backward)
+
+    def rows(self) -> List[Tuple[str, int]]:
+        return [
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            (f"activations ({self.in_flight} micro-batch(es) x {self.layers} layers + working set)", self.activations),
+            ("after backward: gradient all-reduce copy / norm temporaries", self.after_backward),
+            ("total", self.total),
+        ]
+
+
+def estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Optional[ModelParams] = None) -> MemoryEstimate:
+    """Memory of the most loaded rank. Only the first and the last pipeline stage can be it: the first holds
+    the embedders and the most micro-batches in flight, the last the head; a middle stage holds the first
+    stage's layers with fewer micro-batches in flight."""
+    params = params or ModelParams.of(cfg)
+    if cfg.num_layers % layout.pp:
+        raise ValueError(f"num_layers ({cfg.num_layers}) is not divisible by pp ({layout.pp})")
+    best = None
+    for stage in sorted({0, layout.pp - 1}):
+        est = _stage_estimate(cfg, layout, mb, params, stage)
+        if best is None or est.total > best.total:
+            best = est
+    return best
+
+
+def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: ModelParams, stage: int) -> MemoryEstimate:
+    held = params.stage(layout, stage)
+    p_bytes = sum(numel * item for _, numel, item in held)
+    group = layout.dp * layout.cp
+    layer = layer_activations(cfg, layout, mb)
+    full_layer = sum(layer.values())
+    self_in, cross_in = attention_inputs(cfg, layout, mb)
+    z = _sizes(cfg, layout, mb)
+    md = BYTES[cfg.params_dtype]
+    if layout.recompute == "full":
+        per_layer = z.Tr * cfg.hidden_size * md  # checkpoint keeps the layer's input only
+        working = full_layer  # one layer's forward re-run during its backward
+    elif layout.recompute == "selective":
+        per_layer = full_layer - layer["self_attention"] - layer["cross_attention"] + self_in + cross_in
+        working = max(layer["self_attention"] - self_in, layer["cross_attention"] - cross_in)
+    else:
+        per_layer, working = full_layer, 0
+    if mb.attention == "torch":
+        # Backward of one slice: the gradients of its scores and probabilities (fp32).
+        working += 2 * z.widest_slice * z.hq_a * F32
+    layers = cfg.num_layers // layout.pp
+    in_flight = layout.pp - stage  # 1F1B: stage s holds pp - s micro-batches before its first backward
+    boundary = boundary_activations(cfg, layout, mb, stage == 0, stage == layout.pp - 1)
+    activations = in_flight * (layers * per_layer + boundary) + working
+    all_reduce_copy = p_bytes if group > 1 else 0
+    norm_squares = 2 * 8 * max(numel for _, numel, _ in held)  # grad.double().square() of the largest gradient
+    return MemoryEstimate(
+        params=p_bytes, grads=p_bytes, optimizer=params.optimizer(layout, stage), activations=activations,
+        after_backward=max(all_reduce_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
+        per_layer=per_layer, working=working, terms=layer,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- layout search
+def candidate_layouts(cfg: ModelConfig, gpus: int, mb: MicroBatch, precision: str,
+                      recompute: Sequence[str] = RECOMPUTE) -> Iterator[Layout]:
+    """Every layout of `gpus` GPUs the trainer accepts: tp in 1, 2, 4, 8, cp and pp dividing what is left,
+    the token sequence divisible by tp x cp, each with and without sequence parallel (tp > 1)."""
+    for tp in (1, 2, 4, 8):
+        for cp in range(1, gpus // tp + 1):
+            for pp in range(1, gpus // (tp * cp) + 1):
+                if gpus % (tp * cp * pp) or mb.seq_length % (tp * cp):
+                    continue
+                parallel = ParallelConfig(tp=tp, cp=cp, pp=pp, cp_impl="ulysses")
+                if list(check_parallel(parallel, cfg)):
+                    continue
+                for sp in ((False, True) if tp > 1 else (False,)):
+                    for rc in recompute:
+                        yield Layout(tp, cp, pp, gpus // (tp * cp * pp), sp, rc, precision)
+
+
+def estimates(cfg: ModelConfig, gpus: int, mb: MicroBatch, precision: str = "bf16",
+              recompute: Sequence[str] = RECOMPUTE, params: Optional[ModelParams] = None
+              ) -> Iterator[Tuple[Layout, MemoryEstimate]]:
+    """(layout, estimate) of every candidate layout of `gpus` GPUs."""
+    params = params or ModelParams.of(cfg)
+    for layout in candidate_layouts(cfg, gpus, mb, precision, recompute):
+        yield layout, estimate(cfg, layout, mb, params)
+
+
+def search(cfg: ModelConfig, gpus: int, gpu_bytes: int, mb: MicroBatch, precision: str = "bf16",
+           recompute: Sequence[str] = RECOMPUTE, params: Optional[ModelParams] = None
+           ) -> Optional[Tuple[Layout, MemoryEstimate]]:
+    """The smallest model-parallel layout (fewest tp x cp x pp GPUs, then least memory) whose total fits
+    `gpu_bytes`; None when none does."""
+    fitting = [(layout.model_parallel, est.total, layout, est)
+               for layout, est in estimates(cfg, gpus, mb, precision, recompute, params) if est.total <= gpu_bytes]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda row: row[:2])
+    return best[2], best[3]
+
+
+def with_defaults(mb: MicroBatch, cfg: ModelConfig) -> MicroBatch:
+    """`mb` with its 0 fields resolved from the model (for printing)."""
+    L = mb.caption_length or cfg.caption_max_length
+    return replace(mb, chunk_tokens=mb.chunk_tokens or mb.seq_length, caption_length=L, caption_tokens=mb.caption_tokens or L)

@@ -1,0 +1,108 @@
+"""Kill tests: a 2-rank training run is SIGKILLed inside a checkpoint write and inside a step, or loses a
+rank under torchrun --max-restarts; the run that follows resumes from the last complete checkpoint and its
+losses equal, bit for bit, those of a run that was never interrupted. Faults are planted by
+tests/e2e/fault_harness.py; the kills are real SIGKILLs of the whole torchrun process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from magi_train.checkpoint.manager import CheckpointManager, verify_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = ["experiment=tiny", "trainer.max_steps=12", "trainer.save_every=4", "trainer.log_every=1",
+       "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.wandb.mode=disabled", "trainer.keep_last=5"]
+# torchrun's workers share its rendezvous store by default, and a restarted attempt can then read the
+# failed attempt's addresses (pytorch/pytorch#135712): slurm/common.sh sets this too.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun(entry: str, *args: str, restarts: int = 0) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--max-restarts", str(restarts), entry, *args]
+
+
+def run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def losses(out: Path) -> dict:
+    """step -> loss; a step trained twice (before a kill and after the resume) keeps its last record."""
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def kill_when_paused(cmd, ready: Path, timeout=300) -> None:
+    """Start `cmd` in its own process group, wait until both ranks sit at the planted pause, SIGKILL all."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not all((ready / f"rank{r}").exists() for r in (0, 1)):
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before reaching the pause:\n{proc.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the run did not reach the pause in time")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(torchrun("magi_train/train.py", *RUN, f"trainer.output_dir={out}"))
+    got = losses(out)
+    assert sorted(got) == list(range(1, 13))
+    return got
+
+
+def complete_steps(out: Path) -> list:
+    ckpts = CheckpointManager(out / "checkpoints", keep_last=0, read_only=True).checkpoints()
+    for path in ckpts:
+        verify_checkpoint(path)  # every file's size and sha256 against the marker
+    return [int(p.name.split("_")[-1]) for p in ckpts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pause, at_step, last_complete", [("checkpoint", 8, 4), ("step", 10, 8)])
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path, reference, pause, at_step, last_complete):
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    overrides = [*RUN, f"trainer.output_dir={out}", "trainer.resume=auto"]
+    kill_when_paused(torchrun("tests/e2e/fault_harness.py", "--pause", pause, "--at-step", str(at_step),
+                              "--ready", str(ready), "--", *overrides), ready)
+
+    # What the kill left: complete checkpoints up to `last_complete`, all intact; a checkpoint write cut
+    # short leaves only a temporary directory, which is never listed as a checkpoint.
+    assert complete_steps(out) == list(range(4, last_complete + 1, 4))
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert bool(leftovers) == (pause == "checkpoint"), leftovers
+    assert not (out / "checkpoints" / f"step_{at_step:08d}").exists() or pause == "step"
+
+    resumed = run(torchrun("magi_train/train.py", *overrides))
+    assert f"resumed from {out / 'checkpoints' / f'step_{last_complete:08d}'}" in resumed.stdout
+    assert losses(out) == reference  # every step, bit for bit (the steps after the kill were re-trained)
+    assert complete_steps(out) == [4, 8, 12]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]  # debris tidied
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_lost_rank(tmp_path, reference):
+    out = tmp_path / "run"
+    result = run(torchrun("tests/e2e/fault_harness.py", "--crash", "step", "--at-step", "9", "--",
+                          *RUN, f"trainer.output_dir={out}", "trainer.resume=auto", restarts=1))
+    # The second attempt started from the newest complete checkpoint (step 8) and finished the run.
+    assert f"resumed from {out / 'checkpoints' / 'step_00000008'}" in result.stdout
+    assert losses(out) == reference
+    assert complete_steps(out) == [4, 8, 12]
