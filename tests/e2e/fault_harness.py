@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node 2 tests/e2e/fault_harness.py --pause checkpoint --at-step 8 --ready DIR -- OVERRIDES...
 
---pause checkpoint  every rank stops inside the save of step N: its shard files are written into the
-                    temporary directory, the marker that makes it a checkpoint is not (the sha256 pass
-                    before the marker is where it waits);
+--pause checkpoint-data    every rank stops inside the save of step N while writing its shard file: a
+                           few tensors are on disk (flushed), the rest of the file is not;
+--pause checkpoint-marker  every rank stops inside the save of step N after its shard files are complete,
+                           before the marker that makes the directory a checkpoint (in the sha256 pass);
 --pause step        every rank stops inside step N+1, after its forward and backward, before the update;
 --crash step        rank 1 kills itself with SIGKILL inside step N+1, on torchrun's first attempt only
                     (TORCHELASTIC_RESTART_COUNT=0), so that torchrun --max-restarts starts a second one.
@@ -36,7 +37,7 @@ def _hold(ready: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pause", choices=["checkpoint", "step"])
+    parser.add_argument("--pause", choices=["checkpoint-data", "checkpoint-marker", "step"])
     parser.add_argument("--crash", choices=["step"])
     parser.add_argument("--at-step", type=int, required=True)
     parser.add_argument("--ready", type=Path)
@@ -48,20 +49,32 @@ def main() -> None:
     import magi_train.trainer as trainer_mod
 
     N = args.at_step
-    if args.pause == "checkpoint":
-        saving = {"step": None}
-        original_save, original_digest = trainer_mod.save_train_state, distributed.file_digest
+    if args.pause in ("checkpoint-data", "checkpoint-marker"):
+        import torch.distributed.checkpoint.filesystem as dcp_fs
+
+        saving = {"step": None, "items": 0}
+        original_save, original_digest, original_item = (trainer_mod.save_train_state, distributed.file_digest,
+                                                         dcp_fs._write_item)
 
         def save(manager, step, *a, **kw):
             saving["step"] = step
             return original_save(manager, step, *a, **kw)
 
         def digest(path):
-            if saving["step"] == N:
+            if saving["step"] == N and args.pause == "checkpoint-marker":
                 _hold(args.ready)
             return original_digest(path)
 
-        trainer_mod.save_train_state, distributed.file_digest = save, digest
+        def write_item(*a, **kw):
+            out = original_item(*a, **kw)
+            saving["items"] += 1
+            if saving["step"] == N and args.pause == "checkpoint-data" and saving["items"] >= 3:
+                stream = kw.get("stream", a[1] if len(a) > 1 else None)
+                stream.flush()  # what was written so far reaches the file; the rest never will
+                _hold(args.ready)
+            return out
+
+        trainer_mod.save_train_state, distributed.file_digest, dcp_fs._write_item = save, digest, write_item
     elif args.pause == "step" or args.crash == "step":
         original_fb = trainer_mod.Trainer.forward_backward
 

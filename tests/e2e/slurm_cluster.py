@@ -113,8 +113,9 @@ class SlurmCluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*")))
 
-    def sbatch(self, *args: str, cwd: Path) -> int:
-        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=self.env, capture_output=True, text=True)
+    def sbatch(self, *args: str, cwd: Path, env: Optional[Dict[str, str]] = None) -> int:
+        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})},
+                             capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {out.stderr}")
         return int(out.stdout.strip().split(";")[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from magi_infer.video_io import probe_video
 from magi_train.checkpoint.manager import CheckpointManager, verify_checkpoint
 from tests.e2e.slurm_cluster import SlurmCluster, install
 
@@ -105,3 +106,21 @@ def test_time_limit_signal_saves_requeues_and_resumes_exactly(slurm, uninterrupt
     losses = {r["step"]: r["loss"] for r in records(out) if "loss" in r}
     reference = {r["step"]: r["loss"] for r in records(uninterrupted[1]) if "loss" in r}
     assert losses == reference
+
+
+@pytest.mark.slow
+def test_generate_launcher_runs_context_parallel_on_the_trained_checkpoint(slurm, uninterrupted, tmp_path):
+    """slurm/generate_24b.sh with the tiny preset on 2 CPU processes (its GPU request lifted on the command
+    line): torchrun under srun, parallel.cp = processes per node, the video written by rank 0."""
+    _, run_dir, _ = uninterrupted
+    video, log = tmp_path / "blob.mp4", tmp_path / "gen.out"
+    job = slurm.sbatch(f"--output={log}", "--gpus-per-node=0", "--cpus-per-task=2", "slurm/generate_24b.sh",
+                       "model=tiny", f"ckpt.dir={run_dir / 'checkpoints'}", "num_frames=30", f"output={video}",
+                       "prompt=[a red blob moves right, the red blob moves down]", "progress=false", "video.fps=12",
+                       cwd=REPO, env={"NPROC_PER_NODE": "2"})
+    info = slurm.wait(job, done, timeout=600, what="finished")
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+    assert "2 process(es) per node" in text and "wrote" in text
+    probe = probe_video(video)
+    assert (probe.frames, probe.width, probe.height, probe.fps) == (30, 64, 64, 12.0)
