@@ -109,7 +109,13 @@ class DistillTrainer(Trainer):
 
     def step_micro_batches(self, step: int):
         self._m = step_size_at(step, self.cfg.distill.step_cycle)
-        return super().step_micro_batches(step)
+        micro = super().step_micro_batches(step)
+        # Model FLOPs of the targets: forward-only passes over the same samples, three of the teacher at
+        # m = 1, two half steps of the EMA (or student) otherwise. The teacher's "alone" pass attends less
+        # than a whole-sample forward, so this counts its attention slightly high.
+        passes = 3 if self._m == 1 else 2
+        self.last_flops = self.last_flops * (3 + passes) // 3
+        return micro
 
     def train_step(self) -> Dict[str, float]:
         rec = super().train_step()

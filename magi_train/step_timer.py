@@ -3,7 +3,8 @@
 On a GPU the kernels of a phase run asynchronously, so each phase ends with a device synchronisation
 (`trainer.step_timers`; off removes the synchronisations and keeps only the step time). The phases:
 
-* data: building this rank's micro-batches (reading, packing, objective draws, host-to-device copies);
+* data: building this rank's micro-batches (reading, packing, objective draws, host-to-device copies; with
+  distillation also the teacher's / EMA's forward passes that make the targets);
 * forward / backward: the model, per micro-batch (with a pipeline the schedule interleaves them, so one
   `forward_backward` phase is reported instead); tensor- and context-parallel communication happens inside
   the layers and is counted here, as are pipeline sends and receives;

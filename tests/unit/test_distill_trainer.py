@@ -14,6 +14,7 @@ from magi_train.config import validate
 from magi_train.config.schema import (DataConfig, DiffusionConfig, DistillConfig, ModelConfig, OptimizerConfig,
                                       TrainConfig, TrainerConfig, WandbConfig)
 from magi_train.distill_trainer import DistillTrainer
+from magi_train.flops import SampleShape, forward_flops
 from magi_train.model.attention import block_causal_ranges
 from magi_train.parallel.groups import init_parallel
 from magi_train.trainer import Trainer
@@ -67,6 +68,14 @@ def test_student_starts_as_the_teacher_and_step_sizes_cycle(teacher, parallel, t
         assert torch.equal(s, t), name
     history = trainer.fit()
     assert [h["step_size"] for h in history] == [1 / 64, 1 / 64, 2 / 64, 4 / 64, 1 / 64, 1 / 64]
+    # Target passes are model FLOPs too: on top of the student's forward + backward (3 forwards), the
+    # teacher's 3 forwards at m = 1 (the last step) or the 2 half steps at m > 1.
+    d, m = trainer.cfg.data, trainer.cfg.model
+    chunk = d.latent_frames_per_chunk * (d.latent_height // m.patch_size) * (d.latent_width // m.patch_size)
+    forward = forward_flops(m, SampleShape((chunk,) * d.chunks_per_sample, d.caption_length)) * trainer.global_batch
+    assert trainer.last_flops == 6 * forward
+    trainer.step_micro_batches(2)  # m = 2
+    assert trainer.last_flops == 5 * forward
     assert not torch.equal(trainer.student.final_linear.linear.weight, trainer.teacher.final_linear.linear.weight)
 
 
