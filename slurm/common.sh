@@ -43,6 +43,11 @@ magi_setup() {
         if [[ -x "$MAGI_ROOT/.venv/bin/python" ]]; then MAGI_PYTHON="$MAGI_ROOT/.venv/bin/python"; else MAGI_PYTHON=python3; fi
     fi
     HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # The rendezvous address is the node's NodeAddr in slurm.conf (a name or an IP that the other nodes
+    # reach; it is the node name itself unless the cluster sets one).
+    local addr
+    addr=$(scontrol show node "$HEAD_NODE" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n 1 | cut -d= -f2 || true)
+    HEAD_ADDR="${addr:-$HEAD_NODE}"
     MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
     if [[ -z "${NPROC_PER_NODE:-}" ]]; then
         NPROC_PER_NODE="${SLURM_GPUS_ON_NODE:-}"
@@ -57,7 +62,7 @@ magi_setup() {
     export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE : 1 ))}"
     echo "magi: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-1} node(s) [${SLURM_JOB_NODELIST}]," \
-         "${NPROC_PER_NODE} process(es) per node, rendezvous ${HEAD_NODE}:${MASTER_PORT}, python ${MAGI_PYTHON}"
+         "${NPROC_PER_NODE} process(es) per node, rendezvous ${HEAD_ADDR}:${MASTER_PORT}, python ${MAGI_PYTHON}"
 }
 
 # The value of the last `key=value` among the arguments (empty if none).
@@ -77,7 +82,7 @@ magi_torchrun() {
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
         "$MAGI_PYTHON" -m torch.distributed.run \
         --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc-per-node="$NPROC_PER_NODE" \
-        --rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" \
+        --rdzv-backend=c10d --rdzv-endpoint="${HEAD_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" \
         --max-restarts="${MAX_RESTARTS:-3}" \
         "$entry" "$@"
 }

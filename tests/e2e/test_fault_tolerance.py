@@ -1,7 +1,7 @@
 """Kill tests: a 2-rank training run is SIGKILLed inside a checkpoint write and inside a step, or loses a
 rank under torchrun --max-restarts; the run that follows resumes from the last complete checkpoint and its
 losses equal, bit for bit, those of a run that was never interrupted. Faults are planted by
-tests/e2e/fault_harness.py; the kills are real SIGKILLs of the whole torchrun process group."""
+tests/e2e/fault_harness.py; the kills are real SIGKILLs of torchrun and all its workers at once."""
 
 from __future__ import annotations
 
@@ -42,21 +42,61 @@ def losses(out: Path) -> dict:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+def process_tree(root: int) -> list:
+    """`root` and all its descendants (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave the workers running)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def sigkill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker at once, as a node failure would."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_when_paused(cmd, ready: Path, timeout=300) -> None:
-    """Start `cmd` in its own process group, wait until both ranks sit at the planted pause, SIGKILL all."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """Start `cmd`, wait until both ranks sit at the planted pause, SIGKILL torchrun and its workers."""
+    log = ready.parent / "killed_run.log"  # a file, not a pipe: nobody reads while it runs
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while not all((ready / f"rank{r}").exists() for r in (0, 1)):
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before reaching the pause:\n{proc.stdout.read()[-4000:]}")
+            pytest.fail(f"the run ended (exit {proc.returncode}) before reaching the pause:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            sigkill_tree(proc)
             pytest.fail("the run did not reach the pause in time")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = process_tree(proc.pid)[1:]
+    assert len(workers) >= 2, workers
+    sigkill_tree(proc)
     proc.wait(timeout=60)
-    proc.stdout.close()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers survived the SIGKILL"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 @pytest.fixture(scope="module")
