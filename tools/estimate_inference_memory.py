@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from magi_infer.memory import estimate
-from magi_train.config.schema import ModelConfig
+from magi_train.memory_plan import load_preset
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ["magi1_4.5b", "magi1_4.5b_distill", "magi1_4.5b_distill_fp8", "magi1_24b", "magi1_24b_distill",
@@ -21,17 +21,10 @@ VARIANTS = ["magi1_4.5b", "magi1_4.5b_distill", "magi1_4.5b_distill_fp8", "magi1
 
 
 def preset(name: str):
-    """(ModelConfig, variant settings) of conf/model/<name>.yaml (following its defaults) and conf/variant."""
-    raw = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    base = OmegaConf.create()
-    for parent in raw.get("defaults", []):
-        if parent != "_self_":
-            base = OmegaConf.merge(base, OmegaConf.to_container(preset(parent)[0], resolve=True))
-    raw.pop("defaults", None)
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), base, raw))
+    """(ModelConfig of conf/model/<name>.yaml following its defaults, conf/variant/<name>.yaml settings)."""
     variant_path = CONF / "variant" / f"{name}.yaml"
     variant = OmegaConf.load(variant_path) if variant_path.exists() else OmegaConf.create()
-    return OmegaConf.structured(model), variant
+    return OmegaConf.structured(load_preset(name)), variant
 
 
 def main() -> None:
