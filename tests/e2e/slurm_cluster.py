@@ -65,10 +65,10 @@ class SlurmCluster:
             (r / d).mkdir(parents=True, exist_ok=True)
         r.chmod(0o755)  # munged wants the socket's directory searchable by everyone
         key, sock = r / "munge.key", r / "munge.sock"
-        self._run([_sbin("mungekey"), "--create", "--force", f"--keyfile={key}"])
+        self.run(_sbin("mungekey"), "--create", "--force", f"--keyfile={key}")
         key.chmod(0o600)
-        self._run([_sbin("munged"), "--force", f"--key-file={key}", f"--socket={sock}", f"--pid-file={r / 'munged.pid'}",
-                   f"--seed-file={r / 'munged.seed'}", f"--log-file={r / 'log' / 'munged.log'}"])
+        self.run(_sbin("munged"), "--force", f"--key-file={key}", f"--socket={sock}", f"--pid-file={r / 'munged.pid'}",
+                 f"--seed-file={r / 'munged.seed'}", f"--log-file={r / 'log' / 'munged.log'}")
         cpus = os.cpu_count() or 1
         mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
         self.conf.write_text("\n".join([
@@ -102,9 +102,6 @@ class SlurmCluster:
         raise RuntimeError(f"Slurm did not come up in {timeout:.0f}s; see {r / 'log'}:\n{self.logs()}")
 
     def run(self, *cmd: str) -> str:
-        return self._run(list(cmd))
-
-    def _run(self, cmd: List[str]) -> str:
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}")
@@ -122,7 +119,7 @@ class SlurmCluster:
 
     def job(self, job_id: int) -> Dict[str, str]:
         """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
-        text = self._run(["scontrol", "show", "job", "-o", str(job_id)])
+        text = self.run("scontrol", "show", "job", "-o", str(job_id))
         fields = {}
         for token in text.split():
             if "=" in token:
