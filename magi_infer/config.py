@@ -10,27 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from magi_train.config.schema import ModelConfig, ParallelConfig
+from magi_train.config.schema import ModelConfig, ParallelConfig, SamplerConfig, VaeConfig
 
 
-@dataclass
-class SamplerConfig:
-    cfg_number: int = 3  # 3: three-pass guidance (base models); 1: one pass (distilled / fp8)
-    cfg_t_range: List[float] = field(default_factory=lambda: [0.0, 0.0217, 0.1, 0.3, 0.999])
-    prev_chunk_scales: List[float] = field(default_factory=lambda: [1.5, 1.5, 1.5, 1.0, 1.0])
-    text_scales: List[float] = field(default_factory=lambda: [7.5, 7.5, 7.5, 0.0, 0.0])
-    # Chunks (itself included) a denoising chunk attends to, per 1/len of its steps; [] = all earlier chunks.
-    noise2clean_kvrange: List[int] = field(default_factory=lambda: [5, 4, 3, 2])
-    clean_chunk_kvrange: int = 1  # lookback of the clean re-forward and the prefix; -1 = released fallback
-    clean_t: float = 0.9999
-    num_steps: int = 64  # denoising steps per chunk
-    window_size: int = 4  # chunks denoised at once
-    shortcut_mode: str = "8,16,16"  # 12-step grid only: "8,16,16" or "16,16,8"
-    nearly_clean_threshold: float = 0.3  # distill: blend the oldest chunk once its t exceeds this
-    nearly_clean_weight: float = 0.7  # weight of the with-context prediction (released env prev_chunks_scale)
-    fp8: bool = False  # released fp8 linears; weights from inference_weight.fp8[.distill]
-    kv_cache: bool = True  # false recomputes every past chunk in each call (slow; an oracle for tests)
-    kv_offload: bool = False  # keep the KV cache in (pinned) CPU memory
 
 
 @dataclass
@@ -65,14 +47,6 @@ class TextConfig:
     two_d_anime: bool = False
 
 
-@dataclass
-class VaeConfig:
-    kind: str = "vit"  # vit (the released VAE) | preview (latent colours, for the synthetic tiny model)
-    dir: Optional[str] = None  # diffusers-style directory: config.json + diffusion_pytorch_model.safetensors
-    tile_px: int = 256
-    overlap: float = 0.25
-    scale_factor: float = 0.18215
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
 
 
 @dataclass

@@ -21,18 +21,17 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from magi_infer.comm import broadcast_tensor
+from magi_train.parallel.comm import broadcast_tensor
 from magi_infer.config import MODES, SPATIAL, TEMPORAL, GenerateConfig
-from magi_infer.pipeline import PipelinedDiT, stage_of
-from magi_infer.sampler import Captions, StaircaseSampler
-from magi_infer.weights import load_into, load_weights
-from magi_train.config.schema import ModelConfig
-from magi_train.model.dit import DTYPES, build_dit
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
+from magi_train.checkpoint.weights import load_weights
+from magi_train.model.dit import DTYPES
+from magi_train.parallel.parallelize import build_model
 from magi_train.parallel.groups import Parallel
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -69,31 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_model(mc: ModelConfig, state: Dict[str, torch.Tensor], source: str, parallel: Optional[Parallel] = None,
-                fp8: bool = False) -> torch.nn.Module:
-    """This rank's part of the DiT, loaded from a full (released-layout) state dict: the whole model in one
-    process; under model parallelism its TP slices of its pipeline stage's layers, with the context-parallel
-    group, wrapped as a `PipelinedDiT` when pp > 1. The sampler drives any of them the same way."""
-    whole = parallel is None or parallel.world_size == 1
-    tp_group = None if parallel is None else parallel.tp_group
-    layout = {} if whole else dict(cp_group=parallel.cp_group, sequence_parallel=parallel.sequence_parallel,
-                                   **stage_of(mc.num_layers, parallel.pp, parallel.pp_rank))
-    model = build_dit(mc, tp_group=tp_group, init_weights=False, **layout)
-    reference = None if whole else build_dit(mc, device="meta")  # the whole model's shapes: what the checkpoint holds
-    if fp8:
-        from magi_infer.fp8 import convert_dit_to_fp8  # raises for tensor-parallel linears
-
-        convert_dit_to_fp8(model)
-        if reference is not None:
-            convert_dit_to_fp8(reference)
-    if whole:
-        load_into(model, state, source)
-        return model
-    full_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    load_into(model, state, source, full_shapes=full_shapes, tp_rank=parallel.tp_rank, tp=parallel.tp)
-    return PipelinedDiT(model, parallel.groups.pp) if parallel.pp > 1 else model
 
 
 class InferenceEngine:
@@ -134,11 +108,11 @@ class InferenceEngine:
     def _build_text_encoder(self):
         tc, mc = self.cfg.text, self.cfg.model
         if tc.encoder == "hash":
-            from magi_train.data.text import HashTextEncoder
+            from magi_train.model.text.hash import HashTextEncoder
 
             return HashTextEncoder(dim=mc.caption_channels, max_length=mc.caption_max_length)
         if tc.encoder == "t5":
-            from magi_infer.text import T5TextEncoder
+            from magi_train.model.text.t5 import T5TextEncoder
 
             if tc.t5_dir is None:
                 raise ValueError("text.t5_dir is required for text.encoder=t5 (the t5-v1_1-xxl directory or its parent)")
@@ -146,7 +120,7 @@ class InferenceEngine:
         raise ValueError(f"text.encoder={tc.encoder!r} is not one of ['t5', 'hash']")
 
     def _caption_options(self):
-        from magi_infer.text import CaptionOptions
+        from magi_infer.conditioning import CaptionOptions
 
         tc = self.cfg.text
         return CaptionOptions(hq=tc.hq, duration=tc.duration, negative_tokens=tc.negative_tokens,
@@ -154,7 +128,7 @@ class InferenceEngine:
                               borderness=tc.borderness, three_d_model=tc.three_d_model, two_d_anime=tc.two_d_anime)
 
     def _load_special_tokens(self):
-        from magi_infer.text import SpecialTokens
+        from magi_infer.conditioning import SpecialTokens
 
         options = self._caption_options()
         if not (options.keys() or options.negative_keys()):
@@ -164,12 +138,12 @@ class InferenceEngine:
     def _build_vae(self):
         vc = self.cfg.vae
         if vc.kind == "preview":
-            from magi_infer.preview import LatentPreviewDecoder
+            from magi_train.data.preview import LatentPreviewDecoder
 
             return LatentPreviewDecoder(self.cfg.model.in_channels // (2 if self.cfg.model.half_channel_vae else 1))
         if vc.kind == "vit":
-            from magi_infer.vae import VaeCodec, ViTVAE
-            from magi_infer.vae.split import SplitTiles
+            from magi_train.model.vae import VaeCodec, ViTVAE
+            from magi_train.parallel.vae_tiles import SplitTiles
 
             if vc.dir is None:
                 raise ValueError("vae.dir is required for vae.kind=vit (diffusers-style directory of the released VAE)")
@@ -191,7 +165,7 @@ class InferenceEngine:
         return v.height // SPATIAL, v.width // SPATIAL
 
     def _prefix(self, req: Request) -> Optional[torch.Tensor]:
-        from magi_infer.video_io import read_image, read_video
+        from magi_train.data.video_io import read_image, read_video
 
         v = self.cfg.video
         if req.mode == "t2v":
@@ -213,7 +187,8 @@ class InferenceEngine:
         return latent.to(self.device, torch.float32)
 
     def _captions(self, prompts: Sequence[str], num_chunks: int, prefix_chunks: int) -> Captions:
-        from magi_infer.text import build_caption_rows, prepare_prompt
+        from magi_infer.conditioning import build_caption_rows
+        from magi_train.model.text.clean import prepare_prompt
 
         mc = self.cfg.model
         y = mask = None
@@ -233,7 +208,7 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, req: Request, output: Optional[str] = None) -> Result:
-        from magi_infer.video_io import StreamingMp4Writer
+        from magi_train.data.video_io import StreamingMp4Writer
 
         if req.mode not in MODES:
             raise ValueError(f"mode={req.mode!r} is not one of {list(MODES)}")

@@ -46,7 +46,7 @@ def dit_weight_bytes(cfg: ModelConfig, fp8: bool) -> int:
     plan = module_dtype_plan(model)
     quantised = set()
     if fp8:
-        from magi_infer.fp8 import fp8_module_names
+        from magi_train.model.fp8 import fp8_module_names
 
         quantised = {name + ".weight" for name in fp8_module_names(cfg.num_layers)}
     total = 0
@@ -94,7 +94,7 @@ def measured_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def vae_params() -> int:
-    from magi_infer.vae import ViTVAE
+    from magi_train.model.vae import ViTVAE
 
     with torch.device("meta"):
         return sum(p.numel() for p in ViTVAE(RELEASED_VAE_DDCONFIG).parameters())

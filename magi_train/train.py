@@ -21,7 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from magi_train.config import register_configs, to_train_config  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
-from magi_train.trainer import Trainer, summarize  # noqa: E402
+from magi_train.training.trainer import Trainer, summarize  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
     parallel = init_parallel(train_cfg.parallel)
     try:
         if train_cfg.distill.enabled:
-            from magi_train.distill_trainer import DistillTrainer
+            from magi_train.training.distill_trainer import DistillTrainer
 
             trainer = DistillTrainer(train_cfg, parallel)
         else:

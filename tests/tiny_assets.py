@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from magi_infer.fp8 import quantize_dit_state_dict
-from magi_infer.vae import ViTVAE
+from magi_train.model.fp8 import quantize_dit_state_dict
+from magi_train.model.vae import ViTVAE
 from magi_train.checkpoint.magi1 import cast_like_released, save_magi1_checkpoint
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import build_dit

@@ -323,7 +323,7 @@ def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = Fa
     check_against_model(state, cfg, ckpt / ("model" if distributed else "model.pt"), "the checkpoint's own config")
     released = cast_like_released(state)
     if fp8:
-        from magi_infer.fp8 import quantize_dit_state_dict  # only --fp8 needs the inference package
+        from magi_train.model.fp8 import quantize_dit_state_dict  # only --fp8 needs the inference package
 
         # Quantise from the checkpoint's own precision (fp32 training weights round once, straight to fp8).
         quantized = quantize_dit_state_dict(state, cfg.num_layers)
@@ -331,7 +331,7 @@ def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = Fa
         quantized = {k: released[k] if t is state.get(k) else t for k, t in quantized.items()}
         released = in_model_order(quantized, list(state))
         notes.append("fp8 scales are uncalibrated defaults (activations assumed within +-448); "
-                     "see magi_infer.fp8.calibrate_input_absmax for a calibrated export")
+                     "see magi_train.model.fp8.calibrate_input_absmax for a calibrated export")
 
     target.parent.mkdir(parents=True, exist_ok=True)
     if zstd is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from magi_infer.memory import estimate
-from magi_train.memory_plan import load_preset
+from magi_train.observability.memory_plan import load_preset
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ["magi1_4.5b", "magi1_4.5b_distill", "magi1_4.5b_distill_fp8", "magi1_24b", "magi1_24b_distill",

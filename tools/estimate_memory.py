@@ -1,4 +1,4 @@
-"""Print the training memory of one GPU for a model preset and a parallel layout (magi_train/memory_plan.py
+"""Print the training memory of one GPU for a model preset and a parallel layout (magi_train/observability/memory_plan.py
 says what is counted), or search the smallest layout that fits a GPU.
 
     python tools/estimate_memory.py --model magi1_24b --tp 8 --cp 2 --pp 1 --dp 4 --seq-length 32768 \
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magi_train.memory_plan import (  # noqa: E402
+from magi_train.observability.memory_plan import (  # noqa: E402
     ATTENTION, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate, estimates,
     load_preset, search, with_defaults,
 )

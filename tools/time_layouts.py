@@ -51,7 +51,7 @@ def _config(out_dir: str, layout: dict, steps: int):
 def _rank(rank: int, world: int, port: int, layout: dict, steps: int, out_dir: str, results) -> None:
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -75,6 +75,39 @@ class ParallelConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """The staircase sampler of MAGI-1 inference (training's validation videos use it too)."""
+
+    cfg_number: int = 3  # 3: three-pass guidance (base models); 1: one pass (distilled / fp8)
+    cfg_t_range: List[float] = field(default_factory=lambda: [0.0, 0.0217, 0.1, 0.3, 0.999])
+    prev_chunk_scales: List[float] = field(default_factory=lambda: [1.5, 1.5, 1.5, 1.0, 1.0])
+    text_scales: List[float] = field(default_factory=lambda: [7.5, 7.5, 7.5, 0.0, 0.0])
+    # Chunks (itself included) a denoising chunk attends to, per 1/len of its steps; [] = all earlier chunks.
+    noise2clean_kvrange: List[int] = field(default_factory=lambda: [5, 4, 3, 2])
+    clean_chunk_kvrange: int = 1  # lookback of the clean re-forward and the prefix; -1 = released fallback
+    clean_t: float = 0.9999
+    num_steps: int = 64  # denoising steps per chunk
+    window_size: int = 4  # chunks denoised at once
+    shortcut_mode: str = "8,16,16"  # 12-step grid only: "8,16,16" or "16,16,8"
+    nearly_clean_threshold: float = 0.3  # distill: blend the oldest chunk once its t exceeds this
+    nearly_clean_weight: float = 0.7  # weight of the with-context prediction (released env prev_chunks_scale)
+    fp8: bool = False  # released fp8 linears; weights from inference_weight.fp8[.distill]
+    kv_cache: bool = True  # false recomputes every past chunk in each call (slow; an oracle for tests)
+    kv_offload: bool = False  # keep the KV cache in (pinned) CPU memory
+
+@dataclass
+class VaeConfig:
+    """The video decoder: the released ViT VAE, or the latent-colour preview of the synthetic data."""
+
+    kind: str = "vit"  # vit (the released VAE) | preview (latent colours, for the synthetic tiny model)
+    dir: Optional[str] = None  # diffusers-style directory: config.json + diffusion_pytorch_model.safetensors
+    tile_px: int = 256
+    overlap: float = 0.25
+    scale_factor: float = 0.18215
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic (built-in moving blobs, drawn as latents) | webdataset (shards, data/README.md)
     num_samples: int = 4096  # size of one synthetic epoch
@@ -178,7 +211,7 @@ class TrainerConfig:
     # Steps whose loss or gradient norm is NaN/inf are skipped (no update; counted and logged as
     # skipped_steps); more than this many in a row stop the run. 0 stops at the first.
     max_bad_steps: int = 3
-    # Graceful stop (magi_train/stop.py): this file under output_dir ("" disables), or one of these signals
+    # Graceful stop (magi_train/training/stop.py): this file under output_dir ("" disables), or one of these signals
     # caught by a training process, ends the run after the step in flight with a checkpoint.
     stop_file: str = "STOP"
     stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1"])

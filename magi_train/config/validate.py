@@ -24,7 +24,7 @@ from magi_train.config.schema import (
     TrainConfig,
     TrainerConfig,
 )
-from magi_train.stop import parse_signal
+from magi_train.training.stop import parse_signal
 
 
 class ConfigError(ValueError):
@@ -403,3 +403,32 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
         yield "trainer.resume ('') must be 'none', 'auto' or a checkpoint path"
     if not t.output_dir.strip():
         yield "trainer.output_dir ('') must be a directory path"
+
+
+def check_train_layout(cfg: TrainConfig, dp: int, cp_impl: str) -> int:
+    """The rules that need the running job's data-parallel size and the resolved parallel.cp_impl (known once
+    the process groups exist). Returns the global batch; raises `ConfigError` naming the fields."""
+    d, tc, pp = cfg.data, cfg.trainer, cfg.parallel.pp
+    global_batch = d.global_batch_size or d.micro_batch_size * dp
+    problems = []
+    if global_batch % (d.micro_batch_size * dp):
+        problems.append(f"data.global_batch_size ({global_batch}) must be a multiple of data.micro_batch_size x "
+                        f"data-parallel size ({d.micro_batch_size} x {dp})")
+    elif pp > 1 and global_batch // (d.micro_batch_size * dp) < pp:
+        problems.append(f"the pipeline needs at least parallel.pp ({pp}) micro-batches per step; "
+                        f"data.global_batch_size ({global_batch}) gives {global_batch // (d.micro_batch_size * dp)} "
+                        f"of data.micro_batch_size ({d.micro_batch_size}) per data-parallel rank")
+    if pp > 1 and tc.eval_every:
+        problems.append("trainer.eval_every > 0 is not supported with parallel.pp > 1 yet (set trainer.eval_every=0)")
+    if pp > 1 and tc.sample_every:
+        problems.append("trainer.sample_every > 0 needs the whole model on each rank: not supported with "
+                        "parallel.pp > 1 yet (set trainer.sample_every=0)")
+    if tc.sample_every and cp_impl == "magi":
+        problems.append("trainer.sample_every > 0 samples with the inference KV cache, which needs "
+                        "parallel.cp_impl=ulysses (MagiAttention's dispatch splits heads' tokens over ranks)")
+    if d.kind == "webdataset" and pp > 1 and cp_impl == "magi":
+        problems.append("data.kind=webdataset with parallel.pp > 1 needs parallel.cp_impl=ulysses (MagiAttention's "
+                        "dispatch of a packed sequence has a shape per sequence; pipeline boundaries are static)")
+    if problems:
+        raise ConfigError("invalid layout for this job:\n  - " + "\n  - ".join(problems))
+    return global_batch

@@ -36,7 +36,7 @@ import av
 import numpy as np
 import torch
 
-from magi_infer.video_io import decoded_frames
+from magi_train.data.video_io import decoded_frames
 from magi_train.data.shards import Sample, SampleError, encode_sample
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
@@ -58,7 +58,7 @@ TOO_SHORT = "too short"
 ENCODE_FAILED = "encode failed"
 WORKER_DIED = "worker died"
 
-# swscale's bicubic filter, as magi_infer/video_io.py uses (ffmpeg's `scale` default).
+# swscale's bicubic filter, as magi_train/data/video_io.py uses (ffmpeg's `scale` default).
 _INTERPOLATION = "BICUBIC"
 # HashTextEncoder pads every row to max_length in float64; encoding a few rows at a time bounds that memory.
 _HASH_ROWS_PER_CALL = 16
@@ -310,7 +310,7 @@ def _round_half_up(x: Fraction) -> int:
 
 class FpsResampler:
     """Which source frames make up a video resampled to `fps`, as ffmpeg's `fps` filter (and
-    magi_infer.video_io.read_video) picks them.
+    magi_train.data.video_io.read_video) picks them.
 
     With times measured from the first frame, source frame i belongs to output slot round(t_i * fps); output frame k
     shows the last source frame whose slot is <= k. Frames are repeated when the source is slower and dropped when
@@ -464,7 +464,7 @@ def _trimmed(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
 
 class T5Captions:
     def __init__(self, directory: str, device: torch.device, max_length: int) -> None:
-        from magi_infer.text.t5 import T5TextEncoder
+        from magi_train.model.text.t5 import T5TextEncoder
 
         self.encoder = T5TextEncoder(directory, device=device, max_length=max_length)
 
@@ -474,7 +474,7 @@ class T5Captions:
 
 class HashCaptions:
     def __init__(self, dim: int, max_length: int) -> None:
-        from magi_train.data.text import HashTextEncoder
+        from magi_train.model.text.hash import HashTextEncoder
 
         self.encoder = HashTextEncoder(dim=dim, max_length=max_length)
 
@@ -501,7 +501,7 @@ def parse_text_encoder(spec: str) -> tuple[str, str]:
 
 @dataclass
 class Encoders:
-    codec: Any  # magi_infer.vae.VaeCodec
+    codec: Any  # magi_train.model.vae.VaeCodec
     text: CaptionEncoder
 
 
@@ -549,7 +549,7 @@ class Plan:
 
 def make_plan(cfg: PrepareConfig) -> Plan:
     """Check every setting that can be checked without loading a model, with messages that name the option."""
-    from magi_infer.vae.model import ViTVAEConfig
+    from magi_train.model.vae.model import ViTVAEConfig
 
     config_path = cfg.vae / "config.json"
     try:
@@ -589,7 +589,7 @@ def make_plan(cfg: PrepareConfig) -> Plan:
 
 
 def load_encoders(cfg: PrepareConfig, device: torch.device) -> Encoders:
-    from magi_infer.vae import VaeCodec, ViTVAE
+    from magi_train.model.vae import VaeCodec, ViTVAE
 
     if cfg.vae_dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

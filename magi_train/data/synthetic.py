@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from magi_train.config.schema import DataConfig
-from magi_train.data.text import HashTextEncoder
+from magi_train.model.text.hash import HashTextEncoder
 
 # Named blob colours. Each name maps to a fixed channel signature (see `colour_signature`), independent
 # of the dataset seed, so "red" means the same latent direction in every run.

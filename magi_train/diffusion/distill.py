@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from magi_infer.guidance import cfg_scales, combine_cfg3, distill_dt, time_grid
+from magi_train.diffusion.guidance import cfg_scales, combine_cfg3, distill_dt, time_grid
 
 GRID_STEPS = 64  # the finest step, s = 1/64: 64 function evaluations
 # Released recipe: s cycles through [1/64] x 8 + [1/32, 1/16, 1/8] (in grid units m = 64 s).

@@ -178,17 +178,3 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: At
 
 
 ATTENTION_BACKENDS = {"torch": range_attention, "sdpa": sdpa_attention}
-# GPU kernels, loaded only when named: their packages exist only on CUDA machines.
-GPU_ATTENTION_BACKENDS = ("magi",)
-
-
-def get_attention_backend(name: str):
-    if name == "magi":
-        from magi_train.model.magi_attention import magi_backend
-
-        return magi_backend()  # ValueError naming model.attention_backend where MagiAttention cannot run
-    try:
-        return ATTENTION_BACKENDS[name]
-    except KeyError:
-        names = sorted([*ATTENTION_BACKENDS, *GPU_ATTENTION_BACKENDS])
-        raise ValueError(f"model.attention_backend={name!r} is not one of {names}") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from magi_train.config.schema import ModelConfig
-from magi_train.model.attention import AttnRanges, caption_ranges
+from magi_train.model.attention import AttnRanges, caption_ranges, row_block_causal_ranges
 from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmbedder
 from magi_train.model.layers import KVHook, TransformerLayer, kv_heads_allocated
 from magi_train.model.magi_attention import MagiContextParallel
@@ -396,6 +396,17 @@ class VideoDiT(nn.Module):
         stream = self.run_layers(stream, placement, kv_hook)
         return self.head(stream.h, grid, placement)
 
+    def forward_packed(self, patches, t, caption, caption_mask, adaln_uncond, coords, token_map,
+                       distill_dt: Optional[float] = None) -> torch.Tensor:
+        """The whole model on one packed sequence (see `embed_packed` for the inputs; captions already
+        dropped where they should be): (1, C_out*pt*p*p, S) velocity per token, block-causal inside each sample."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("forward_packed() runs the whole model; a pipeline stage runs embed_packed / run_layers / head_tokens")
+        placement = self.place(row_block_causal_ranges(token_map), 1, patches.shape[1])
+        stream = self.embed_packed(patches, t, caption, caption_mask, adaln_uncond, coords, token_map,
+                                   distill_dt=distill_dt, placement=placement)
+        return self.head_tokens(self.run_layers(stream, placement).h, placement)
+
     # ------------------------------------------------------------------ helpers
     def drop_captions(self, caption, caption_mask, dropped_rows):
         return self.y_embedder.drop(caption, caption_mask, dropped_rows, self.cfg.null_caption_length)
@@ -415,6 +426,11 @@ def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device
         tp_group = default_tp_group()
     model = VideoDiT(cfg, spec, tp_group, init_weights=init_weights, **stage)
     return model if device is None else model.to(device)
+
+
+def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the whole, unsharded model's state dict: the released MAGI-1 layout of `cfg`."""
+    return {k: tuple(v.shape) for k, v in build_dit(cfg, device="meta").state_dict().items()}
 
 
 def module_dtype_plan(model: VideoDiT) -> dict:

@@ -15,7 +15,7 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from magi_train.model.attention import get_attention_backend
+from magi_train.model.attention import ATTENTION_BACKENDS
 from magi_train.model.linear import ColumnLinear, RowLinear
 
 
@@ -58,6 +58,23 @@ class LinearFactory:
         return 1 if self.tp_group is None else self.tp_group.size()
 
 
+# GPU kernels, loaded only when named: their packages exist only on CUDA machines.
+GPU_ATTENTION_BACKENDS = ("magi",)
+
+
+def get_attention_backend(name: str):
+    """The core-attention function `model.attention_backend` names: (q, k, v, AttnRanges) -> out."""
+    if name == "magi":
+        from magi_train.model.magi_attention import magi_backend
+
+        return magi_backend()  # ValueError naming model.attention_backend where MagiAttention cannot run
+    try:
+        return ATTENTION_BACKENDS[name]
+    except KeyError:
+        names = sorted([*ATTENTION_BACKENDS, *GPU_ATTENTION_BACKENDS])
+        raise ValueError(f"model.attention_backend={name!r} is not one of {names}") from None
+
+
 def local_spec(attention_backend: str = "torch") -> DiTLayerSpec:
     return DiTLayerSpec(column_linear=ColumnLinear, row_linear=RowLinear, core_attention=get_attention_backend(attention_backend))
 
@@ -66,7 +83,7 @@ def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
     if name == "local":
         return local_spec(attention_backend)
     if name == "te":
-        # Imported here: te_spec builds on this module, and Transformer Engine loads only when asked for.
+        # Imported here: Transformer Engine loads only when asked for.
         from magi_train.model import te_spec
 
         reason = te_spec.te_unavailable_reason()
@@ -75,7 +92,8 @@ def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
                 f"model.layer_spec='te' needs Transformer Engine on a CUDA GPU, which is not usable here: {reason}. "
                 f"Use model.layer_spec=local on CPU."
             )
-        return te_spec.te_spec(attention_backend)
+        column, row = te_spec.te_linear_classes()
+        return DiTLayerSpec(column_linear=column, row_linear=row, core_attention=get_attention_backend(attention_backend))
     raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
 
 

@@ -36,8 +36,6 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 from torch import nn
 
-from magi_train.model.attention import get_attention_backend
-from magi_train.model.spec import DiTLayerSpec
 from magi_train.parallel.tensor import sp_gather, sp_reduce_scatter
 
 FP8_RECIPES = ("none", "delayed", "tensorwise", "mxfp8", "blockwise")
@@ -189,9 +187,4 @@ def te_linear_classes() -> Tuple[type, type]:
             return y if bias is None else y + bias
 
     return TEColumnLinear, TERowLinear
-
-
-def te_spec(attention_backend: str = "torch") -> DiTLayerSpec:
-    column, row = te_linear_classes()
-    return DiTLayerSpec(column_linear=column, row_linear=row, core_attention=get_attention_backend(attention_backend))
 

@@ -10,7 +10,7 @@ Tensor-parallel shards of sharded weights are complete per rank.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,3 +54,24 @@ def finalize_model_grads(models: Iterable[VideoDiT], dp_cp_group=None) -> None:
                 _kv_replica_reduce(model, kv)
         if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
             _coalesced_all_reduce([p.grad for _, p in named], dp_cp_group)
+
+
+def global_grad_norm(models: Sequence[VideoDiT], full_shapes: Dict[str, Tuple[int, ...]], parallel) -> float:
+    """Global gradient norm: every parameter element counted once, whatever the layout (collective over
+    tp and pp; the gradients are already complete over dp x cp). One host sync for the whole model."""
+    terms = []
+    for model in models:
+        for name, param in model.named_parameters():
+            # Tensor-parallel replicas (replicated params, replicated KV heads) are counted on one rank.
+            if param.grad is not None and model.shard_spec(name, full_shapes[name]).writer:
+                terms.append(param.grad.detach().double().square().sum())
+    # On the gradients' device, so that the reduction suits the group's backend (gloo: CPU, nccl: CUDA).
+    device = terms[0].device if terms else torch.device("cpu")
+    # Summed in parameter order (the running sum it always was).
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for term in terms:
+        sq = sq + term
+    for group, size in ((parallel.groups.tp, parallel.tp), (parallel.groups.pp, parallel.pp)):
+        if size > 1:
+            dist.all_reduce(sq, group=group)
+    return float(sq.sqrt())

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from magi_train.config.schema import OptimizerConfig
-from magi_train.optim import no_weight_decay
+from magi_train.training.optim import no_weight_decay
 
 
 def assign_owners(named: Sequence[Tuple[str, torch.Tensor]], world: int) -> Dict[str, int]:

@@ -66,7 +66,7 @@ def _whole_model(cfg, group):
 
 def _sample(model, case: dict):
     """(final latents of a whole generation (every emitted chunk, in order), the initial noise, KV-cache bytes)."""
-    from magi_infer.sampler import Captions, StaircaseSampler
+    from magi_train.diffusion.sampler import Captions, StaircaseSampler
 
     cfg = model.cfg
     g = torch.Generator().manual_seed(11)
@@ -111,7 +111,7 @@ def _sampler_errors(layouts, singles) -> dict:
 def _tp_load_errors(released: dict, tp: int, singles) -> dict:
     """DiT output of a released checkpoint loaded under TP=tp vs TP=1, and the refusal of a broken one."""
     from magi_infer.engine import build_model
-    from magi_infer.weights import load_into, load_weights
+    from magi_train.checkpoint.weights import load_into, load_weights
     from magi_train.parallel.groups import init_parallel
 
     par = init_parallel(ParallelConfig(tp=tp))
@@ -139,7 +139,7 @@ def _tp_load_errors(released: dict, tp: int, singles) -> dict:
 def _fp8_pipeline_error(singles) -> float:
     """A released-layout fp8 model (layers 1 .. L-2 fp8) split into two pipeline stages vs one process."""
     from magi_infer.engine import build_model
-    from magi_infer.fp8 import convert_dit_to_fp8, quantize_dit_state_dict
+    from magi_train.model.fp8 import convert_dit_to_fp8, quantize_dit_state_dict
     from magi_train.checkpoint.magi1 import cast_like_released
     from magi_train.parallel.groups import init_parallel
 
@@ -155,8 +155,8 @@ def _fp8_pipeline_error(singles) -> float:
 
 def _vae_split(vae_dir: str) -> dict:
     """Tile-split decode and encode vs the one-process tile loop (fp32 CPU): equal bit for bit?"""
-    from magi_infer.vae import VaeCodec, ViTVAE
-    from magi_infer.vae.split import SplitTiles
+    from magi_train.model.vae import VaeCodec, ViTVAE
+    from magi_train.parallel.vae_tiles import SplitTiles
 
     vae = ViTVAE.from_pretrained(vae_dir, dtype=torch.float32, device=torch.device("cpu"))
     # 16-fps tiles of 8 frames (2 latents) x 32 px (4 latents, stride 3): 2 x 3 x 3 = 18 tiles, short edges.
@@ -291,7 +291,7 @@ def _generate(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_generate_cli_with_context_parallel_writes_the_one_process_video(released, tmp_path):
-    from magi_infer.video_io import probe_video, read_video
+    from magi_train.data.video_io import probe_video, read_video
 
     ckpt = f"ckpt.dir={released['gelu'][1]}"
     one, two = tmp_path / "one", tmp_path / "two"

@@ -14,7 +14,7 @@ STEPS_BEFORE, STEPS_AFTER = 3, 3
 def _train_and_save(out_dir: str):
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     layout = {"tp": 2, "pp": 2, "sequence_parallel": True}
     trainer = Trainer(train_config(f"{out_dir}/tp2pp2", layout, max_steps=6, gated_linear_unit=True),
@@ -30,7 +30,7 @@ def _resume(out_dir: str, path: str):
 
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     runs = {}
     for name, layout, parallel in (

@@ -50,7 +50,7 @@ def _trainers(shards: str, out_dir: str, layout: dict, global_batch: int = 2):
 
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     cfg = _config(shards, f"{out_dir}/parallel", layout, global_batch)
     oracle_cfg = replace(cfg, parallel=ParallelConfig(),

@@ -22,7 +22,7 @@ def _one_step_errors(out_dir: str, layout: dict, model: dict):
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.grads import finalize_model_grads
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     import torch.distributed as dist
     par = init_parallel(ParallelConfig(**layout))
@@ -51,7 +51,7 @@ def _dp2_five_steps(out_dir: str):
     """Five optimizer steps with DP2 (micro-batch 2 per rank) vs one process with micro-batch 4."""
     from magi_train.config.schema import ParallelConfig
     from magi_train.parallel.groups import init_parallel
-    from magi_train.trainer import Trainer
+    from magi_train.training.trainer import Trainer
 
     import torch.distributed as dist
     cfg = train_config(f"{out_dir}/dp2", {}, global_batch=4, micro_batch=2)

@@ -46,7 +46,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     import magi_train.checkpoint.distributed as distributed
-    import magi_train.trainer as trainer_mod
+    import magi_train.training.trainer as trainer_mod
 
     N = args.at_step
     if args.pause in ("checkpoint-data", "checkpoint-marker"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from magi_infer.video_io import probe_video
+from magi_train.data.video_io import probe_video
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

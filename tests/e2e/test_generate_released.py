@@ -15,7 +15,7 @@ import torch
 
 from magi_infer.config import CheckpointConfig, GenerateConfig, SamplerConfig, TextConfig, VaeConfig, VideoConfig
 from magi_infer.engine import InferenceEngine, Request
-from magi_infer.video_io import StreamingMp4Writer, probe_video, read_video
+from magi_train.data.video_io import StreamingMp4Writer, probe_video, read_video
 from magi_train.checkpoint.magi1 import load_magi1_state_dict, save_magi1_checkpoint
 from magi_train.config.released import load_released_config
 

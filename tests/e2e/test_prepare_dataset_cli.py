@@ -16,11 +16,11 @@ import pytest
 import torch
 import webdataset
 
-from magi_infer.vae import VaeCodec, ViTVAE
-from magi_infer.video_io import read_image, read_video
+from magi_train.model.vae import VaeCodec, ViTVAE
+from magi_train.data.video_io import read_image, read_video
 from magi_train.data.shards import Sample, decode_sample
 from magi_train.data.synthetic_video import write_mp4
-from magi_train.data.text import HashTextEncoder, tokenize
+from magi_train.model.text.hash import HashTextEncoder, tokenize
 from tests.tiny_assets import make_t5, make_vae
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_prepare_folder_with_t5(assets, tmp_path):
     assert sorted(s.meta["source"] for s in samples) == sorted(assets["entries"])
     check_latents_and_captions(samples, assets)
 
-    from magi_infer.text.t5 import T5TextEncoder
+    from magi_train.model.text.t5 import T5TextEncoder
 
     t5 = T5TextEncoder(t5_dir, max_length=64)
     for s in samples:

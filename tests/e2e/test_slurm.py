@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from magi_infer.video_io import probe_video
+from magi_train.data.video_io import probe_video
 from magi_train.checkpoint.manager import CheckpointManager, verify_checkpoint
 from tests.e2e.slurm_cluster import SlurmCluster, install
 

@@ -161,7 +161,7 @@ def records(out: Path) -> List[dict]:
 
 @pytest.mark.slow
 def test_train_cli_on_prepared_shards_validates_samples_checkpoints_and_resumes(dataset, tmp_path):
-    from magi_infer.video_io import probe_video
+    from magi_train.data.video_io import probe_video
 
     root = dataset["root"]
     # Corrupt input: a copy of a training shard cut to 40% of its bytes, next to the good ones.

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from magi_train.config.schema import ModelConfig
-from magi_train.model.attention import block_causal_ranges, get_attention_backend, range_attention, segment_ranges
+from magi_train.model.attention import block_causal_ranges, range_attention, segment_ranges
+from magi_train.model.spec import get_attention_backend
 from magi_train.model.dit import build_dit
 from magi_train.model.linear import ColumnLinear, RowLinear
 from magi_train.model.spec import megatron_config

@@ -283,9 +283,9 @@ def test_cli_end_to_end(tool, fixture_state, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def fp8():
     try:
-        import magi_infer.fp8 as fp8
+        import magi_train.model.fp8 as fp8
     except ImportError as e:
-        pytest.skip(f"magi_infer.fp8 cannot be imported ({e}); the --fp8 / --dequantize paths need it")
+        pytest.skip(f"magi_train.model.fp8 cannot be imported ({e}); the --fp8 / --dequantize paths need it")
     return fp8
 
 

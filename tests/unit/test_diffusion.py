@@ -10,7 +10,7 @@ from magi_train.config.schema import OptimizerConfig
 from magi_train.diffusion.flow_matching import velocity_target
 from magi_train.diffusion.objective import noisy_input
 from magi_train.diffusion.timesteps import inference_grid, shift_time
-from magi_train.optim import lr_at
+from magi_train.training.optim import lr_at
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from magi_infer.guidance import distill_dt, time_grid
+from magi_train.diffusion.guidance import distill_dt, time_grid
 from magi_train.diffusion.distill import (STEP_CYCLE, EmaWeights, distill_embedding, draw_distill_times,
                                           guided_velocity, shortcut_target, step_size_at)
 

@@ -13,11 +13,11 @@ import torch
 from magi_train.config import validate
 from magi_train.config.schema import (DataConfig, DiffusionConfig, DistillConfig, ModelConfig, OptimizerConfig,
                                       TrainConfig, TrainerConfig, WandbConfig)
-from magi_train.distill_trainer import DistillTrainer
-from magi_train.flops import SampleShape, forward_flops
+from magi_train.training.distill_trainer import DistillTrainer
+from magi_train.observability.flops import SampleShape, forward_flops
 from magi_train.model.attention import block_causal_ranges
 from magi_train.parallel.groups import init_parallel
-from magi_train.trainer import Trainer
+from magi_train.training.trainer import Trainer
 
 # Guidance scales chosen here (not the released ones) so that both buckets and all three passes matter.
 T_RANGE, PREV, TEXT = [0.0, 0.5], [2.0, 1.25], [3.0, 0.5]

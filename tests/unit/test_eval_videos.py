@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.sampler import Captions, StaircaseSampler
-from magi_infer.video_io import probe_video, read_video
+from magi_train.config.schema import SamplerConfig
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
+from magi_train.data.video_io import probe_video, read_video
 from magi_train.config.schema import ModelConfig, TrainerConfig, WandbConfig
-from magi_train.eval_videos import make_decoder, sample_validation_videos, to_uint8_frames
-from magi_train.metrics import MetricsLogger, format_record
+from magi_train.training.eval_videos import make_decoder, sample_validation_videos, to_uint8_frames
+from magi_train.observability.metrics import MetricsLogger, format_record
 from magi_train.model.dit import build_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,7 +156,7 @@ def test_make_decoder_errors_name_the_problem():
 
 
 def test_vit_decoder_decodes_a_chunk(tmp_path):
-    from magi_infer.vae import ViTVAE
+    from magi_train.model.vae import ViTVAE
 
     tiny = dict(video_size=32, video_length=8, patch_size=8, patch_length=4, z_chans=16, embed_dim=256, depth=1,
                 num_heads=4, mlp_ratio=2.0, qkv_bias=True, ln_in_attn=True, conv_last_layer=True)

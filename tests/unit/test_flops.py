@@ -1,4 +1,4 @@
-"""The analytic FLOP count (magi_train/flops.py): a hand count term by term, the FLOPs a real CPU forward and
+"""The analytic FLOP count (magi_train/observability/flops.py): a hand count term by term, the FLOPs a real CPU forward and
 backward perform (torch's dispatch-level FlopCounterMode), block-causal growth, and the GQA / SwiGLU variants."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from magi_train.config.schema import ModelConfig
-from magi_train.flops import SampleShape, flops_breakdown, forward_flops, mfu, train_flops
+from magi_train.observability.flops import SampleShape, flops_breakdown, forward_flops, mfu, train_flops
 from magi_train.model.attention import block_causal_ranges
 from magi_train.model.dit import build_dit
 

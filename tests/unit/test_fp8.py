@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magi_infer.fp8 import (
+from magi_train.model.fp8 import (
     Fp8PerChannelLinear,
     Fp8PerTensorLinear,
     calibrate_input_absmax,

@@ -15,7 +15,8 @@ import torch
 
 from magi_train.model import magi_attention as magi
 from magi_train.model import te_spec
-from magi_train.model.attention import AttnRanges, block_causal_ranges, get_attention_backend, range_attention, segment_ranges
+from magi_train.model.attention import AttnRanges, block_causal_ranges, range_attention, segment_ranges
+from magi_train.model.spec import get_attention_backend
 from magi_train.model.spec import get_layer_spec
 
 I32 = torch.int32

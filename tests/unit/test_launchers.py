@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from magi_train.config import register_configs, to_train_config
-from magi_train.memory_plan import Layout, MicroBatch, estimate, load_preset
+from magi_train.observability.memory_plan import Layout, MicroBatch, estimate, load_preset
 from magi_train.parallel.groups import check_world
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.fp8 import convert_dit_to_fp8
+from magi_train.config.schema import SamplerConfig
+from magi_train.model.fp8 import convert_dit_to_fp8
 from magi_infer.memory import dit_weight_bytes, estimate, measured_weight_bytes, t5_xxl_encoder_params
-from magi_infer.sampler import Captions, StaircaseSampler
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import build_dit
 

@@ -1,4 +1,4 @@
-"""The training memory plan (magi_train/memory_plan.py) against memory measured on CPU: the tensors one layer
+"""The training memory plan (magi_train/observability/memory_plan.py) against memory measured on CPU: the tensors one layer
 saves for backward (saved-tensor hooks), and one training step of the tiny preset under torch's MemTracker
 (live tensor storages by kind: parameters, gradients, optimizer state, activations). Then the layout search."""
 
@@ -11,7 +11,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from magi_train.config.schema import ModelConfig, OptimizerConfig
-from magi_train.memory_plan import (
+from magi_train.observability.memory_plan import (
     GIB, Layout, MicroBatch, ModelParams, estimate, layer_activations, load_preset, search,
 )
 from magi_train.model.attention import block_causal_ranges

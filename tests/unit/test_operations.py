@@ -14,12 +14,12 @@ import torch
 from magi_train.config import validate
 from magi_train.config.validate import ConfigError
 from magi_train.config.schema import TrainerConfig, WandbConfig
-from magi_train.flops import SampleShape, train_flops
-from magi_train.metrics import format_record, resolve_wandb_mode
+from magi_train.observability.flops import SampleShape, train_flops
+from magi_train.observability.metrics import format_record, resolve_wandb_mode
 from magi_train.parallel.groups import init_parallel
-from magi_train.stop import StopRequest, parse_signal
-from magi_train.throughput import peak_flops_per_device, throughput_record
-from magi_train.trainer import Trainer
+from magi_train.training.stop import StopRequest, parse_signal
+from magi_train.observability.throughput import peak_flops_per_device, throughput_record
+from magi_train.training.trainer import Trainer
 from tests.unit.test_trainer import tiny_config as _tiny_config
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_infer.video_io import read_video
+from magi_train.data.video_io import read_video
 from magi_train.data.prepare import (MISSING_CAPTION, TOO_SHORT, UNDECODABLE, Bucket, Encoded, InputItem,
                                      InputListError, Manifest, PrepareError, ShardWriter, SkipClip, caption_rows,
                                      choose_bucket, load_clip, parse_buckets, read_inputs, resample_counts,

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
-from magi_infer.sampler import Captions, StaircaseSampler
+from magi_train.config.schema import SamplerConfig
+from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import build_dit
 

@@ -16,8 +16,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.sampler import Captions, StaircaseSampler
+from magi_train.config.schema import SamplerConfig
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.checkpoint.magi1 import load_magi1_state_dict
 from magi_train.config.released import load_released_config
 from magi_train.model.dit import build_dit
@@ -98,7 +98,7 @@ def test_t2v_matches_released_generation(released):
 def test_one_guidance_step_matches_released_dispatcher(released):
     """`out_dispatcher`: one cfg-3 step on two chunks (t = 0.3, 0.05), text rows + null rows, the released
     combination (with cfg_t_range buckets: s_prev 1.0 / s_text 0 for the first chunk, 1.5 / 7.5 for the second)."""
-    from magi_infer.schedule import StepPlan
+    from magi_train.diffusion.schedule import StepPlan
 
     model, cfg = released
     inputs = safetensors.torch.load_file(GELU / "inputs.safetensors")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_infer.schedule import staircase
+from magi_train.diffusion.schedule import staircase
 from magi_train.diffusion.timesteps import inference_grid
 
 T2V = Path(__file__).resolve().parents[1] / "fixtures" / "magi1_gelu" / "t2v.json"

@@ -13,7 +13,7 @@ import torch
 
 from magi_train.config.schema import DataConfig
 from magi_train.data.synthetic import PALETTE, SyntheticBlobDataset, collate, colour_signature
-from magi_train.data.text import HashTextEncoder, tokenize
+from magi_train.model.text.hash import HashTextEncoder, tokenize
 
 CAPTION_CHANNELS = 32
 CAPTION_MAX_LENGTH = 40

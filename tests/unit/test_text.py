@@ -14,15 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from magi_infer.text import (
-    CaptionOptions,
-    SpecialTokens,
-    T5TextEncoder,
-    build_caption_rows,
-    clean_caption,
-    duration_index,
-    prepare_prompt,
-)
+from magi_infer.conditioning import CaptionOptions, SpecialTokens, build_caption_rows, duration_index
+from magi_train.model.text.t5 import T5TextEncoder
+from magi_train.model.text.clean import clean_caption, prepare_prompt
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GELU = FIXTURES / "magi1_gelu"

@@ -15,7 +15,7 @@ from magi_train.config.schema import (DataConfig, DiffusionConfig, ModelConfig, 
                                       TrainerConfig, WandbConfig)
 from magi_train.data.loader import WebDatasetLoader
 from magi_train.parallel.groups import init_parallel
-from magi_train.trainer import Trainer
+from magi_train.training.trainer import Trainer
 from tests.shard_helpers import CAPTION_DIM, CHANNELS, write_dataset
 
 CHUNK = 2  # latent frames per chunk of the test model: short samples, many chunks
@@ -158,7 +158,7 @@ def test_validation_videos_are_written_and_logged(shards, parallel, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     videos = [r for r in records if "videos" in r]
     assert [r["step"] for r in videos] == [2]
-    from magi_infer.video_io import probe_video
+    from magi_train.data.video_io import probe_video
 
     assert len(videos[0]["videos"]) == 2
     for name, path in videos[0]["videos"].items():

@@ -9,7 +9,7 @@ import torch
 from magi_train.config import validate
 from magi_train.config.schema import DataConfig, DiffusionConfig, ModelConfig, OptimizerConfig, TrainConfig, TrainerConfig, WandbConfig
 from magi_train.parallel.groups import init_parallel
-from magi_train.trainer import Trainer, summarize
+from magi_train.training.trainer import Trainer, summarize
 
 
 def tiny_config(out_dir, **trainer) -> TrainConfig:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from magi_infer.vae import VaeCodec, ViTVAE, qkv_norm, tiled_decode, tiled_encode
+from magi_train.model.vae import VaeCodec, ViTVAE, qkv_norm, tiled_decode, tiled_encode
 
 # Tiny config with the released factors (8x spatial, 4x temporal, 16 latent channels). embed_dim must be a
 # multiple of patch_length * patch_size^2 = 256 (one unpatch channel here, 4 in the released model).

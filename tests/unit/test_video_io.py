@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_infer.video_io import StreamingMp4Writer, probe_video, read_image, read_video
+from magi_train.data.video_io import StreamingMp4Writer, probe_video, read_image, read_video
 
 W, H = 64, 48
 LEVEL = 8  # grey level step per frame index in the index-coded clips; survives h264 comfortably

@@ -18,12 +18,12 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.engine import build_model
-from magi_infer.sampler import StaircaseSampler
+from magi_train.config.schema import SamplerConfig
+from magi_train.parallel.parallelize import build_model
+from magi_train.diffusion.sampler import StaircaseSampler
 from magi_train.config.schema import DataConfig, ModelConfig
 from magi_train.data.synthetic import SyntheticBlobDataset
-from magi_train.eval_videos import build_captions, latent_channels
+from magi_train.training.eval_videos import build_captions, latent_channels
 
 
 @dataclass

@@ -30,27 +30,27 @@ import torch
 import torch.distributed as dist
 
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, load_train_state, save_train_state
-from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager
+from magi_train.checkpoint.weights import load_into
 from magi_train.config.schema import TrainConfig
+from magi_train.config.validate import check_train_layout
 from magi_train.data.loader import PackedSequence, WebDatasetLoader, merge_loader_states
 from magi_train.data.packed_inputs import PackedItem, caption_rows, pack_inputs
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
 from magi_train.diffusion.flow_matching import velocity_target
 from magi_train.diffusion.objective import ObjectiveDraw, draw_objective, fixed_draw, noisy_input
-from magi_train.flops import SampleShape, train_flops
-from magi_train.metrics import MetricsLogger
+from magi_train.observability.flops import SampleShape, train_flops
+from magi_train.observability.metrics import MetricsLogger
 from magi_train.model import magi_attention
-from magi_train.model.dit import build_dit
-from magi_train.optim import lr_at, set_lr
-from magi_train.parallel.grads import finalize_model_grads
+from magi_train.training.optim import lr_at, set_lr
+from magi_train.parallel.grads import finalize_model_grads, global_grad_norm
 from magi_train.parallel.groups import Parallel
-from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule, stage_layers
-from magi_train.parallel.sharding import shard_state_dict
+from magi_train.parallel.parallelize import build_train_stages, full_shapes
+from magi_train.parallel.pipeline import DiTStage, MicroBatchShape, build_schedule
 from magi_train.parallel.zero import ShardedAdamW
-from magi_train.step_timer import StepTimer
-from magi_train.stop import StopRequest
-from magi_train.throughput import peak_flops_per_device, throughput_record
+from magi_train.observability.step_timer import StepTimer
+from magi_train.training.stop import StopRequest
+from magi_train.observability.throughput import peak_flops_per_device, throughput_record
 
 # Streams derived from the run seed; distinct multipliers keep them independent.
 _STEP_STREAM = 1_000_003
@@ -75,38 +75,11 @@ class Trainer:
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
         torch.use_deterministic_algorithms(tc.deterministic)
-        global_batch = d.global_batch_size or d.micro_batch_size * p.dp
-        if global_batch % (d.micro_batch_size * p.dp):
-            raise ValueError(f"data.global_batch_size ({global_batch}) must be a multiple of data.micro_batch_size x "
-                             f"data-parallel size ({d.micro_batch_size} x {p.dp})")
-        self.global_batch = global_batch
-        self.num_micro = global_batch // (d.micro_batch_size * p.dp)
-        if p.pp > 1 and self.num_micro < p.pp:
-            raise ValueError(f"the pipeline needs at least parallel.pp ({p.pp}) micro-batches per step; "
-                             f"data.global_batch_size ({global_batch}) gives {self.num_micro} of data.micro_batch_size "
-                             f"({d.micro_batch_size}) per data-parallel rank")
-        if p.pp > 1 and tc.eval_every:
-            raise ValueError("trainer.eval_every > 0 is not supported with parallel.pp > 1 yet (set trainer.eval_every=0)")
-        if p.pp > 1 and tc.sample_every:
-            raise ValueError("trainer.sample_every > 0 needs the whole model on each rank: not supported with "
-                             "parallel.pp > 1 yet (set trainer.sample_every=0)")
-
-        stages = p.pp * cfg.parallel.vpp
-        held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
         self.cp_impl = cp_impl = magi_attention.resolve_cp_impl(cfg.parallel.cp_impl, p.cp_group)
-        if tc.sample_every and cp_impl == "magi":
-            raise ValueError("trainer.sample_every > 0 samples with the inference KV cache, which needs "
-                             "parallel.cp_impl=ulysses (MagiAttention's dispatch splits heads' tokens over ranks)")
-        self.stage_ids = [sid for sid, _ in held]
-        self.models = [
-            build_dit(m, tp_group=p.tp_group, cp_group=p.cp_group, sequence_parallel=p.sequence_parallel, layer_ids=ids,
-                      pre_process=sid == 0, post_process=sid == stages - 1, init_seed=tc.seed, cp_impl=cp_impl).to(p.device)
-            for sid, ids in held
-        ]
-        for model in self.models:
-            model.train()
-            model.set_recompute(tc.recompute, tc.recompute_layers)
-        self.full_shapes = {k: tuple(v.shape) for k, v in build_dit(m, device="meta").named_parameters()}
+        self.global_batch = check_train_layout(cfg, p.dp, cp_impl)
+        self.num_micro = self.global_batch // (d.micro_batch_size * p.dp)
+        self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
+        self.full_shapes = full_shapes(m)
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
 
         self.out_dir = Path(tc.output_dir)
@@ -114,9 +87,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", tc.keep_last, read_only=not p.is_main)
         self.packed = d.kind == "webdataset"
         if self.packed:
-            if p.pp > 1 and cp_impl == "magi":
-                raise ValueError("data.kind=webdataset with parallel.pp > 1 needs parallel.cp_impl=ulysses (MagiAttention's "
-                                 "dispatch of a packed sequence has a shape per sequence; pipeline boundaries are static)")
             # Every tensor/context/pipeline peer of a data-parallel rank reads the same streams, so they
             # hold identical sequences without any broadcast.
             self.loader = WebDatasetLoader(d, m, p.dp_rank, p.dp)
@@ -141,7 +111,7 @@ class Trainer:
                  d.latent_height, d.latent_width))
         self.last_tokens = 0  # real (unpadded) tokens of the last step, over every data-parallel rank
         self.last_samples = 0  # samples of the last step, over every data-parallel rank
-        self.last_flops = 0  # model FLOPs of the last step's forward and backward (magi_train/flops.py), all ranks
+        self.last_flops = 0  # model FLOPs of the last step's forward and backward (magi_train/observability/flops.py), all ranks
         self.timer = StepTimer(p.device, tc.step_timers)
         self.peak_flops = peak_flops_per_device(tc.peak_tflops, p.device)
         stop_file = self.out_dir / tc.stop_file if tc.stop_file else None
@@ -370,20 +340,7 @@ class Trainer:
         return float(local)
 
     def grad_norm(self) -> float:
-        """Global gradient norm: every parameter element counted once, whatever the layout."""
-        p = self.parallel
-        sq = torch.zeros((), dtype=torch.float64)
-        for model in self.models:
-            for name, param in model.named_parameters():
-                if param.grad is None:
-                    continue
-                # Tensor-parallel replicas (replicated params, replicated KV heads) are counted on one rank.
-                if model.shard_spec(name, self.full_shapes[name]).writer:
-                    sq += param.grad.detach().double().square().sum().cpu()
-        for group, size in ((p.groups.tp, p.tp), (p.groups.pp, p.pp)):
-            if size > 1:
-                dist.all_reduce(sq, group=group)
-        return float(sq.sqrt())
+        return global_grad_norm(self.models, self.full_shapes, self.parallel)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> Dict[str, float]:
@@ -518,8 +475,8 @@ class Trainer:
     def validation_videos(self) -> Dict[str, Path]:
         """trainer.sample_count videos from held-out captions with the inference sampler (collective over the
         model-parallel ranks; every data-parallel replica runs it too, rank 0 writes). {name: mp4 path}."""
-        from magi_infer.config import SamplerConfig
-        from magi_train.eval_videos import latent_channels, make_decoder, sample_validation_videos
+        from magi_train.config.schema import SamplerConfig
+        from magi_train.training.eval_videos import latent_channels, make_decoder, sample_validation_videos
 
         tc, p, model = self.cfg.trainer, self.parallel, self.model
         prompts, latent_hw = self._video_prompts()
@@ -601,13 +558,10 @@ class Trainer:
         """A full released-layout state dict (tools/convert_checkpoint.py to-ours): weights and step, no
         optimizer state; each rank takes its tensor-parallel slice of the layers it holds."""
         state = CheckpointManager(path.parent, keep_last=0, read_only=True).load(path)
-        # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
-        expected = {k: (shape, None) for k, shape in self.full_shapes.items()}
-        check_state_dict(expected, state["model"], path / "model.pt")
         p = self.parallel
         for model in self.models:
-            local = shard_state_dict(state["model"], self.cfg.model, p.tp_rank, p.tp, keys=list(model.state_dict()))
-            model.load_state_dict(local)
+            # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
+            load_into(model, state["model"], path / "model.pt", self.full_shapes, p.tp_rank, p.tp)
         self.step = int(state["trainer"]["step"])
 
     # ------------------------------------------------------------------ loop

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from magi_infer.comm import broadcast_tensor, recv_tensor, send_tensor
+from magi_train.parallel.comm import broadcast_tensor, recv_tensor, send_tensor
 from magi_train.model.attention import AttnRanges
 from magi_train.model.dit import Stream, VideoDiT
 from magi_train.model.layers import KVHook

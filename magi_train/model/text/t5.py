@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
-from magi_infer.text.clean import prepare_prompt
+from magi_train.model.text.clean import prepare_prompt
 
 # The released layout keeps the encoder in a sub-folder of `t5_pretrained`.
 RELEASED_SUBDIR = "t5-v1_1-xxl"

@@ -41,11 +41,11 @@ from omegaconf import OmegaConf
 
 from magi_train.config.schema import ModelConfig, ParallelConfig
 from magi_train.config.validate import check_parallel
-from magi_train.flops import block_causal_area
+from magi_train.observability.flops import block_causal_area
 from magi_train.parallel.sharding import tp_shard_spec
 from magi_train.parallel.zero import assign_owners
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4

@@ -31,17 +31,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-from magi_infer.weights import load_into, load_weights
+from magi_train.checkpoint.weights import load_into, load_weights
 from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_checkpoint
 from magi_train.diffusion.distill import (EmaWeights, distill_embedding, draw_distill_times, guided_velocity,
                                           shortcut_target, step_size_at)
 from magi_train.data.packed_inputs import PackedItem, pack_inputs
-from magi_infer.guidance import cfg_scales, combine_cfg3
+from magi_train.diffusion.guidance import cfg_scales, combine_cfg3
 from magi_train.diffusion.objective import ObjectiveDraw
-from magi_train.model.attention import block_causal_ranges, row_block_causal_ranges
-from magi_train.model.dit import build_dit
+from magi_train.model.attention import block_causal_ranges
+from magi_train.parallel.parallelize import build_whole
 from magi_train.parallel.sharding import shard_state_dict
-from magi_train.trainer import _SAMPLE_STREAM, Trainer, _generator
+from magi_train.training.trainer import _SAMPLE_STREAM, Trainer, _generator
 
 _DISTILL_STREAM = 3  # offset of the grid-time generator from the sample's objective generator
 
@@ -68,9 +68,7 @@ class DistillTrainer(Trainer):
         super().__init__(cfg, parallel)  # builds the student; a resume loads it, the step and the EMA
         x, m, p = cfg.distill, cfg.model, parallel
         state, source = load_weights(x.teacher, replace(m, distill=False), fp8=False)
-        self.teacher = build_dit(replace(m, distill=False), tp_group=p.tp_group, cp_group=p.cp_group,
-                                 sequence_parallel=p.sequence_parallel, init_weights=False,
-                                 cp_impl=self.cp_impl).to(p.device)
+        self.teacher = build_whole(replace(m, distill=False), p, self.cp_impl)
         # A teacher of another preset fails here, naming the keys and shapes that differ.
         load_into(self.teacher, state, source, self.full_shapes, p.tp_rank, p.tp)
         self.teacher.eval().requires_grad_(False)
@@ -224,10 +222,7 @@ class DistillTrainer(Trainer):
 
     def _packed_velocity(self, model, patches, t, caption, mask, adaln, coords, token_map, dt=None) -> torch.Tensor:
         """(1, P, S) fp32 velocity of a packed sequence (captions already dropped where they should be)."""
-        placement = model.place(row_block_causal_ranges(token_map), 1, patches.shape[1])
-        stream = model.embed_packed(patches, t, caption, mask, adaln, coords, token_map, distill_dt=dt,
-                                    placement=placement)
-        return model.head_tokens(model.run_layers(stream, placement).h, placement).float()
+        return model.forward_packed(patches, t, caption, mask, adaln, coords, token_map, distill_dt=dt).float()
 
     def _packed_guided(self, items: List[PackedItem], inputs) -> torch.Tensor:
         """The teacher's three-pass guided velocity on a packed sequence (as `_guided_teacher` per sample)."""

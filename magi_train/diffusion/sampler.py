@@ -18,7 +18,7 @@ With `kv_cache=False` nothing is cached: every call prepends all earlier chunks 
 
 Under model parallelism every rank runs this same loop on identical inputs (same noise, captions and
 velocities): the model is then a tensor/context-parallel DiT, whose output is gathered on every rank, or a
-pipeline stage (`magi_infer/pipeline.py`), which broadcasts it.
+pipeline stage (`magi_train/parallel/inference_pipeline.py`), which broadcasts it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from magi_infer.config import SamplerConfig
-from magi_infer.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
-from magi_infer.kv_cache import KVCache
-from magi_infer.schedule import StepPlan, staircase
+from magi_train.config.schema import SamplerConfig
+from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
+from magi_train.diffusion.kv_cache import KVCache
+from magi_train.diffusion.schedule import StepPlan, staircase
 from magi_train.model.attention import AttnRanges
 
 # Lookback of prefix chunks when neither clean_chunk_kvrange nor noise2clean_kvrange says (released).

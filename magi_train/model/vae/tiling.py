@@ -22,7 +22,7 @@ import torch
 
 Codec = Callable[[torch.Tensor], torch.Tensor]
 # How the tiles of one call are coded: (codec, tiles in order) -> coded tiles in the same order. The default
-# codes them one by one here; `magi_infer/vae/split.py` spreads them over ranks.
+# codes them one by one here; `magi_train/parallel/vae_tiles.py` spreads them over ranks.
 TileMap = Callable[[Codec, List[torch.Tensor]], List[torch.Tensor]]
 Grid = List[List[List[torch.Tensor]]]  # [t][row][col] -> (B, C, T, H, W) tile
 

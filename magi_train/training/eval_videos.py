@@ -18,9 +18,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from magi_infer.config import SamplerConfig, VaeConfig
-from magi_infer.sampler import Captions, StaircaseSampler
-from magi_infer.video_io import StreamingMp4Writer
+from magi_train.config.schema import SamplerConfig, VaeConfig
+from magi_train.diffusion.sampler import Captions, StaircaseSampler
+from magi_train.data.video_io import StreamingMp4Writer
 
 # latent (1, C, chunk_width, H, W) -> frames (F, H', W', 3), uint8 (or float on the uint8 scale 0..255)
 Decoder = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
@@ -35,11 +35,11 @@ def make_decoder(kind: str, vae_dir: Optional[str], device, *, latent_channels: 
     temporal tiles of fps // 2 frames and the `VaeConfig` defaults for tile size, overlap and scale factor.
     `latent_channels` is the latent's channel count (model.in_channels, halved for half_channel_vae)."""
     if kind == "preview":
-        from magi_infer.preview import LatentPreviewDecoder
+        from magi_train.data.preview import LatentPreviewDecoder
 
         return LatentPreviewDecoder(latent_channels).decode_latents
     if kind == "vit":
-        from magi_infer.vae import VaeCodec, ViTVAE
+        from magi_train.model.vae import VaeCodec, ViTVAE
 
         if not vae_dir:
             raise ValueError("trainer.sample_vae_dir is required to decode validation videos with the ViT VAE "

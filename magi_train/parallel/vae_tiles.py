@@ -13,9 +13,9 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from magi_infer.comm import broadcast_tensor
+from magi_train.parallel.comm import broadcast_tensor
 
-from .tiling import Codec
+from magi_train.model.vae.tiling import Codec
 
 
 class SplitTiles:

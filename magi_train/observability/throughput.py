@@ -1,6 +1,6 @@
 """Per-step throughput figures: tokens/s, samples/s, achieved TFLOP/s per device and model FLOPs utilisation.
 
-MFU = (model FLOPs of the step, from the analytic count in magi_train/flops.py) / (step time x devices x
+MFU = (model FLOPs of the step, from the analytic count in magi_train/observability/flops.py) / (step time x devices x
 peak FLOP/s of one device). The count has no recompute and no padding, so MFU does not reward either.
 """
 
@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from magi_train.flops import mfu
+from magi_train.observability.flops import mfu
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets (SXM parts).
 _GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("B200", 2250.0), ("A100", 312.0))

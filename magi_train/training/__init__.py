@@ -1,0 +1,1 @@
+"""The training program: the trainer loop, its objectives and callbacks, evaluation, and run control."""
