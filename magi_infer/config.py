@@ -1,8 +1,8 @@
 """Typed configuration of `magi_infer/generate.py` (stored in Hydra's ConfigStore as `generate_schema`).
 
-Field names follow the released `RuntimeConfig` / `EngineConfig` (spec §10) where they exist. What the
-released code reads from environment variables (special-token flags, the nearly-clean blend weight) is a
-config field here.
+Field names follow the released `RuntimeConfig` / `EngineConfig` (magi_train/model/README.md §10) where they
+exist. What the released code reads from environment variables (special-token flags, the nearly-clean blend
+weight) is a config field here. Closed sets are the enums of magi_train/config/choices.py.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from magi_train.config.choices import ComputeDType, GenerateMode, TextEncoder, VaeKind, choices
 from magi_train.config.schema import ModelConfig, ParallelConfig, SamplerConfig, VaeConfig
-
-
 
 
 @dataclass
@@ -32,7 +31,7 @@ class VideoConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "t5"  # t5 | hash (the synthetic-data encoder of the tiny preset)
+    encoder: TextEncoder = TextEncoder.t5  # t5 | hash (the synthetic-data encoder of the tiny preset)
     t5_dir: Optional[str] = None  # t5-v1_1-xxl directory, or its parent
     device: str = "cpu"  # where T5 runs (released: cpu for 4.5B, cuda for 24B)
     max_length: int = 800
@@ -47,8 +46,6 @@ class TextConfig:
     two_d_anime: bool = False
 
 
-
-
 @dataclass
 class GenerateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -58,7 +55,7 @@ class GenerateConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    mode: str = "t2v"  # t2v | i2v | v2v
+    mode: GenerateMode = GenerateMode.t2v  # t2v | i2v | v2v
     prompt: Any = ""  # one prompt, or a list: one per generated chunk (the last repeats)
     image: Optional[str] = None  # i2v conditioning image
     prefix_video: Optional[str] = None  # v2v prefix
@@ -67,14 +64,14 @@ class GenerateConfig:
     output: str = "out.mp4"
     seed: int = 1234
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # compute dtype of the DiT: auto = the preset's params_dtype on CUDA, float32 on CPU
+    dtype: ComputeDType = ComputeDType.auto  # of the DiT: auto = the preset's params_dtype on CUDA, float32 on CPU
     progress: bool = True
 
 
 # ---------------------------------------------------------------------------- Hydra glue and validation
 
 SCHEMA_NAME = "generate_schema"
-MODES = ("t2v", "i2v", "v2v")
+MODES = tuple(choices(GenerateMode))
 TEMPORAL = 4  # pixel frames per latent frame (the VAE's temporal factor)
 SPATIAL = 8  # pixels per latent pixel (the VAE's spatial factor)
 
@@ -88,19 +85,10 @@ def register_generate_config() -> None:
 
 def to_generate_config(cfg) -> GenerateConfig:
     """A composed config -> validated `GenerateConfig`; unknown keys and bad values raise ConfigError."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from magi_train.config import ConfigError, _unknown_keys
+    from magi_train.config.compose import to_typed
     from magi_train.config.validate import validate_model
 
-    try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg))
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err)) from err
-    unknown = _unknown_keys(obj, prefix="")
-    if unknown:
-        raise ConfigError("unknown config key(s), not in the schema (magi_infer/config.py): " + ", ".join(unknown))
+    obj = to_typed(GenerateConfig, cfg, "magi_infer/config.py")
     validate_model(obj.model)
     validate_generate(obj)
     return obj
@@ -138,12 +126,13 @@ def _check_parallel(c: GenerateConfig) -> List[str]:
 
 
 def validate_generate(c: GenerateConfig) -> GenerateConfig:
-    from magi_train.config import ConfigError
+    from magi_train.config.validate import ConfigError, _show
+    from magi_train.diffusion.time_grid import SHORTCUT_MODES  # the registry of the 12-step grid's modes
 
     s = c.sampler
     errors = []
     if c.mode not in MODES:
-        errors.append(f"mode={c.mode!r} is not one of {list(MODES)}")
+        errors.append(f"mode={_show(c.mode)} is not one of {list(MODES)}")
     if c.mode == "i2v" and not c.image:
         errors.append("mode=i2v needs image=PATH")
     if c.mode == "v2v" and not c.prefix_video:
@@ -171,13 +160,18 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
         errors.append("sampler.cfg_t_range, prev_chunk_scales and text_scales must have the same length")
     if not 0.0 < s.clean_t <= 1.0:
         errors.append(f"sampler.clean_t={s.clean_t} must be in (0, 1]")
-    if s.num_steps == 12 and s.shortcut_mode not in ("8,16,16", "16,16,8"):
-        errors.append(f"sampler.shortcut_mode={s.shortcut_mode!r} must be '8,16,16' or '16,16,8'")
+    if s.num_steps == 12 and s.shortcut_mode not in SHORTCUT_MODES:
+        errors.append(f"sampler.shortcut_mode={s.shortcut_mode!r} must be "
+                      f"{' or '.join(repr(m) for m in SHORTCUT_MODES)}")
     if c.video.fps < 1 or c.video.height < 1 or c.video.width < 1:
         errors.append("video.fps, video.height and video.width must be positive")
     errors.extend(_check_parallel(c))
-    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        errors.append(f"dtype={c.dtype!r} is not one of auto, float32, bfloat16, float16")
+    if c.dtype not in choices(ComputeDType):
+        errors.append(f"dtype={_show(c.dtype)} is not one of {', '.join(choices(ComputeDType))}")
+    if c.text.encoder not in choices(TextEncoder):
+        errors.append(f"text.encoder={_show(c.text.encoder)} is not one of {', '.join(choices(TextEncoder))}")
+    if c.vae.kind not in choices(VaeKind):
+        errors.append(f"vae.kind={_show(c.vae.kind)} is not one of {', '.join(choices(VaeKind))}")
     if errors:
         raise ConfigError("invalid generate config:\n  " + "\n  ".join(errors))
     return c

@@ -4,9 +4,10 @@
     python tools/convert_checkpoint.py to-ours --src downloads/4.5B_base --model magi1_4.5b --out runs/ft/checkpoints
     python tools/convert_checkpoint.py to-released --src runs/ft/checkpoints --out exported/4.5B_ft [--fp8] [--zst]
 
-Released layout (spec §9): MODEL_DIR/inference_weight[.fp8][.distill]/ holding model.safetensors.index.json and
-shards (optionally .zst). Stored dtypes: fp32 for x_embedder.*, t_embedder.*, final_linear.* and rope.bands,
-bf16 for everything else; fp8 checkpoints replace the linears of layers 1 .. L-2 (spec §8).
+Released layout (magi_train/model/README.md §9, magi_train/checkpoint/variants.py):
+MODEL_DIR/inference_weight[.fp8][.distill]/ holding model.safetensors.index.json and shards (optionally .zst).
+Stored dtypes: fp32 for x_embedder.*, t_embedder.*, final_linear.* and rope.bands, bf16 for everything else; fp8
+checkpoints replace the linears of layers 1 .. L-2 (magi_train/model/README.md §8).
 
 Ours: CheckpointManager's step_XXXXXXXX/{model.pt, trainer.pt, complete.json}. A converted checkpoint has no
 optimizer state, so the trainer's `trainer.resume` cannot continue from it (it needs optimizer.pt); it is meant for
@@ -17,16 +18,15 @@ only dtypes (and, for fp8, the quantised linears) change.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 try:
     import magi_train  # noqa: F401  (installed editable in the venv)
@@ -36,19 +36,21 @@ except ImportError:  # run from a checkout without installing it
 import torch
 
 from magi_train.checkpoint.atomic import fsync_dir, replace_dir
-from magi_train.checkpoint.magi1 import (INDEX_NAME, SINGLE_NAME, cast_like_released, check_state_dict,
-                                         load_magi1_state_dict, save_magi1_checkpoint)
-from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
-from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, read_marker
+from magi_train.checkpoint.distributed import is_distributed_checkpoint
+from magi_train.checkpoint.magi1 import INDEX_NAME, SINGLE_NAME, cast_like_released, load_magi1_state_dict, save_magi1_checkpoint
+from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager
 from magi_train.checkpoint.manager import find_checkpoint as find_our_checkpoint  # read-only lookup
+from magi_train.checkpoint.variants import RELEASED_VARIANTS, Variant
+from magi_train.checkpoint.variants import resolve_weight_dir as resolve_released_dir
+from magi_train.checkpoint.weights import check_full_state_dict, read_our_model_state, read_our_trainer_state
+from magi_train.config.compose import CONF_DIR, config_to_dict, load_model_preset, model_preset_names
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig
-from magi_train.model.dit import FP32_MODULES, build_dit
+from magi_train.model.dit import FP32_MODULES, full_shapes
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-WEIGHT_DIR = "inference_weight"
-VARIANTS = {"base": WEIGHT_DIR, "distill": f"{WEIGHT_DIR}.distill", "fp8.distill": f"{WEIGHT_DIR}.fp8.distill"}
-# Entries of a released fp8 linear besides its weight (spec §8).
+# --variant names: the three the release ships.
+VARIANTS = {v.name: v for v in RELEASED_VARIANTS}
+# Entries of a released fp8 linear besides its weight (magi_train/model/README.md §8).
 FP8_SCALE_NAMES = ("weight_scale", "input_scale", "smooth_scale")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -88,29 +90,17 @@ def load_model_config(spec: str) -> ModelConfig:
         if not Path(spec).is_file():
             raise ConversionError(f"--model {spec}: no such released config.json")
         return load_released_config(spec)
-    presets = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    presets = model_preset_names()
     if spec not in presets:
         raise ConversionError(f"--model {spec!r} is neither a preset in {CONF_DIR / 'model'} ({', '.join(presets)}) "
                               "nor a released config.json path")
-    # Hydra resolves the presets' `defaults:` (the *_distill ones extend the base) and validates the result.
-    import hydra
-
-    from magi_train.config import register_configs, to_train_config
-
-    register_configs()
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        composed = hydra.compose("config", overrides=[f"model={spec}"])
-    return to_train_config(composed).model
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], None]]:
-    """Key -> (shape, any dtype) of the model `cfg` describes, built on the meta device (no memory)."""
-    return {key: (tuple(t.shape), None) for key, t in build_dit(cfg, device="meta").state_dict().items()}
+    return load_model_preset(spec)  # composed by Hydra (the *_distill presets extend the base) and validated
 
 
 def check_against_model(state: Mapping[str, torch.Tensor], cfg: ModelConfig, source: Path, what: str) -> None:
+    """Every key and shape of the whole model `cfg` describes (the check `load_into` makes before loading)."""
     try:
-        check_state_dict(expected_shapes(cfg), dict(state), source)
+        check_full_state_dict(state, full_shapes(cfg), source)
     except ValueError as e:
         raise ConversionError(f"{e}\n(model: {what}, config name {cfg.name!r})") from e
 
@@ -194,40 +184,26 @@ def parse_size(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- released -> ours
-def resolve_weight_dir(src: Path, variant: Optional[str]) -> tuple[Path, Optional[str]]:
+def resolve_weight_dir(src: Path, variant: Optional[str]) -> Tuple[Path, Optional[Variant]]:
     """(weight dir, variant) for a model dir or a weight dir. The variant is None when the name does not tell."""
-    if not src.is_dir():
-        raise ConversionError(f"--src {src} is not a directory")
-    if any((src / name).is_file() for name in (INDEX_NAME, SINGLE_NAME, SINGLE_NAME + ".zst")):
-        named = {v: k for k, v in VARIANTS.items()}.get(src.name)
-        if variant is not None and named is not None and variant != named:
-            raise ConversionError(f"--variant {variant} contradicts the weight directory {src} ({named})")
-        return src, variant or named
-    present = {k: src / d for k, d in VARIANTS.items() if (src / d).is_dir()}
-    if not present:
-        raise ConversionError(f"--src {src} holds no released weights: neither {INDEX_NAME} / {SINGLE_NAME} nor a "
-                              f"weight directory ({', '.join(VARIANTS.values())})")
-    if variant is None:
-        if len(present) > 1:
-            names = ", ".join(p.name for p in present.values())
-            raise ConversionError(f"{src} holds several weight directories ({names}); "
-                                  f"choose one with --variant {'|'.join(present)}")
-        variant = next(iter(present))
-    if variant not in present:
-        raise ConversionError(f"--variant {variant}: {src / VARIANTS[variant]} does not exist "
-                              f"(found: {', '.join(p.name for p in present.values())})")
-    return present[variant], variant
+    wanted = VARIANTS[variant] if variant is not None else None
+    try:
+        weight_dir, held = resolve_released_dir(src, wanted, where=f"--src {src}",
+                                                wanted_by=f"--variant {variant}", choose=lambda v: f"--variant {v.name}")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(str(e)) from e
+    return weight_dir, held or wanted
 
 
 def released_to_ours(src: Path, model: str, out: Path, step: int = 0, variant: Optional[str] = None,
                      dequantize: bool = False, force: bool = False) -> Summary:
-    weight_dir, variant = resolve_weight_dir(Path(src), variant)
+    weight_dir, held = resolve_weight_dir(Path(src), variant)
     cfg = load_model_config(model)
-    if variant is not None and cfg.distill != variant.endswith("distill"):
+    if held is not None and cfg.distill != held.distill:
         # Distillation adds no keys, so a wrong preset would pass the shape check and generate garbage.
-        raise ConversionError(f"{weight_dir} holds {'distilled' if variant.endswith('distill') else 'base'} weights "
+        raise ConversionError(f"{weight_dir} holds {'distilled' if held.distill else 'base'} weights "
                               f"but --model {model} has distill={cfg.distill}; use the matching "
-                              f"{'*_distill preset' if variant.endswith('distill') else 'base preset'} or config.json")
+                              f"{'*_distill preset' if held.distill else 'base preset'} or config.json")
     guard_output(Path(out), force)
 
     state = load_magi1_state_dict(weight_dir)
@@ -244,8 +220,8 @@ def released_to_ours(src: Path, model: str, out: Path, step: int = 0, variant: O
     check_against_model(state, cfg, files[0], f"--model {model}")
     state = promote_like_ours(state)  # the file's key order, so a round trip writes the same index
 
-    source = {"format": "magi1-released", "path": str(weight_dir.resolve()), "variant": variant}
-    trainer = {"step": step, "config": {"model": asdict(cfg)}, "source": source}
+    source = {"format": "magi1-released", "path": str(weight_dir.resolve()), "variant": held and held.name}
+    trainer = {"step": step, "config": {"model": config_to_dict(cfg)}, "source": source}
     # keep_last=0: a forced conversion into an existing run must not prune that run's checkpoints.
     manager = CheckpointManager(out, keep_last=0)
     path = manager.save(step, {"model": state, "trainer": trainer})
@@ -269,25 +245,6 @@ def find_checkpoint(src: Path) -> Path:
     return found
 
 
-def load_checkpoint_file(path: Path, name: str) -> Any:
-    """One file of checkpoint `path`, checked against the sha256 in its complete.json.
-
-    Only model.pt and trainer.pt are ever read: optimizer.pt can be twice the model's size and is not needed.
-    """
-    marker = read_marker(path)
-    info = marker["files"].get(name)
-    if info is None:
-        raise ConversionError(f"checkpoint {path} has no {name} ({MARKER_NAME} lists {', '.join(marker['files'])})")
-    with open(path / name, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != info["sha256"]:
-            raise ConversionError(f"{path / name} does not match its sha256 in {MARKER_NAME} (corrupt?)")
-    if name == "model.pt":
-        # Tensors only; mapped, so a model larger than RAM is read as it is written out.
-        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
-    # trainer.pt is our own file of plain Python objects (loaded as CheckpointManager.load does).
-    return torch.load(path / name, map_location="cpu", weights_only=False)
-
-
 def model_config_of(trainer: Mapping[str, Any], path: Path) -> ModelConfig:
     model = trainer.get("config", {}).get("model") if isinstance(trainer, Mapping) else None
     if not isinstance(model, Mapping):
@@ -302,8 +259,10 @@ def model_config_of(trainer: Mapping[str, Any], path: Path) -> ModelConfig:
 def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = False, shard_bytes: int = 5 * 10**9,
                      zst: bool = False, force: bool = False) -> Summary:
     ckpt = find_checkpoint(Path(src))
-    distributed = is_distributed_checkpoint(ckpt)  # the trainer's own (any layout), else a model-only one
-    cfg = model_config_of(read_trainer_state(ckpt) if distributed else load_checkpoint_file(ckpt, "trainer.pt"), ckpt)
+    try:
+        cfg = model_config_of(read_our_trainer_state(ckpt), ckpt)
+    except (ValueError, FileNotFoundError) as e:  # a corrupt or incomplete checkpoint
+        raise ConversionError(str(e)) from e
     is_distill = cfg.distill if distill == "auto" else distill == "true"
     notes = []
     if is_distill != cfg.distill:
@@ -315,15 +274,19 @@ def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = Fa
     zstd = shutil.which("zstd") if zst else None
     if zst and zstd is None:
         raise ConversionError("--zst needs the zstd command-line tool (e.g. apt-get install zstd)")
-    target = Path(out) / (WEIGHT_DIR + (".fp8" if fp8 else "") + (".distill" if is_distill else ""))
+    target = Path(out) / Variant(distill=is_distill, fp8=fp8).dirname
     guard_output(target, force, allowed=re.compile(r"^model.*\.safetensors"))
 
     # Only now: everything cheap to refuse has been checked.
-    state = read_full_model_state(ckpt) if distributed else load_checkpoint_file(ckpt, "model.pt")
-    check_against_model(state, cfg, ckpt / ("model" if distributed else "model.pt"), "the checkpoint's own config")
+    try:
+        state = read_our_model_state(ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(str(e)) from e
+    source = ckpt / ("model" if is_distributed_checkpoint(ckpt) else "model.pt")  # the trainer's shards / model-only
+    check_against_model(state, cfg, source, "the checkpoint's own config")
     released = cast_like_released(state)
     if fp8:
-        from magi_train.model.fp8 import quantize_dit_state_dict  # only --fp8 needs the inference package
+        from magi_train.model.fp8 import quantize_dit_state_dict  # only --fp8 needs the fp8 linears
 
         # Quantise from the checkpoint's own precision (fp32 training weights round once, straight to fp8).
         quantized = quantize_dit_state_dict(state, cfg.num_layers)

@@ -3,28 +3,30 @@ the presets: DiT weights, KV cache, peak activations of one DiT call, T5 (fp32) 
 
     python tools/estimate_inference_memory.py                       # the six released variants, 96 frames
     python tools/estimate_inference_memory.py --model magi1_24b --height 720 --width 1280 --frames 192
+
+Each preset is composed as `magi_infer/generate.py model=<name>` composes it: the model preset and its
+released run-time settings (conf/variant/<name>.yaml: video size, fp8).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
-from omegaconf import OmegaConf
-
+from magi_infer.config import GenerateConfig, register_generate_config, to_generate_config
 from magi_infer.memory import estimate
-from magi_train.observability.memory_plan import load_preset
+from magi_train.config import ConfigError, compose, model_preset_names
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ["magi1_4.5b", "magi1_4.5b_distill", "magi1_4.5b_distill_fp8", "magi1_24b", "magi1_24b_distill",
             "magi1_24b_distill_fp8"]
 
 
-def preset(name: str):
-    """(ModelConfig of conf/model/<name>.yaml following its defaults, conf/variant/<name>.yaml settings)."""
-    variant_path = CONF / "variant" / f"{name}.yaml"
-    variant = OmegaConf.load(variant_path) if variant_path.exists() else OmegaConf.create()
-    return OmegaConf.structured(load_preset(name)), variant
+def preset(name: str) -> GenerateConfig:
+    """The validated generate config of `model=<name>` (model preset + conf/variant/<name>.yaml)."""
+    if name not in model_preset_names():
+        raise ConfigError(f"model={name!r}: no such preset in conf/model (available: {', '.join(model_preset_names())})")
+    register_generate_config()
+    return to_generate_config(compose("generate", [f"model={name}"]))
 
 
 def main() -> None:
@@ -40,12 +42,14 @@ def main() -> None:
           "| T5 fp32 | VAE bf16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.model or VARIANTS:
-        model, variant = preset(name)
-        model = OmegaConf.to_object(model)
-        h = args.height or variant.get("video", {}).get("height", 720)
-        w = args.width or variant.get("video", {}).get("width", 720)
-        fp8 = bool(variant.get("sampler", {}).get("fp8", False))
-        e = estimate(model, h, w, args.frames, args.window, fp8)
+        try:
+            cfg = preset(name)
+        except ConfigError as e:
+            print(f"estimate_inference_memory.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        h = args.height or cfg.video.height
+        w = args.width or cfg.video.width
+        e = estimate(cfg.model, h, w, args.frames, args.window, cfg.sampler.fp8)
         gpu = e.weights + e.activations + e.vae
         print(f"| {name} | {w}x{h}, {args.frames} frames | {e.weights / gib:.1f} | {e.kv_cache / gib:.1f} | "
               f"{e.activations / gib:.1f} | {(gpu + e.kv_cache) / gib:.1f} | {gpu / gib:.1f} | {e.t5 / gib:.1f} | "

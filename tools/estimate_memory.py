@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from magi_train.config import ConfigError, load_model_preset  # noqa: E402
 from magi_train.observability.memory_plan import (  # noqa: E402
     ATTENTION, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate, estimates,
-    load_preset, search, with_defaults,
+    search, with_defaults,
 )
 
 
@@ -58,7 +59,10 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, help="GPUs of the job (with --gpu-memory)")
     args = parser.parse_args()
 
-    cfg = load_preset(args.model)
+    try:
+        cfg = load_model_preset(args.model)
+    except ConfigError as e:
+        parser.error(str(e))
     chunk = args.chunk_tokens or cfg.chunk_width // cfg.t_patch_size * (720 // 8 // cfg.patch_size) * (1280 // 8 // cfg.patch_size)
     mb = MicroBatch(args.seq_length, args.micro_batch_size, min(chunk, args.seq_length), args.caption_length,
                     args.caption_tokens, args.attention)

@@ -9,8 +9,13 @@ from pathlib import Path
 
 
 def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (new names, renames) so they survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
+    """Persist a directory's entries (new names, renames) so they survive a power loss.
+
+    The one implementation for checkpoints, videos and prepared datasets. Windows cannot open a directory
+    (no O_DIRECTORY); its renames are durable enough, so there this does nothing."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

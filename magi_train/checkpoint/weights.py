@@ -1,75 +1,80 @@
-"""Find and load the DiT weights for inference: a released MAGI-1 model directory or a checkpoint of ours.
+"""Find, read and load whole-model DiT weights: a released MAGI-1 model directory or a checkpoint of ours.
 
-Released layout (spec §9): `<dir>/inference_weight[.fp8][.distill]/` holding sharded safetensors with
-`model.safetensors.index.json` or one `model.safetensors` (shards may be `.zst`). The subdirectory is chosen
-by the preset (`model.distill`, `sampler.fp8`); a directory holding another variant is an error that names
-what it holds and which preset fits, so a base checkpoint is never sampled as a distilled one.
+Released layout (`variants.py`): `<dir>/inference_weight[.fp8][.distill]/` holding sharded safetensors. The
+subdirectory is chosen by the preset (`model.distill`, `sampler.fp8`); a directory holding another variant is an
+error that names what it holds and which preset fits, so a base checkpoint is never sampled as a distilled one.
 
-Our trainer's checkpoints (`complete.json` + `model.pt`) are accepted too: a step directory, or a run's
-checkpoint root (its newest complete checkpoint). Their saved model config must equal the preset's.
+Our trainer's checkpoints are accepted too: a step directory, or a run's checkpoint root (its newest complete
+checkpoint), written by the trainer under any parallel layout or model-only by tools/convert_checkpoint.py.
+Their saved model config must equal the preset's.
+
+`load_into` is the one "check against the whole model, shard for this rank, strict load" routine; every
+whole-model state dict (released weights, a teacher, a model-only checkpoint) enters a model through it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
-from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager, find_checkpoint
+from magi_train.checkpoint.manager import MARKER_NAME, CorruptCheckpointError, find_checkpoint, read_marker
+from magi_train.checkpoint.variants import Variant, resolve_weight_dir
+from magi_train.config.compose import config_to_dict
 from magi_train.config.schema import ModelConfig
 from magi_train.parallel.sharding import shard_state_dict
 
-WEIGHT_PREFIX = "inference_weight"
 # Fields that only steer how we run a model, never what its weights are.
 _RUNTIME_ONLY_FIELDS = {"name", "layer_spec", "attention_backend", "init_std", "params_dtype"}
 
 
-def weight_subdir(distill: bool, fp8: bool) -> str:
-    return WEIGHT_PREFIX + (".fp8" if fp8 else "") + (".distill" if distill else "")
-
-
-def _variant_of(name: str) -> Tuple[bool, bool]:
-    parts = name.split(".")[1:]
-    return "distill" in parts, "fp8" in parts
-
-
-def _suggest(distill: bool, fp8: bool) -> str:
-    return ("model=<size>" + ("_distill" if distill else "") + ("_fp8" if fp8 else ""))
-
-
-def resolve_weight_dir(directory: str | Path, distill: bool, fp8: bool) -> Path:
-    """The released weight directory for this preset inside `directory` (or `directory` itself)."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"ckpt.dir={path} is not a directory")
-    wanted = weight_subdir(distill, fp8)
-    if path.name.startswith(WEIGHT_PREFIX):
-        if path.name != wanted:
-            d, f = _variant_of(path.name)
-            raise ValueError(f"ckpt.dir={path} holds the {path.name} weights, but the preset expects {wanted} "
-                             f"(model.distill={distill}, sampler.fp8={fp8}); use {_suggest(d, f)}")
-        return path
-    if (path / wanted).is_dir():
-        return path / wanted
-    present = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith(WEIGHT_PREFIX))
-    if present:
-        hints = ", ".join(f"{p} -> {_suggest(*_variant_of(p))}" for p in present)
-        raise ValueError(f"ckpt.dir={path} has no {wanted}/ (model.distill={distill}, sampler.fp8={fp8}); "
-                         f"it holds {present}: {hints}")
-    raise FileNotFoundError(f"ckpt.dir={path} has no {wanted}/ and is not a checkpoint of ours (no {MARKER_NAME})")
-
-
 def _check_model_config(saved: Dict, cfg: ModelConfig, source: Path) -> None:
-    ours = dataclasses.asdict(cfg)
+    ours = config_to_dict(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, preset {v!r}" for k, v in ours.items()
              if k not in _RUNTIME_ONLY_FIELDS and k in saved and saved[k] != v]
     if diffs:
         raise ValueError(f"checkpoint {source} was trained with another model config than model={cfg.name}:\n  "
                          + "\n  ".join(diffs))
+
+
+def read_our_trainer_state(path: Path) -> Dict[str, Any]:
+    """The trainer state (step, config, ...) of checkpoint `path` of ours: written by the trainer under any
+    parallel layout, or model-only (tools/convert_checkpoint.py to-ours); {} when a model-only one has none."""
+    if is_distributed_checkpoint(path):
+        return read_trainer_state(path)
+    if "trainer.pt" not in read_marker(path)["files"]:
+        return {}
+    trainer = read_checkpoint_file(path, "trainer.pt")
+    if not isinstance(trainer, Mapping):
+        raise ValueError(f"{path / 'trainer.pt'} holds a {type(trainer).__name__}, not the trainer's state dict")
+    return dict(trainer)
+
+
+def read_our_model_state(path: Path) -> Dict[str, torch.Tensor]:
+    """The whole model's state dict of checkpoint `path` of ours (never its optimizer state)."""
+    if is_distributed_checkpoint(path):
+        return read_full_model_state(path)
+    return read_checkpoint_file(path, "model.pt")
+
+
+def read_checkpoint_file(path: Path, name: str) -> Any:
+    """One `.pt` file of model-only checkpoint `path`, checked against the sha256 in its marker."""
+    marker = read_marker(path)
+    info = marker["files"].get(name)
+    if info is None:
+        raise FileNotFoundError(f"checkpoint {path} has no {name} ({MARKER_NAME} lists {', '.join(marker['files'])})")
+    with open(path / name, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != info["sha256"]:
+            raise CorruptCheckpointError(f"{path / name} does not match its sha256 in {MARKER_NAME} (corrupt?)")
+    if name == "model.pt":
+        # Tensors only; mapped, so a model larger than RAM is read as it is used.
+        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+    # trainer.pt is our own file of plain Python objects.
+    return torch.load(path / name, map_location="cpu", weights_only=False)
 
 
 def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -80,15 +85,23 @@ def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Di
         if fp8:
             raise ValueError(f"ckpt.dir={path} is a checkpoint of our trainer; sampler.fp8=true needs released "
                              "fp8 weights (tools/convert_checkpoint.py to-released --fp8 makes them)")
-        if is_distributed_checkpoint(ours):  # written by the trainer, under any parallel layout
-            model_state, trainer = read_full_model_state(ours), read_trainer_state(ours)
-        else:  # model-only (tools/convert_checkpoint.py to-ours)
-            state = CheckpointManager(ours.parent, keep_last=0, read_only=True).load(ours)
-            model_state, trainer = state["model"], state.get("trainer", {})
-        _check_model_config(trainer.get("config", {}).get("model", {}), cfg, ours)
-        return model_state, f"checkpoint {ours}"
-    weight_dir = resolve_weight_dir(path, cfg.distill, fp8)
+        _check_model_config(read_our_trainer_state(ours).get("config", {}).get("model", {}), cfg, ours)
+        return read_our_model_state(ours), f"checkpoint {ours}"
+    wanted = Variant(distill=cfg.distill, fp8=fp8)
+    weight_dir, held = resolve_weight_dir(path, wanted, wanted_by=f"model.distill={cfg.distill}, sampler.fp8={fp8}",
+                                          missing_note=f", and it is not a checkpoint of ours (no {MARKER_NAME})")
+    if held is None:
+        # Only the name tells a distilled model from a base one (distillation adds no keys).
+        raise ValueError(f"ckpt.dir={path}: the weight directory's name does not say which variant it holds; "
+                         f"released weights for model={cfg.name} live in {wanted.dirname}/")
     return load_magi1_state_dict(weight_dir), f"released weights {weight_dir}"
+
+
+def check_full_state_dict(state_dict: Mapping[str, torch.Tensor], full_shapes: Mapping[str, Tuple[int, ...]],
+                          source: str | Path) -> None:
+    """Every key of the whole model present with its shape (any dtype), nothing else; a ValueError lists
+    every missing / unexpected / mis-shaped key otherwise."""
+    check_state_dict({k: (tuple(s), None) for k, s in full_shapes.items()}, dict(state_dict), source)
 
 
 def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
@@ -106,5 +119,5 @@ def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], sourc
         if tp != 1:
             raise ValueError("load_into: a tensor-parallel model needs the whole model's full_shapes")
         full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict({k: (tuple(s), None) for k, s in full_shapes.items()}, state_dict, source)
+    check_full_state_dict(state_dict, full_shapes, source)
     model.load_state_dict(shard_state_dict(state_dict, model.cfg, tp_rank, tp, keys=local_keys), strict=True)

@@ -1,4 +1,5 @@
-"""Configuration: typed schemas (`schema.py`), cross-field checks (`validate.py`), and the Hydra glue.
+"""Configuration: typed schemas (`schema.py`, closed sets in `choices.py`), cross-field checks (`validate.py`),
+composing `conf/` and its presets outside an entry point (`compose.py`), and the Hydra glue.
 
 Usage from an entry point::
 
@@ -13,13 +14,19 @@ Importing this package has no side effects; Hydra's ConfigStore is only touched 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, List, Mapping, Union
+from typing import Any, Mapping, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
+from magi_train.config.compose import (
+    CONF_DIR,
+    compose,
+    config_to_dict,
+    load_model_preset,
+    model_preset_names,
+    to_typed,
+)
 from magi_train.config.schema import (
     DataConfig,
     DiffusionConfig,
@@ -45,38 +52,14 @@ def to_train_config(cfg: Union[DictConfig, Mapping[str, Any]]) -> TrainConfig:
     """Turn a composed config into a validated `TrainConfig`.
 
     The input is merged onto the schema first, so this also types configs that did not come through
-    Hydra (e.g. a `config.yaml` saved next to a checkpoint). Unknown keys, wrong types and missing
-    values are reported as `ConfigError` too, naming the full key.
+    Hydra (e.g. a `config.yaml` saved next to a checkpoint). Unknown keys, wrong types, values outside a
+    closed set and missing values are reported as `ConfigError` too, naming the full key.
     """
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        obj = OmegaConf.to_object(typed)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err)) from err
-    assert isinstance(obj, TrainConfig)
-    unknown = _unknown_keys(obj, prefix="")
-    if unknown:
-        raise ConfigError("unknown config key(s), not in the schema (magi_train/config/schema.py): "
-                          + ", ".join(unknown))
-    return validate(obj)
-
-
-def _unknown_keys(obj: Any, prefix: str) -> List[str]:
-    """Full keys of attributes that are not dataclass fields, recursively.
-
-    Hydra's `+key=value` opens the struct flag to add the key, and OmegaConf.to_object then sets such
-    extra keys as plain attributes instead of failing; a typo like `+model.foo=1` would pass silently.
-    """
-    fields = {f.name for f in dataclasses.fields(obj)}
-    found = [prefix + name for name in vars(obj) if name not in fields]
-    for name in fields:
-        value = getattr(obj, name)
-        if dataclasses.is_dataclass(value):
-            found += _unknown_keys(value, prefix=f"{prefix}{name}.")
-    return found
+    return validate(to_typed(TrainConfig, cfg, "magi_train/config/schema.py"))
 
 
 __all__ = [
+    "CONF_DIR",
     "ConfigError",
     "DataConfig",
     "DiffusionConfig",
@@ -87,7 +70,12 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "WandbConfig",
+    "compose",
+    "config_to_dict",
+    "load_model_preset",
+    "model_preset_names",
     "register_configs",
     "to_train_config",
+    "to_typed",
     "validate",
 ]

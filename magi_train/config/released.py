@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from magi_train.config.choices import DType
 from magi_train.config.schema import ModelConfig
 
-_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+_DTYPES = {"torch.bfloat16": DType.bfloat16, "torch.float16": DType.float16, "torch.float32": DType.float32}
 # Fields of the released ModelConfig that exist in ours under the same name.
 _SAME = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
          "layernorm_epsilon", "apply_layernorm_1p", "x_rescale_factor", "half_channel_vae", "patch_size", "t_patch_size",

@@ -1,15 +1,40 @@
 """Typed configuration schemas.
 
 Every knob of the trainer is a field here; Hydra merges the YAML presets under `conf/` into these
-dataclasses, so an unknown key or a value of the wrong type fails at composition time with the full key
-name. Constraints between fields are checked by `validate()` (see `validate.py`), which also names the
-field.
+dataclasses, so an unknown key, a value of the wrong type or a value outside a closed set (the enums of
+`choices.py`) fails at composition time with the full key name. Constraints between fields, and fields whose
+allowed values are a registry in code (attention backends, fp8 recipes, shortcut modes), are checked by
+`validate()` (see `validate.py`), which also names the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from magi_train.config.choices import (
+    CPImpl,
+    ComputeDType,
+    DataKind,
+    DistBackend,
+    DType,
+    LayerSpec,
+    LRDecay,
+    OptimizerName,
+    PPSchedule,
+    Precision,
+    Recompute,
+    ShortcutModel,
+    VaeKind,
+    WandbMode,
+)
+
+# The released guidance of base-model inference, defined once (tuples: immutable module constants): t bucket
+# lower edges, w_prev and w_text per bucket (magi_train/model/README.md §3.3). SamplerConfig uses them, and
+# DistillConfig folds them into the m = 1 target.
+RELEASED_CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
+RELEASED_PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
+RELEASED_TEXT_SCALES = (7.5, 7.5, 7.5, 0.0, 0.0)
 
 
 @dataclass
@@ -27,7 +52,7 @@ class ModelConfig:
     apply_layernorm_1p: bool = True  # q/k/post/final norms store gamma - 1
     x_rescale_factor: float = 1.0  # input is multiplied by it, output divided (24B: 0.1)
     half_channel_vae: bool = False  # 16-channel latent duplicated to 32 input channels (24B)
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the residual stream
+    params_dtype: DType = DType.float32  # dtype of the parameters and the residual stream
     patch_size: int = 2
     t_patch_size: int = 1
     in_channels: int = 16
@@ -48,10 +73,13 @@ class ModelConfig:
     rope_temperature: float = 10000.0
     rope_reference_tokens: int = 16  # RoPE grid rescaled to a 16x16-token reference (256^2 pixels)
     timestep_rescale_factor: float = 1000.0
-    # Which implementation of the layers: "local" = megatron-core tensor-parallel layers + torch
-    # attention (CPU, exact); "te" = Transformer Engine (GPU only, not in this release).
-    layer_spec: str = "local"
-    # Core attention kernel: "torch" (per-range fp32 softmax, exact on CPU) or "sdpa" (one masked SDPA).
+    # Which implementation of the layers: local = megatron-core tensor-parallel layers + torch attention
+    # (CPU, exact); te = Transformer Engine linears (CUDA GPUs with Transformer Engine installed; fp8 through
+    # trainer.fp8_recipe).
+    layer_spec: LayerSpec = LayerSpec.local
+    # Core attention kernel, a name in the backend registry (magi_train/model/attention.py ATTENTION_BACKENDS, plus
+    # the GPU kernels of model/spec.py): torch (per-range fp32 softmax, exact on CPU), sdpa (one masked SDPA),
+    # magi (MagiAttention; Hopper GPUs).
     attention_backend: str = "torch"
     init_std: float = 0.02
 
@@ -66,12 +94,12 @@ class ParallelConfig:
     dp: int = -1  # data parallel: world / (tp * cp * pp); -1 means "whatever is left"
     sequence_parallel: bool = False  # with tp > 1: activations outside attention/MLP split over the tp ranks
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
-    backend: str = "auto"  # torch.distributed backend: gloo | nccl | auto (nccl when CUDA is available)
+    pp_schedule: PPSchedule = PPSchedule["1f1b"]  # 1f1b | interleaved_1f1b (vpp > 1) | gpipe
+    backend: DistBackend = DistBackend.auto  # torch.distributed backend: gloo | nccl | auto (nccl when CUDA is available)
     # How cp splits the tokens in training: ulysses (contiguous windows, all-to-all in attention, any kernel),
     # magi (MagiAttention's load-balanced dispatch + distributed attention; Hopper GPUs, nccl), or auto
     # (magi where it can run, else ulysses). Inference always uses ulysses (its KV cache needs whole heads).
-    cp_impl: str = "auto"
+    cp_impl: CPImpl = CPImpl.auto
 
 
 @dataclass
@@ -79,37 +107,38 @@ class SamplerConfig:
     """The staircase sampler of MAGI-1 inference (training's validation videos use it too)."""
 
     cfg_number: int = 3  # 3: three-pass guidance (base models); 1: one pass (distilled / fp8)
-    cfg_t_range: List[float] = field(default_factory=lambda: [0.0, 0.0217, 0.1, 0.3, 0.999])
-    prev_chunk_scales: List[float] = field(default_factory=lambda: [1.5, 1.5, 1.5, 1.0, 1.0])
-    text_scales: List[float] = field(default_factory=lambda: [7.5, 7.5, 7.5, 0.0, 0.0])
+    cfg_t_range: List[float] = field(default_factory=lambda: list(RELEASED_CFG_T_RANGE))
+    prev_chunk_scales: List[float] = field(default_factory=lambda: list(RELEASED_PREV_CHUNK_SCALES))
+    text_scales: List[float] = field(default_factory=lambda: list(RELEASED_TEXT_SCALES))
     # Chunks (itself included) a denoising chunk attends to, per 1/len of its steps; [] = all earlier chunks.
     noise2clean_kvrange: List[int] = field(default_factory=lambda: [5, 4, 3, 2])
     clean_chunk_kvrange: int = 1  # lookback of the clean re-forward and the prefix; -1 = released fallback
     clean_t: float = 0.9999
     num_steps: int = 64  # denoising steps per chunk
     window_size: int = 4  # chunks denoised at once
-    shortcut_mode: str = "8,16,16"  # 12-step grid only: "8,16,16" or "16,16,8"
+    shortcut_mode: str = "8,16,16"  # 12-step grid only: a mode of magi_train/diffusion/time_grid.py SHORTCUT_MODES
     nearly_clean_threshold: float = 0.3  # distill: blend the oldest chunk once its t exceeds this
     nearly_clean_weight: float = 0.7  # weight of the with-context prediction (released env prev_chunks_scale)
     fp8: bool = False  # released fp8 linears; weights from inference_weight.fp8[.distill]
     kv_cache: bool = True  # false recomputes every past chunk in each call (slow; an oracle for tests)
     kv_offload: bool = False  # keep the KV cache in (pinned) CPU memory
 
+
 @dataclass
 class VaeConfig:
     """The video decoder: the released ViT VAE, or the latent-colour preview of the synthetic data."""
 
-    kind: str = "vit"  # vit (the released VAE) | preview (latent colours, for the synthetic tiny model)
+    kind: VaeKind = VaeKind.vit  # vit (the released VAE) | preview (latent colours, for the synthetic tiny model)
     dir: Optional[str] = None  # diffusers-style directory: config.json + diffusion_pytorch_model.safetensors
     tile_px: int = 256
     overlap: float = 0.25
     scale_factor: float = 0.18215
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    dtype: ComputeDType = ComputeDType.auto  # auto = bfloat16 on CUDA, float32 on CPU
 
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic (built-in moving blobs, drawn as latents) | webdataset (shards, data/README.md)
+    kind: DataKind = DataKind.synthetic  # synthetic (built-in moving blobs, drawn as latents) | webdataset (shards, data/README.md)
     num_samples: int = 4096  # size of one synthetic epoch
     chunks_per_sample: int = 2
     latent_frames_per_chunk: int = 6  # must equal model.chunk_width
@@ -160,7 +189,7 @@ class DiffusionConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 1.0e-4
     min_lr: float = 1.0e-5
     beta1: float = 0.9
@@ -168,7 +197,7 @@ class OptimizerConfig:
     eps: float = 1.0e-8
     weight_decay: float = 0.1
     warmup_steps: int = 1000
-    decay: str = "constant"  # constant | cosine | linear (after warm-up, down to min_lr at decay_steps)
+    decay: LRDecay = LRDecay.constant  # constant | cosine | linear (after warm-up, down to min_lr at decay_steps)
     decay_steps: int = 0  # 0 = trainer.max_steps
     clip_grad: float = 1.0  # 0 disables clipping
 
@@ -177,7 +206,7 @@ class OptimizerConfig:
 class WandbConfig:
     # auto: online when an API key is configured (WANDB_API_KEY or `wandb login`'s ~/.netrc entry), else
     # offline (files under output_dir/wandb, `wandb sync` uploads them later); the choice is printed.
-    mode: str = "auto"  # auto | offline | online | disabled
+    mode: WandbMode = WandbMode.auto  # auto | offline | online | disabled
     project: str = "magi"
     name: Optional[str] = None
 
@@ -186,7 +215,7 @@ class WandbConfig:
 class TrainerConfig:
     max_steps: int = 100
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: Precision = Precision.fp32  # fp32 | bf16 (autocast)
     log_every: int = 1
     # Validation loss every N steps on held-out samples (synthetic: another data seed; webdataset:
     # data.val_shards) with fixed noise, once at each of eval_t (every chunk at that t, text-to-video, no
@@ -202,7 +231,7 @@ class TrainerConfig:
     sample_count: int = 2
     sample_steps: int = 16
     sample_chunks: int = 2
-    sample_vae: str = "preview"  # preview | vit
+    sample_vae: VaeKind = VaeKind.preview  # preview | vit
     sample_vae_dir: Optional[str] = None
     save_every: int = 0  # 0 disables periodic checkpoints
     keep_last: int = 2
@@ -226,9 +255,11 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # Activation recompute: none | full (each layer re-runs its forward in backward) | selective (only the
     # attention kernels are re-run: their inputs are small, their score matrices large).
-    recompute: str = "none"
+    recompute: Recompute = Recompute.none
     recompute_layers: int = 0  # recompute the first N layers of every pipeline stage; 0 = all of them
-    fp8_recipe: str = "none"  # Transformer Engine fp8 autocast (layer_spec=te): none | delayed | tensorwise | mxfp8 | blockwise
+    # Transformer Engine fp8 autocast (layer_spec=te): none, or a recipe of magi_train/model/te_spec.py FP8_RECIPES
+    # (delayed | tensorwise | mxfp8 | blockwise).
+    fp8_recipe: str = "none"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -246,11 +277,11 @@ class DistillConfig:
     step_cycle: List[int] = field(default_factory=lambda: [1] * 8 + [2, 4, 8])  # m per step, cyclic
     ema_decay: float = 0.999
     # Which weights take the two half steps of the shortcut target: ema (the released recipe) | student.
-    shortcut_model: str = "ema"
+    shortcut_model: ShortcutModel = ShortcutModel.ema
     # Guidance folded in at m = 1 (the released base-model inference scales, by bucket of t).
-    cfg_t_range: List[float] = field(default_factory=lambda: [0.0, 0.0217, 0.1, 0.3, 0.999])
-    prev_chunk_scales: List[float] = field(default_factory=lambda: [1.5, 1.5, 1.5, 1.0, 1.0])
-    text_scales: List[float] = field(default_factory=lambda: [7.5, 7.5, 7.5, 0.0, 0.0])
+    cfg_t_range: List[float] = field(default_factory=lambda: list(RELEASED_CFG_T_RANGE))
+    prev_chunk_scales: List[float] = field(default_factory=lambda: list(RELEASED_PREV_CHUNK_SCALES))
+    text_scales: List[float] = field(default_factory=lambda: list(RELEASED_TEXT_SCALES))
 
 
 @dataclass

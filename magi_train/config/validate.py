@@ -5,16 +5,36 @@ value that is fine on its own but wrong next to another one (hidden size vs. hea
 size vs. patch size, ...). `validate()` checks those, collects every problem, and raises a single
 `ConfigError` whose lines each name the offending field(s) and their values.
 
-The checks run on the plain dataclasses and touch nothing outside them (no file system, no torch), so
-they are cheap enough to run before anything is built.
+The checks run on the plain dataclasses and touch no file system, so they are cheap enough to run before
+anything is built. Closed sets are checked against their one source: the enums of `choices.py` (which also
+type the schema, so Hydra rejects a bad value first; these checks catch dataclasses built in Python), or the
+registry in code that defines the set (attention backends, fp8 recipes), imported when a check needs it so
+that importing the config package does not import torch.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import re
-from typing import Iterable, Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Sequence, Type, Union
 
+from magi_train.config.choices import (
+    CPImpl,
+    DataKind,
+    DistBackend,
+    DType,
+    LayerSpec,
+    LRDecay,
+    OptimizerName,
+    PPSchedule,
+    Precision,
+    Recompute,
+    ShortcutModel,
+    VaeKind,
+    WandbMode,
+    choices,
+)
 from magi_train.config.schema import (
     DataConfig,
     DiffusionConfig,
@@ -24,7 +44,6 @@ from magi_train.config.schema import (
     TrainConfig,
     TrainerConfig,
 )
-from magi_train.training.stop import parse_signal
 
 
 class ConfigError(ValueError):
@@ -78,10 +97,32 @@ def _positive(section: str, obj: object, names: Iterable[str]) -> List[str]:
     return out
 
 
-def _one_of(key: str, value: str, allowed: Sequence[str]) -> List[str]:
-    if value in allowed:
+def _one_of(key: str, value: str, allowed: Union[Type[enum.Enum], Sequence[str]]) -> List[str]:
+    """`value` must be a member of the enum (or a name of the registry) `allowed`."""
+    names = choices(allowed) if isinstance(allowed, type) and issubclass(allowed, enum.Enum) else list(allowed)
+    if value in names:
         return []
-    return [f"{key} ({value!r}) must be one of {', '.join(repr(a) for a in allowed)}"]
+    return [f"{key} ({_show(value)}) must be one of {', '.join(repr(a) for a in names)}"]
+
+
+def _show(value: object) -> str:
+    # A StrEnum member's repr is <Enum.name: 'value'>; messages show the value as the user wrote it.
+    return repr(str(value)) if isinstance(value, str) else repr(value)
+
+
+def attention_backends() -> List[str]:
+    """`model.attention_backend` names: the CPU kernels' registry plus the GPU kernels loaded on demand."""
+    from magi_train.model.attention import ATTENTION_BACKENDS  # imports torch: only when validating
+    from magi_train.model.spec import GPU_ATTENTION_BACKENDS
+
+    return [*ATTENTION_BACKENDS, *GPU_ATTENTION_BACKENDS]
+
+
+def fp8_recipes() -> List[str]:
+    """`trainer.fp8_recipe` names: Transformer Engine's recipes that magi_train/model/te_spec.py can build."""
+    from magi_train.model.te_spec import FP8_RECIPES  # imports torch (not Transformer Engine)
+
+    return list(FP8_RECIPES)
 
 
 def _integer_width(key: str, hidden_size: int, ratio: float) -> List[str]:
@@ -141,9 +182,9 @@ def _check_model(m: ModelConfig) -> Iterator[str]:
     if m.chunk_width % m.t_patch_size != 0:
         yield (f"model.chunk_width ({m.chunk_width}) must be divisible by model.t_patch_size "
                f"({m.t_patch_size})")
-    yield from _one_of("model.params_dtype", m.params_dtype, ("float32", "bfloat16", "float16"))
-    yield from _one_of("model.layer_spec", m.layer_spec, ("local", "te"))
-    yield from _one_of("model.attention_backend", m.attention_backend, ("torch", "sdpa", "magi"))
+    yield from _one_of("model.params_dtype", m.params_dtype, DType)
+    yield from _one_of("model.layer_spec", m.layer_spec, LayerSpec)
+    yield from _one_of("model.attention_backend", m.attention_backend, attention_backends())
 
 
 def _check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
@@ -156,14 +197,14 @@ def check_parallel(p: ParallelConfig, m: ModelConfig) -> Iterator[str]:
     yield from sizes
     if not (p.dp == -1 or p.dp >= 1):
         yield f"parallel.dp ({p.dp}) must be >= 1, or -1 for 'the rest of the world'"
-    yield from _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved_1f1b", "gpipe"))
-    yield from _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
-    yield from _one_of("parallel.cp_impl", p.cp_impl, ("auto", "ulysses", "magi"))
+    yield from _one_of("parallel.pp_schedule", p.pp_schedule, PPSchedule)
+    yield from _one_of("parallel.backend", p.backend, DistBackend)
+    yield from _one_of("parallel.cp_impl", p.cp_impl, CPImpl)
     if sizes:
         return
     if (p.vpp > 1) != (p.pp_schedule == "interleaved_1f1b"):
         yield (f"parallel.vpp ({p.vpp}) > 1 goes with parallel.pp_schedule=interleaved_1f1b and only with it "
-               f"(got {p.pp_schedule!r})")
+               f"(got {_show(p.pp_schedule)})")
     tp, cp = p.tp, p.cp
     # Tensor parallelism splits whole heads, whole ffn columns and whole groups of the released
     # [self | cross] interleave that feeds linear_proj.
@@ -210,11 +251,11 @@ def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
                f"{' x ' if p.cp_impl != 'magi' and p.sequence_parallel else ''}"
                f"{'parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
     if cfg.trainer.fp8_recipe != "none" and m.layer_spec != "te":
-        yield f"trainer.fp8_recipe ({cfg.trainer.fp8_recipe!r}) needs model.layer_spec=te (Transformer Engine, GPU)"
+        yield f"trainer.fp8_recipe ({_show(cfg.trainer.fp8_recipe)}) needs model.layer_spec=te (Transformer Engine, GPU)"
 
 
 def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterator[str]:
-    yield from _one_of("data.kind", d.kind, ("synthetic", "webdataset"))
+    yield from _one_of("data.kind", d.kind, DataKind)
     webdataset = d.kind == "webdataset"
     if webdataset:
         yield from _check_webdataset(d, m)
@@ -312,6 +353,7 @@ def _check_packing(cfg: TrainConfig) -> Iterator[str]:
 def _check_distill(cfg: TrainConfig) -> Iterator[str]:
     """Distillation runs the teacher and the EMA student inside the step: whole models on every rank."""
     x = cfg.distill
+    yield from _one_of("distill.shortcut_model", x.shortcut_model, ShortcutModel)
     if not x.enabled:
         if cfg.model.distill:
             yield ("model.distill=true trains the step-size embedding, which only distillation feeds: set "
@@ -328,7 +370,6 @@ def _check_distill(cfg: TrainConfig) -> Iterator[str]:
                f"teacher target folds the null caption in (MAGI-1 introduces no null-text token in distillation)")
     if not 0.0 <= x.ema_decay < 1.0:
         yield f"distill.ema_decay ({x.ema_decay}) must be in [0, 1)"
-    yield from _one_of("distill.shortcut_model", x.shortcut_model, ("ema", "student"))
     steps = [m for m in x.step_cycle]
     if not steps or any(not (isinstance(m, int) and m > 0 and m & (m - 1) == 0 and 64 % m == 0) for m in steps):
         yield f"distill.step_cycle ({steps}) must be a non-empty list of powers of two dividing 64"
@@ -355,7 +396,7 @@ def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
 
 
 def _check_optimizer(o: OptimizerConfig) -> Iterator[str]:
-    yield from _one_of("optimizer.name", o.name, ("adamw",))
+    yield from _one_of("optimizer.name", o.name, OptimizerName)
     yield from _positive("optimizer", o, ("lr", "eps"))
     if not 0.0 <= o.min_lr <= o.lr:
         yield f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr ({o.lr})]"
@@ -364,13 +405,13 @@ def _check_optimizer(o: OptimizerConfig) -> Iterator[str]:
         if not 0.0 <= beta < 1.0:
             yield f"optimizer.{name} ({beta}) must be in [0, 1)"
     yield from _at_least("optimizer", o, ("weight_decay", "clip_grad", "warmup_steps", "decay_steps"), 0)
-    yield from _one_of("optimizer.decay", o.decay, ("constant", "cosine", "linear"))
+    yield from _one_of("optimizer.decay", o.decay, LRDecay)
     # An explicit decay horizon must leave room to decay after the warm-up (Megatron asserts the same).
     # With decay_steps = 0 the horizon is trainer.max_steps; a run shorter than its warm-up (a smoke
     # test) is allowed and simply ends inside the warm-up.
     if o.decay != "constant" and o.decay_steps > 0 and o.decay_steps <= o.warmup_steps:
         yield (f"optimizer.decay_steps ({o.decay_steps}) must be > optimizer.warmup_steps "
-               f"({o.warmup_steps}) when optimizer.decay is {o.decay!r}")
+               f"({o.warmup_steps}) when optimizer.decay is {_show(o.decay)}")
 
 
 def _check_trainer(t: TrainerConfig) -> Iterator[str]:
@@ -381,16 +422,18 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
         yield f"trainer.eval_t ({list(t.eval_t)}) must be a non-empty list of times in [0, 1]"
     yield from _at_least("trainer", t, ("sample_every",), 0)
     yield from _at_least("trainer", t, ("sample_count", "sample_steps", "sample_chunks"), 1)
-    yield from _one_of("trainer.sample_vae", t.sample_vae, ("preview", "vit"))
+    yield from _one_of("trainer.sample_vae", t.sample_vae, VaeKind)
     if t.sample_every and t.sample_vae == "vit" and not t.sample_vae_dir:
         yield "trainer.sample_vae_dir must name the VAE directory when trainer.sample_vae=vit"
-    yield from _one_of("trainer.precision", t.precision, ("fp32", "bf16"))
-    yield from _one_of("trainer.recompute", t.recompute, ("none", "full", "selective"))
+    yield from _one_of("trainer.precision", t.precision, Precision)
+    yield from _one_of("trainer.recompute", t.recompute, Recompute)
     yield from _at_least("trainer", t, ("recompute_layers",), 0)
-    yield from _one_of("trainer.fp8_recipe", t.fp8_recipe, ("none", "delayed", "tensorwise", "mxfp8", "blockwise"))
-    yield from _one_of("trainer.wandb.mode", t.wandb.mode, ("auto", "offline", "online", "disabled"))
+    yield from _one_of("trainer.fp8_recipe", t.fp8_recipe, fp8_recipes())
+    yield from _one_of("trainer.wandb.mode", t.wandb.mode, WandbMode)
     if t.peak_tflops < 0:
         yield f"trainer.peak_tflops ({t.peak_tflops}) must be >= 0 (0: look up the GPU's peak)"
+    from magi_train.training.stop import parse_signal  # imports torch: only when validating
+
     for name in t.stop_signals:
         try:
             parse_signal(name)

@@ -29,6 +29,8 @@ import torch
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from magi_train.checkpoint.atomic import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 # swscale's bicubic filter: what ffmpeg's `scale` filter (used by the released code) applies by default.
@@ -152,7 +154,7 @@ class StreamingMp4Writer:
         finally:
             os.close(fd)
         os.replace(self.partial_path, self.path)
-        _fsync_directory(self.path.parent)  # makes the rename itself durable
+        fsync_dir(self.path.parent)  # makes the rename itself durable
 
     def abort(self) -> None:
         """Finish the `.partial` file with what was written so far, without publishing it under `path`."""
@@ -179,16 +181,6 @@ class StreamingMp4Writer:
             self.abort()
         except Exception:  # the original error matters more than a failure to tidy up after it
             logger.exception("could not finish %s after an error", self.partial_path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; its rename is durable enough
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ What one rank holds, read from the training code:
   parallel group (greedy by size); the owner keeps exp_avg and exp_avg_sq in the parameter's dtype and a
   4-byte step scalar (host memory on GPUs; counted here, a few KiB). The worst rank is reported.
 * After backward (the activations are gone by then): `finalize_model_grads` sums the gradients over data x
-  context parallel ranks through one flat copy of them, and `Trainer.grad_norm` squares each gradient in
-  float64 (two copies of the largest one).
+  context parallel ranks through one flat copy of them, and `global_grad_norm` (parallel/grads.py) squares
+  each gradient in float64 (two copies of the largest one).
 * Activations: the tensors autograd saves for backward, counted tensor by tensor from the layer code
   (`layer_activations`), per micro-batch, times the layers of the stage, times the micro-batches a 1F1B
   pipeline keeps in flight (the first stage: pp of them), plus the embedder/head tensors, plus the
@@ -34,39 +34,23 @@ temporaries other than the score gradient (gradients of a layer's activations li
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from omegaconf import OmegaConf
-
+from magi_train.config.choices import Precision, Recompute, choices
 from magi_train.config.schema import ModelConfig, ParallelConfig
 from magi_train.config.validate import check_parallel
 from magi_train.observability.flops import block_causal_area
 from magi_train.parallel.sharding import tp_shard_spec
 from magi_train.parallel.zero import assign_owners
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4
-RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("fp32", "bf16")
-ATTENTION = ("flash", "torch")
-
-
-def load_preset(name: str) -> ModelConfig:
-    """The ModelConfig of conf/model/<name>.yaml, following its `defaults` chain."""
-    path = CONF / "model" / f"{name}.yaml"
-    if not path.exists():
-        names = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-        raise ValueError(f"no model preset {name!r} in {CONF / 'model'} (have {names})")
-    raw = OmegaConf.load(path)
-    merged = OmegaConf.structured(ModelConfig)
-    for parent in raw.get("defaults", []):
-        if parent != "_self_":
-            merged = OmegaConf.merge(merged, OmegaConf.structured(load_preset(parent)))
-    raw.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(merged, raw))
+# trainer.recompute / trainer.precision values (their enums are the one list); the search tries the least
+# recompute first.
+RECOMPUTE = (Recompute.none.value, Recompute.selective.value, Recompute.full.value)
+PRECISIONS = tuple(choices(Precision))
+ATTENTION = ("flash", "torch")  # kernels the estimate models (see the module docstring), not a config field
 
 
 @dataclass(frozen=True)

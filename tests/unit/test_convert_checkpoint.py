@@ -75,7 +75,7 @@ def released_dtype(key: str) -> torch.dtype:
 
 
 def promoted_at_load(key: str) -> bool:
-    """Spec §1.9, `_high_precision_promoter`: the modules the released loader casts to fp32."""
+    """magi_train/model/README.md §1.9, the released `_high_precision_promoter`: the modules the released loader casts to fp32."""
     parts = key.split(".")
     always = {"x_embedder", "y_embedder", "t_embedder", "final_linear", "rope", "q_layernorm", "k_layernorm",
               "self_attn_post_norm", "mlp_post_norm", "final_layernorm"}
@@ -97,7 +97,7 @@ def save_ours(root: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], step
 
 
 def fp8_layout(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Spec §8: the layout a released fp8 checkpoint has, derived from the bf16 one."""
+    """magi_train/model/README.md §8: the layout a released fp8 checkpoint has, derived from the bf16 one."""
     layout = {k: (tuple(t.shape), released_dtype(k)) for k, t in state.items()}
     per_tensor = ["self_attention.linear_qkv.q", "self_attention.linear_qkv.qx", "self_attention.linear_qkv.k",
                   "self_attention.linear_qkv.v", "mlp.linear_fc1"]

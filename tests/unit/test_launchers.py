@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from magi_train.config import register_configs, to_train_config
-from magi_train.observability.memory_plan import Layout, MicroBatch, estimate, load_preset
+from magi_train.config import load_model_preset, register_configs, to_train_config
+from magi_train.observability.memory_plan import Layout, MicroBatch, estimate
 from magi_train.parallel.groups import check_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def test_training_launchers_compose_validate_and_fit_80gb(script, gpus_expected,
     assert gpus == gpus_expected
     p = cfg.parallel
     dp = check_world(p, gpus)
-    est = estimate(load_preset(cfg.model.name),
+    est = estimate(load_model_preset(cfg.model.name),
                    Layout(tp=p.tp, cp=p.cp, pp=p.pp, dp=dp, sequence_parallel=p.sequence_parallel,
                           recompute=cfg.trainer.recompute, precision=cfg.trainer.precision),
                    MicroBatch(seq_length=cfg.data.seq_length, caption_length=cfg.data.caption_length))

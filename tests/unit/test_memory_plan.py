@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from magi_train.config import load_model_preset
 from magi_train.config.schema import ModelConfig, OptimizerConfig
 from magi_train.observability.memory_plan import (
-    GIB, Layout, MicroBatch, ModelParams, estimate, layer_activations, load_preset, search,
+    GIB, Layout, MicroBatch, ModelParams, estimate, layer_activations, search,
 )
 from magi_train.model.attention import block_causal_ranges
 from magi_train.model.dit import build_dit, module_dtype_plan
@@ -70,7 +71,7 @@ def saved_by_layer(model, args) -> dict:
     ("bfloat16", {}),
 ])
 def test_one_layer_saves_what_the_count_says(single_process_group, params_dtype, over):
-    cfg = replace(load_preset("tiny"), params_dtype=params_dtype, **over)
+    cfg = replace(load_model_preset("tiny"), params_dtype=params_dtype, **over)
     model = build_dit(cfg, tp_group=single_process_group)
     x, t, caption, mask = inputs(cfg)
     saved = saved_by_layer(model, (x, t, caption, mask, block_causal_ranges(N, DN, TPC)))
@@ -90,7 +91,7 @@ def test_one_layer_saves_what_the_count_says(single_process_group, params_dtype,
 
 
 def test_parameter_table_equals_the_built_model():
-    cfg = load_preset("tiny")
+    cfg = load_model_preset("tiny")
     model = build_dit(cfg, device="meta")
     plan = module_dtype_plan(model)
     built = sorted((n, tuple(p.shape), plan[n].itemsize) for n, p in model.named_parameters())
@@ -101,7 +102,7 @@ def _measure_step(group, recompute: str):
     """One training step of the tiny preset as the trainer runs it (the pipeline stage module, ShardedAdamW,
     the weighted squared error), after a first step has created the optimizer state. Returns the peak and the
     after-step snapshots of MemTracker, by kind."""
-    cfg = load_preset("tiny")  # fp32 parameters, precision fp32
+    cfg = load_model_preset("tiny")  # fp32 parameters, precision fp32
     model = build_dit(cfg, tp_group=group, init_seed=1)
     model.train()
     model.set_recompute(recompute)
@@ -162,7 +163,7 @@ def test_training_step_matches_measured_memory(single_process_group, recompute):
 
 
 def test_layout_search_grows_the_layout_as_memory_shrinks():
-    cfg = load_preset("magi1_4.5b")
+    cfg = load_model_preset("magi1_4.5b")
     params = ModelParams.of(cfg)
     mb = MicroBatch(seq_length=32768, chunk_tokens=21600)
     sizes = []
@@ -177,7 +178,7 @@ def test_layout_search_grows_the_layout_as_memory_shrinks():
 
 
 def test_24b_needs_model_parallelism_on_80gib():
-    cfg = load_preset("magi1_24b")
+    cfg = load_model_preset("magi1_24b")
     params = ModelParams.of(cfg)
     mb = MicroBatch(seq_length=32768, chunk_tokens=21600)
     # Data parallel alone: bf16 weights + gradients of 24B parameters are already 90 GiB.
