@@ -28,12 +28,8 @@ def run(cfg: DictConfig) -> dict:
     train_cfg = to_train_config(cfg)
     parallel = init_parallel(train_cfg.parallel)
     try:
-        if train_cfg.distill.enabled:
-            from magi_train.training.distill_trainer import DistillTrainer
-
-            trainer = DistillTrainer(train_cfg, parallel)
-        else:
-            trainer = Trainer(train_cfg, parallel)
+        # The objective (flow matching, or distillation with experiment=distill) comes from the config.
+        trainer = Trainer(train_cfg, parallel)
         history = trainer.fit()
         report = summarize(history) if any("loss" in h for h in history) else {}
         if parallel.is_main and report:

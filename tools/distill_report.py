@@ -6,7 +6,7 @@
 
 The teacher is a base-model checkpoint of this trainer, the student a distillation checkpoint
 (experiment=distill_tiny); model and data settings come from the student's saved config. Held-out captions
-of the synthetic dataset (magi_train/training/distill_eval.py says what is generated and compared).
+of the synthetic dataset (magi_train/training/evaluation/distill_report.py says what is generated and compared).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from magi_train.checkpoint.weights import load_weights  # noqa: E402
 from magi_train.checkpoint.distributed import checkpoint_has, read_full_weights, read_trainer_state  # noqa: E402
 from magi_train.checkpoint.manager import find_checkpoint  # noqa: E402
 from magi_train.config import to_train_config  # noqa: E402
-from magi_train.training.distill_eval import compare  # noqa: E402
+from magi_train.training.evaluation.distill_report import compare  # noqa: E402
 
 
 def main(argv=None) -> int:

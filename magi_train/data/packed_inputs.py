@@ -3,7 +3,7 @@
 Every sample keeps its own grid: its tokens are its latent's patches in (t h w) order, its RoPE coordinates
 are those of its own grid (`rope_coords`), its chunks are caption/condition rows of their own, and attention
 is block-causal inside the sample only (`row_block_causal_ranges` of the token map). Padding tokens belong
-to no row and carry zero loss weight. See `VideoDiT.embed_packed` for the tensors' meaning.
+to no row and carry zero loss weight. See `VideoDiT.forward_packed` for the tensors' meaning.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class PackedItem:
 
 
 def pack_inputs(items: List[PackedItem], cfg: ModelConfig, seq_length: int, max_rows: int, weight_scale: float = 1.0):
-    """(inputs of `VideoDiT.embed_packed` before caption dropout, target (1, P + 1, S)).
+    """(inputs of `VideoDiT.forward_packed` before caption dropout, target (1, P + 1, S)).
 
     inputs = (patches (1, S, P), t (1, R), caption (R, L, Cc), caption_mask (R, L), null_rows (R,),
     adaln_uncond (1, R), coords (1, S, 3), token_map (1, S, 2)); target = [v* patches | weight] channels

@@ -1,10 +1,10 @@
 """The math of MAGI-1 shortcut + CFG distillation (report §2.3 and §2.4.3; Frans et al. 2024, shortcut models).
 
 A distilled model v(x, t, s) is conditioned on a step size s as well as on t, and one step moves a chunk from
-t to t + Δt by x += Δt v(x, t, s). Step sizes live on the 64-step inference grid G = time_grid(64): a step of
+t to t + Δt by x += Δt v(x, t, s). Step sizes live on the 64-step inference grid G = DISTILL_GRID.t: a step of
 size m (an integer, in 1/64 units of the grid coordinate u) takes grid index k to k + m, so s = m / 64. The
-grid is non-uniform (u², then the 1/3 shift), which is why the two half steps that define the target of a
-step m carry their own Δt's:
+grid is non-uniform (u², then the 1/3 shift: magi_train/diffusion/time_grid.py), which is why the two half
+steps that define the target of a step m carry their own Δt's:
 
     v(x_t, t, m) = [Δt1 v(x_t, t, m/2) + Δt2 v(x', t_mid, m/2)] / (Δt1 + Δt2),   x' = x_t + Δt1 v(x_t, t, m/2)
 
@@ -12,25 +12,25 @@ with t = G[k], t_mid = G[k + m/2], Δt1 = t_mid - t, Δt2 = G[k + m] - t_mid. Tr
 sizes: 8 of every 11 iterations at m = 1 (plain flow matching with the classifier-free guidance of the
 three-pass teacher folded in), then one each at m = 2, 4, 8 (self-consistency, targets from the EMA student).
 
-Everything here is pure tensor math; the trainer binds the model calls. Convention: t = 0 noise, t = 1 clean.
+Everything here is pure tensor math; the distillation objective (magi_train/training/objectives/distillation.py)
+binds the model calls. Convention: t = 0 noise, t = 1 clean.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-from magi_train.diffusion.guidance import cfg_scales, combine_cfg3, distill_dt, time_grid
+from magi_train.diffusion.guidance import cfg_scales, combine_cfg3
+from magi_train.diffusion.time_grid import TimeGrid
 
-GRID_STEPS = 64  # the finest step, s = 1/64: 64 function evaluations
+# The grid every step size lives on: the released 64-step sampler grid (the finest step, s = 1/64).
+DISTILL_GRID = TimeGrid(64)
+GRID_STEPS = DISTILL_GRID.num_steps
 # Released recipe: s cycles through [1/64] x 8 + [1/32, 1/16, 1/8] (in grid units m = 64 s).
 STEP_CYCLE: Tuple[int, ...] = (1,) * 8 + (2, 4, 8)
-
-NamedParams = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
 
 
 # ---------------------------------------------------------------------------------------------- step sizes
@@ -63,10 +63,10 @@ def step_size_at(step: int, cycle: Sequence[int] = STEP_CYCLE) -> int:
 
 def distill_embedding(m: int) -> float:
     """Input of the step-size embedding (t_emb += t_embedder(this)) for step size m: a step of m/64 is the
-    step of a 64/m-step sampler, which the released sampler feeds as distill_dt(64 // m, 1) (64 -> 32, 8 -> 4)."""
+    step of a 64/m-step sampler, whose grid feeds TimeGrid(64 // m).step_size_input(1) (64 -> 32, 8 -> 4)."""
     if not _is_step_size(m):
         raise ValueError(f"step size m must be a positive power of two dividing {GRID_STEPS}, got {m!r}")
-    return distill_dt(GRID_STEPS // m, 1)
+    return TimeGrid(GRID_STEPS // m).step_size_input(1)
 
 
 # ---------------------------------------------------------------------------------------------- times
@@ -113,9 +113,9 @@ def draw_distill_times(num_chunks: int, clean_chunks: torch.Tensor, m: int, g: t
     are drawn i.i.d. and sorted descending: earlier chunks are cleaner (larger t). The generator always
     yields `num_chunks` draws, whatever the clean mask (a fixed draw order). Clean chunks must be a leading
     prefix and take their times from `clean_t` ((chunks,), e.g. ObjectiveDraw.t; only the clean entries are
-    read). `grid` defaults to time_grid(64).
+    read). `grid` defaults to DISTILL_GRID.t.
     """
-    grid = time_grid(GRID_STEPS) if grid is None else grid.to(torch.float32)
+    grid = DISTILL_GRID.t if grid is None else grid.to(torch.float32)
     steps = grid.numel() - 1
     if not _is_step_size(m, steps):
         raise ValueError(f"step size m must be a positive power of two dividing the grid's {steps} steps, got {m!r}")
@@ -209,87 +209,3 @@ def guided_velocity(v_text: torch.Tensor, v_context: torch.Tensor, v_alone: torc
     s_prev = _per_frame(s_prev.reshape(t2.shape), chunk_frames, v_text, "t")
     s_text = _per_frame(s_text.reshape(t2.shape), chunk_frames, v_text, "t")
     return combine_cfg3(v_alone.float(), v_context.float(), v_text.float(), s_prev, s_text)
-
-
-# ---------------------------------------------------------------------------------------------- EMA
-def _named(params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
-    if isinstance(params, nn.Module):
-        return list(params.named_parameters())
-    if isinstance(params, Mapping):
-        return list(params.items())
-    return list(params)
-
-
-class EmaWeights:
-    """fp32 exponential moving average of named parameters (the shortcut targets come from the EMA student).
-
-    Holds one fp32 shadow per name, on the parameter's device (with tensor/data parallel each rank keeps
-    the shadow of its own local shard). The parameter sets passed later must have exactly the same names and
-    shapes; a mismatch is an error rather than a silently partial average.
-    """
-
-    def __init__(self, named_params: NamedParams):
-        with torch.no_grad():
-            self._shadow: Dict[str, torch.Tensor] = {
-                name: p.detach().to(torch.float32).clone() for name, p in _named(named_params)}
-
-    @property
-    def names(self) -> List[str]:
-        return list(self._shadow)
-
-    def _match(self, pairs: List[Tuple[str, torch.Tensor]], what: str) -> None:
-        names = [name for name, _ in pairs]
-        missing = sorted(set(self._shadow) - set(names))
-        unexpected = sorted(set(names) - set(self._shadow))
-        if missing or unexpected:
-            raise KeyError(f"EMA {what}: missing names {missing}, unexpected names {unexpected}")
-        for name, p in pairs:
-            if tuple(p.shape) != tuple(self._shadow[name].shape):
-                raise ValueError(f"EMA {what}: {name} has shape {tuple(p.shape)}, the EMA holds "
-                                 f"{tuple(self._shadow[name].shape)}")
-
-    def update(self, named_params: NamedParams, decay: float) -> None:
-        """ema = decay * ema + (1 - decay) * p, in fp32."""
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"distill.ema_decay must lie in [0, 1], got {decay}")
-        pairs = _named(named_params)
-        self._match(pairs, "update")
-        with torch.no_grad():
-            for name, p in pairs:
-                ema = self._shadow[name]
-                ema.mul_(decay).add_(p.detach().to(ema.device, torch.float32), alpha=1.0 - decay)
-
-    def copy_to(self, named_params: NamedParams) -> None:
-        """Write the EMA weights into the live parameters (cast to each parameter's dtype)."""
-        pairs = _named(named_params)
-        self._match(pairs, "copy_to")
-        with torch.no_grad():
-            for name, p in pairs:
-                p.copy_(self._shadow[name])
-
-    @contextlib.contextmanager
-    def swapped(self, named_params: NamedParams) -> Iterator[None]:
-        """Run the block with the EMA weights in the live parameters; the live weights are restored exactly
-        afterwards (kept as copies in their own dtype), also when the block raises."""
-        pairs = _named(named_params)
-        self._match(pairs, "swapped")
-        with torch.no_grad():
-            backup = [p.detach().clone() for _, p in pairs]
-        self.copy_to(pairs)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for (_, p), saved in zip(pairs, backup):
-                    p.copy_(saved)
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        """name -> fp32 shadow (the tensors themselves, as nn.Module.state_dict returns)."""
-        return dict(self._shadow)
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        pairs = list(state.items())
-        self._match(pairs, "load_state_dict")
-        with torch.no_grad():
-            for name, value in pairs:
-                self._shadow[name].copy_(value.to(torch.float32))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from magi_train.config.schema import DiffusionConfig
-from magi_train.diffusion.timesteps import logit_normal, shift_time
+from magi_train.diffusion.time_grid import logit_normal, shift_time
 
 TASKS = ("t2v", "i2v", "v2v")
 

@@ -29,9 +29,10 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 
 from magi_train.config.schema import SamplerConfig
-from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
+from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3
 from magi_train.diffusion.kv_cache import KVCache
 from magi_train.diffusion.schedule import StepPlan, staircase
+from magi_train.diffusion.time_grid import TimeGrid
 from magi_train.model.attention import AttnRanges
 
 # Lookback of prefix chunks when neither clean_chunk_kvrange nor noise2clean_kvrange says (released).
@@ -81,8 +82,9 @@ class StaircaseSampler:
             raise ValueError(f"sampler.cfg_number must be 1 or 3, got {cfg.cfg_number}")
         if self.chunk_width % mc.t_patch_size:
             raise ValueError(f"model.chunk_width ({self.chunk_width}) must be divisible by t_patch_size ({mc.t_patch_size})")
-        self.ts = time_grid(cfg.num_steps, cfg.shortcut_mode)
-        self.intervals = step_intervals(cfg.num_steps, cfg.shortcut_mode)
+        self.grid = TimeGrid(cfg.num_steps, cfg.shortcut_mode)
+        self.ts = self.grid.t
+        self.intervals = self.grid.intervals
         # The cache is written by the pass whose result it must hold: null caption (cfg 3, adaLN row -1) or
         # the single text pass (cfg 1, row -2).
         self.write_uncond = cfg.cfg_number == 3
@@ -174,7 +176,7 @@ class StaircaseSampler:
         cond_masks = torch.cat([mask[1, :1]] * (plan.clean_chunk is not None) + [mask[0, plan.chunks[0]:plan.range_num]])
         null_rows = torch.cat([y[1, :1]] * (plan.clean_chunk is not None) + [y[1, plan.chunks[0]:plan.range_num]])
         null_masks = torch.cat([mask[1, :1]] * (plan.clean_chunk is not None) + [mask[1, plan.chunks[0]:plan.range_num]])
-        dt = distill_dt(cfg.num_steps, float(self.intervals[idx])) if self.distill else None
+        dt = self.grid.step_size_input(float(self.intervals[idx])) if self.distill else None
         # Released: decided on the oldest denoising chunk's fp32 t as a Python float (0.3 rounds above 0.3).
         nearly_clean = t[1 if plan.clean_chunk is not None else 0].item() > cfg.nearly_clean_threshold
         cached = plan.clean_chunk is not None or plan.slice_point > 0
@@ -262,7 +264,7 @@ class StaircaseSampler:
         if self._cache is None:
             return
         y, mask = self._captions.y, self._captions.mask
-        dt = distill_dt(cfg.num_steps, float(self.intervals[0])) if self.distill else None
+        dt = self.grid.step_size_input(float(self.intervals[0])) if self.distill else None
         call = _Call(x, tuple(range(off)), torch.full((off,), cfg.clean_t, dtype=torch.float32), y[1, :off],
                      mask[1, :off], kv, self.write_uncond, dt, cached=True)
         self._forward(call, write=True)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from magi_train.config.schema import OptimizerConfig
-from magi_train.diffusion.flow_matching import velocity_target
 from magi_train.diffusion.objective import noisy_input
-from magi_train.diffusion.timesteps import inference_grid, shift_time
+from magi_train.diffusion.time_grid import TimeGrid, shift_time
+from magi_train.training.objectives.flow_matching import velocity_target
 from magi_train.training.optim import lr_at
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -35,10 +35,10 @@ def test_shift_formula_and_report_share_of_high_noise():
     # The share of times below 0.3 is checked in test_objective.py.
 
 
-def test_inference_grid_matches_released_sampler_bitwise():
+def test_sampler_time_grid_matches_released_sampler_bitwise():
     # t2v.json holds the grid the released code computed in fp32 for 8 steps (incl. its 1.0000001 end).
     released = json.loads((FIXTURES / "magi1_gelu" / "t2v.json").read_text())["t2v"]["timesteps"]
-    ours = inference_grid(8)
+    ours = TimeGrid(8).t
     assert ours.tolist() == pytest.approx(released, abs=0.0)
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from magi_train.diffusion.guidance import distill_dt, time_grid
-from magi_train.diffusion.distill import (STEP_CYCLE, EmaWeights, distill_embedding, draw_distill_times,
+from magi_train.diffusion.time_grid import TimeGrid
+from magi_train.training.ema import EmaWeights
+from magi_train.diffusion.distill import (STEP_CYCLE, distill_embedding, draw_distill_times,
                                           guided_velocity, shortcut_target, step_size_at)
 
-G = time_grid(64)
+G = TimeGrid(64).t
 
 
 # ---------------------------------------------------------------------------------------------- step cycle
@@ -35,7 +36,7 @@ def test_custom_cycle_and_bad_cycles():
 
 def test_distill_embedding_is_the_released_sampler_input():
     for m in (1, 2, 4, 8, 16, 32, 64):
-        assert distill_embedding(m) == distill_dt(64 // m, 1)
+        assert distill_embedding(m) == TimeGrid(64 // m).step_size_input(1)
     # (64 / m) steps / 4 * 2: 64 steps -> 32, 8 steps -> 4.
     assert distill_embedding(1) == 32.0 and distill_embedding(8) == 4.0
     for bad in (0, 3, 128):

@@ -1,7 +1,7 @@
-"""Distillation in the trainer: the student starts as the teacher, step sizes cycle, the m = 1 target is the
-teacher's three-pass guided velocity and the m > 1 target the Δt-weighted shortcut on the 64-step grid (both
-recomputed here from model calls and the formulas), and a resumed run (EMA included) repeats the
-uninterrupted one."""
+"""Distillation in the trainer (the distillation objective and the EMA callback): the student starts as the
+teacher, step sizes cycle, the m = 1 target is the teacher's three-pass guided velocity and the m > 1 target
+the Δt-weighted shortcut on the 64-step grid (both recomputed here from model calls and the formulas), and a
+resumed run (EMA included) repeats the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from magi_train.config import validate
 from magi_train.config.schema import (DataConfig, DiffusionConfig, DistillConfig, ModelConfig, OptimizerConfig,
                                       TrainConfig, TrainerConfig, WandbConfig)
-from magi_train.training.distill_trainer import DistillTrainer
 from magi_train.observability.flops import SampleShape, forward_flops
 from magi_train.model.attention import block_causal_ranges
 from magi_train.parallel.groups import init_parallel
@@ -63,8 +62,8 @@ def grid(k: int) -> float:
 
 
 def test_student_starts_as_the_teacher_and_step_sizes_cycle(teacher, parallel, tmp_path):
-    trainer = DistillTrainer(distill_config(teacher, tmp_path, step_cycle=[1, 1, 2, 4]), parallel)
-    for (name, s), (_, t) in zip(trainer.student.named_parameters(), trainer.teacher.named_parameters()):
+    trainer = Trainer(distill_config(teacher, tmp_path, step_cycle=[1, 1, 2, 4]), parallel)
+    for (name, s), (_, t) in zip(trainer.model.named_parameters(), trainer.objective.teacher.named_parameters()):
         assert torch.equal(s, t), name
     history = trainer.fit()
     assert [h["step_size"] for h in history] == [1 / 64, 1 / 64, 2 / 64, 4 / 64, 1 / 64, 1 / 64]
@@ -76,21 +75,21 @@ def test_student_starts_as_the_teacher_and_step_sizes_cycle(teacher, parallel, t
     assert trainer.last_flops == 6 * forward
     trainer.step_micro_batches(2)  # m = 2
     assert trainer.last_flops == 5 * forward
-    assert not torch.equal(trainer.student.final_linear.linear.weight, trainer.teacher.final_linear.linear.weight)
+    assert not torch.equal(trainer.model.final_linear.linear.weight, trainer.objective.teacher.final_linear.linear.weight)
 
 
 def _one_micro_batch(trainer, m):
-    trainer._m = m
-    (inputs, target), = trainer.micro_batches(trainer.dataset, [0, 1], stream=11)
+    trainer.objective.m = m
+    (inputs, target), = trainer.batches.micro_batches(trainer.batches.dataset, [0, 1], stream=11)
     return inputs, target[:, :-1]
 
 
 def test_finest_step_target_is_the_guided_teacher(teacher, parallel, tmp_path):
     t2v = DiffusionConfig(caption_dropout=0.0, i2v_prob=0.0, clean_prefix_prob=0.0)
-    trainer = DistillTrainer(distill_config(teacher, tmp_path, diffusion=t2v), parallel)
+    trainer = Trainer(distill_config(teacher, tmp_path, diffusion=t2v), parallel)
     (x_t, t, caption, mask, null_rows, _, dt), target = _one_micro_batch(trainer, 1)
     assert not null_rows.any() and torch.all(dt == 32.0)  # 64 steps: the released embedding input 32
-    model = trainer.teacher
+    model = trainer.objective.teacher
     N, n = t.shape
     tokens = 16 * 6  # (8 / 2)^2 patches x 6 frames per chunk
     null = model.y_embedder.null_caption_embedding[:caption.shape[1]].expand(N * n, -1, -1)
@@ -115,9 +114,9 @@ def test_finest_step_target_is_the_guided_teacher(teacher, parallel, tmp_path):
 
 def test_shortcut_target_is_the_dt_weighted_two_half_steps(teacher, parallel, tmp_path):
     t2v = DiffusionConfig(caption_dropout=0.0, i2v_prob=0.0, clean_prefix_prob=0.0)
-    trainer = DistillTrainer(distill_config(teacher, tmp_path, diffusion=t2v, shortcut_model="student"), parallel)
+    trainer = Trainer(distill_config(teacher, tmp_path, diffusion=t2v, shortcut_model="student"), parallel)
     with torch.no_grad():  # a student that differs from the teacher
-        trainer.student.final_linear.linear.weight.mul_(1.5)
+        trainer.model.final_linear.linear.weight.mul_(1.5)
     m = 4
     (x_t, t, caption, mask, _, _, dt), target = _one_micro_batch(trainer, m)
     assert torch.all(dt == 8.0)  # a 16-step sampler's embedding input
@@ -130,7 +129,7 @@ def test_shortcut_target_is_the_dt_weighted_two_half_steps(teacher, parallel, tm
     dt1, dt2 = t_mid - t, t_end - t_mid
     per_frame = lambda v: v.repeat_interleave(6, dim=1)[:, None, :, None, None]  # noqa: E731
     ranges = block_causal_ranges(N, n, 16 * 6)
-    student = trainer.student.eval()
+    student = trainer.model.eval()
     with torch.no_grad():
         v1 = student(x_t, t, caption, mask, ranges, distill_dt=16.0)  # the half step: a 32-step embedding
         v2 = student(x_t + per_frame(dt1) * v1, t_mid, caption, mask, ranges, distill_dt=16.0)
@@ -140,20 +139,20 @@ def test_shortcut_target_is_the_dt_weighted_two_half_steps(teacher, parallel, tm
 
 
 def test_resume_repeats_the_uninterrupted_run_with_its_ema(teacher, parallel, tmp_path):
-    straight = DistillTrainer(distill_config(teacher, tmp_path / "a"), parallel)
+    straight = Trainer(distill_config(teacher, tmp_path / "a"), parallel)
     full = straight.fit()
-    part = DistillTrainer(distill_config(teacher, tmp_path / "b"), parallel)
+    part = Trainer(distill_config(teacher, tmp_path / "b"), parallel)
     part.cfg.trainer.save_every = 3
     first = part.fit(until=3)
-    resumed = DistillTrainer(replace(distill_config(teacher, tmp_path / "b"),
+    resumed = Trainer(replace(distill_config(teacher, tmp_path / "b"),
                                      trainer=replace(part.cfg.trainer, resume="auto")), parallel)
     assert resumed.step == 3
     rest = resumed.fit()
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]
-    ema_a, ema_b = straight._ema.state_dict(), resumed._ema.state_dict()
+    (ema_a,), (ema_b,) = ([ema.state_dict() for ema in t.callbacks[0].weights] for t in (straight, resumed))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     # The EMA trails the student.
-    assert any(not torch.equal(ema_a[k], p) for k, p in straight.student.named_parameters())
+    assert any(not torch.equal(ema_a[k], p) for k, p in straight.model.named_parameters())
 
 
 def test_distill_settings_are_checked(teacher, tmp_path):
@@ -212,15 +211,15 @@ def _per_sample_velocity(dense_out, sl, target):
 def test_packed_targets_equal_the_per_sample_formulas(packed_setup, parallel):
     from magi_train.data.loader import WebDatasetLoader
 
-    trainer = DistillTrainer(packed_setup, parallel)
+    trainer = Trainer(packed_setup, parallel)
     seq = next(iter(WebDatasetLoader(trainer.cfg.data, trainer.cfg.model, 0, 1)))
     assert len(seq.samples) >= 2
-    teacher, student = trainer.teacher, trainer.student
+    teacher, student = trainer.objective.teacher, trainer.model
     with torch.no_grad():
         student.final_linear.linear.weight.mul_(1.5)
     # m = 1: three teacher passes per sample, combined by the formula with the scales of each chunk's t.
-    trainer._m = 1
-    (inputs, target), = trainer.packed_micro_batches([seq], stream=5)
+    trainer.objective.m = 1
+    (inputs, target), = trainer.batches.packed_micro_batches([seq], stream=5)
     assert float(inputs[6]) == 32.0
     L = inputs[2].shape[1]
     for x, t, caption, mask, sl in _dense_pieces(inputs, seq.samples, trainer.cfg):
@@ -243,8 +242,8 @@ def test_packed_targets_equal_the_per_sample_formulas(packed_setup, parallel):
         want, got = _per_sample_velocity(expected, sl, target)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # m = 2: two student half steps (m = 1, embedding 32) on the grid, Δt-weighted, per sample.
-    trainer._m = 2
-    (inputs, target), = trainer.packed_micro_batches([seq], stream=5)
+    trainer.objective.m = 2
+    (inputs, target), = trainer.batches.packed_micro_batches([seq], stream=5)
     assert float(inputs[6]) == 16.0
     student.eval()
     for x, t, caption, mask, sl in _dense_pieces(inputs, seq.samples, trainer.cfg):
@@ -266,6 +265,6 @@ def test_packed_targets_equal_the_per_sample_formulas(packed_setup, parallel):
 def test_distillation_trains_on_shards(packed_setup, parallel):
     cfg = replace(packed_setup, distill=replace(packed_setup.distill, step_cycle=[1, 2]),
                   trainer=replace(packed_setup.trainer, max_steps=4))
-    history = DistillTrainer(cfg, parallel).fit()
+    history = Trainer(cfg, parallel).fit()
     assert [h["step_size"] for h in history] == [1 / 64, 2 / 64] * 2
     assert all(h["loss"] > 0 and h["packing_util"] > 0 for h in history)

@@ -16,7 +16,7 @@ from magi_train.config.schema import SamplerConfig
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.data.video_io import probe_video, read_video
 from magi_train.config.schema import ModelConfig, TrainerConfig, WandbConfig
-from magi_train.training.eval_videos import make_decoder, sample_validation_videos, to_uint8_frames
+from magi_train.training.evaluation.videos import make_decoder, sample_validation_videos, to_uint8_frames
 from magi_train.observability.metrics import MetricsLogger, format_record
 from magi_train.model.dit import build_dit
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from magi_train.config.schema import SamplerConfig
-from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3, distill_dt, step_intervals, time_grid
+from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
+from magi_train.diffusion.time_grid import TimeGrid
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import build_dit
 
@@ -22,7 +23,7 @@ RELEASED = SamplerConfig()
 
 @pytest.mark.parametrize("steps", [4, 8, 16, 32, 64])
 def test_time_grid_is_u_squared_then_shift_3(steps):
-    t = time_grid(steps)
+    t = TimeGrid(steps).t
     for k in range(steps + 1):
         s = (k / steps) ** 2
         assert t[k].item() == pytest.approx(s / (3 - 2 * s), abs=2e-7)  # fp32: t[S] is 1 + 1 ulp, as released
@@ -30,14 +31,14 @@ def test_time_grid_is_u_squared_then_shift_3(steps):
 
 
 def test_time_grid_notable_values_are_the_cfg_breakpoints():
-    t = time_grid(64)
+    t = TimeGrid(64).t
     for k, value in [(16, 0.021739), (32, 0.1), (48, 0.3)]:
         assert t[k].item() == pytest.approx(value, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode,steps16", [("8,16,16", [2, 1, 1]), ("16,16,8", [1, 1, 2])])
 def test_shortcut_grid_has_12_steps_of_the_mode(mode, steps16):
-    t = time_grid(12, mode)
+    t = TimeGrid(12, mode).t
     s = [(k / 16) for k in [0]]
     u = [0.0]
     for _ in range(4):
@@ -46,14 +47,15 @@ def test_shortcut_grid_has_12_steps_of_the_mode(mode, steps16):
     expected = [(v * v) / (3 - 2 * v * v) for v in u]
     assert t.shape == (13,)
     assert torch.allclose(t, torch.tensor(expected, dtype=torch.float32), atol=1e-6)
-    assert step_intervals(12, mode).tolist() == steps16 * 4
+    assert TimeGrid(12, mode).intervals.tolist() == steps16 * 4
     del s
 
 
-def test_distill_dt():
-    assert distill_dt(64, 1) == 32.0 and distill_dt(16, 1) == 8.0 and distill_dt(32, 1) == 16.0
+def test_step_size_input():
+    step_input = lambda steps, interval: TimeGrid(steps).step_size_input(interval)  # noqa: E731
+    assert step_input(64, 1) == 32.0 and step_input(16, 1) == 8.0 and step_input(32, 1) == 16.0
     # shortcut: 4 / interval * 2 -> the double step gets 4, the single steps 8
-    assert [distill_dt(12, i) for i in step_intervals(12, "8,16,16")[:3].tolist()] == [4.0, 8.0, 8.0]
+    assert [step_input(12, i) for i in TimeGrid(12, "8,16,16").intervals[:3].tolist()] == [4.0, 8.0, 8.0]
 
 
 def test_cfg_buckets_and_combination():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from magi_train.diffusion.schedule import staircase
-from magi_train.diffusion.timesteps import inference_grid
+from magi_train.diffusion.time_grid import TimeGrid
 
 T2V = Path(__file__).resolve().parents[1] / "fixtures" / "magi1_gelu" / "t2v.json"
 
@@ -51,7 +51,7 @@ def test_invariants(n, window, steps, prefix):
 
 def test_matches_released_sampler_calls():
     rec = json.loads(T2V.read_text())["t2v"]
-    ts = inference_grid(8)
+    ts = TimeGrid(8).t
     clean_t = torch.tensor(0.9999, dtype=torch.float32).item()
     tokens = 144
     plans = staircase(rec["chunk_num"], 4, 8)

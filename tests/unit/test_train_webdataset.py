@@ -55,14 +55,14 @@ def losses(history):
 
 def _recording(trainer: Trainer, seen: list) -> Trainer:
     """Record (epoch, sample key) of every sample the trainer trains on."""
-    build = trainer.packed_micro_batches
+    build = trainer.batches.packed_micro_batches
 
     def packed_micro_batches(sequences, stream, fixed_t=None):
         if fixed_t is None:
             seen.extend((seq.epoch, s.key) for seq in sequences for s in seq.samples)
         return build(sequences, stream, fixed_t)
 
-    trainer.packed_micro_batches = packed_micro_batches
+    trainer.batches.packed_micro_batches = packed_micro_batches
     return trainer
 
 
@@ -90,7 +90,7 @@ def test_resume_continues_with_exactly_the_unseen_samples(shards, parallel, tmp_
 
 
 def _step_loss(trainer: Trainer, sequences) -> float:
-    micro = trainer.packed_micro_batches(sequences, stream=7)
+    micro = trainer.batches.packed_micro_batches(sequences, stream=7)
     return trainer._sum_loss(trainer.forward_backward(micro, backward=False))
 
 
@@ -102,7 +102,7 @@ def test_loss_is_the_mean_over_the_noisy_frames(shards, parallel, tmp_path, task
     root, _, _ = shards
     diffusion = DiffusionConfig(i2v_prob=1.0 if task == "i2v" else 0.0, clean_prefix_prob=0.0, caption_dropout=0.0)
     trainer = Trainer(config(root / "train", tmp_path, diffusion=diffusion), parallel)
-    monkeypatch.setattr(trainer, "_noise", lambda stream, position, shape: torch.zeros(shape))
+    monkeypatch.setattr(trainer.batches, "noise", lambda stream, position, shape: torch.zeros(shape))
     sequences = []
     for seq in WebDatasetLoader(trainer.cfg.data, trainer.cfg.model, 0, 1):
         sequences.append(seq)

@@ -18,12 +18,11 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from magi_train.config.schema import SamplerConfig
-from magi_train.parallel.parallelize import build_model
-from magi_train.diffusion.sampler import StaircaseSampler
-from magi_train.config.schema import DataConfig, ModelConfig
+from magi_train.config.schema import DataConfig, ModelConfig, SamplerConfig
 from magi_train.data.synthetic import SyntheticBlobDataset
-from magi_train.training.eval_videos import build_captions, latent_channels
+from magi_train.diffusion.sampler import StaircaseSampler
+from magi_train.parallel.parallelize import build_model
+from magi_train.training.evaluation.videos import build_captions, latent_channels
 
 
 @dataclass
