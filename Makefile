@@ -30,8 +30,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# Single-process unit tests only (a few minutes): no end-to-end programs, no multi-rank runs.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not multirank" tests
 
 clean:
 	rm -rf $(VENV) outputs runs wandb .pytest_cache

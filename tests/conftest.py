@@ -23,3 +23,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/distributed/ spawns 2-4 gloo ranks: mark it `multirank`, so that `make test-fast`
+    (unit tests only) can leave the multi-process tests to `make test`."""
+    for item in items:
+        if "distributed" in item.path.parts:
+            item.add_marker(pytest.mark.multirank)
