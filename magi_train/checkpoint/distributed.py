@@ -26,7 +26,7 @@ local shapes as its parameters) stored and resharded exactly like the model weig
 sets a loader does not ask for (they are skipped), and `checkpoint_has` tells whether it holds a set.
 
 "TP writers": a TP rank holding a slice no other rank writes (`ShardSpec.writer`: replicated tensors
-and replicated KV heads are written once). A rank's pieces follow `VideoDiT.shard_spec`, so a SwiGLU
+and replicated KV heads are written once). A rank's pieces follow `parallel.plan.shard_spec`, so a SwiGLU
 `linear_fc1` shard is two boxes ([gate_r] and [up_r]) of the full [gate | up] tensor.
 
 Why custom planners rather than ShardedTensor or DTensor: ShardedTensor's constructors insist on a global
@@ -62,8 +62,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import CheckpointManager, file_digest, read_marker, verify_checkpoint
-from magi_train.model.dit import VideoDiT, build_dit
+from magi_train.model.dit import VideoDiT
 from magi_train.parallel.groups import Parallel
+from magi_train.parallel.plan import plan_of, shard_spec
 from magi_train.parallel.sharding import ShardSpec
 from magi_train.parallel.zero import ShardedAdamW
 
@@ -220,13 +221,13 @@ def _group_rank(group) -> int:
 
 
 def _full_model(models: Sequence[VideoDiT]) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    """Key -> (full shape, dtype) of the whole model (every pipeline stage), from a shape-only build."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in build_dit(models[0].cfg, device="meta").state_dict().items()}
+    """Key -> (full shape, dtype) of the whole model (every pipeline stage), as parallelize_dit recorded it."""
+    return dict(plan_of(models[0]).full_state)
 
 
 def _full_parameter_names(models: Sequence[VideoDiT]) -> List[str]:
     """The parameter names of the whole model (the keys an extra weight set has; buffers have none)."""
-    return [name for name, _ in build_dit(models[0].cfg, device="meta").named_parameters()]
+    return list(plan_of(models[0]).full_parameters)
 
 
 def _held(models: Sequence[VideoDiT]) -> Dict[str, Tuple[VideoDiT, torch.Tensor]]:
@@ -296,20 +297,20 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
     # Parameters are identical over the dp x cp ranks: the first of them writes.
     if _group_rank(parallel.groups.dp_cp) == 0:
         for name, (model, tensor) in held.items():
-            spec = model.shard_spec(name, full[name][0])
+            spec = shard_spec(model, name, full[name][0])
             if spec.writer:
                 state[f"model.{name}"] = (spec.full_shape, _boxes(spec, tensor))
         # Extra weight sets: the same boxes and writers as the parameters they shadow.
         for prefix, tensors in extra.items():
             for name, (model, tensor) in tensors.items():
-                spec = model.shard_spec(name, full[name][0])
+                spec = shard_spec(model, name, full[name][0])
                 if spec.writer:
                     state[f"{prefix}.{name}"] = (spec.full_shape, _boxes(spec, tensor))
     names = _optimizer_names(optimizer, models)
     for opt_name, moments in optimizer.owned_state().items():
         name = names[opt_name]
         model, _ = held[name]
-        spec = model.shard_spec(name, full[name][0])
+        spec = shard_spec(model, name, full[name][0])
         if spec.writer:
             for moment in _MOMENTS:
                 state[f"optim.{name}.{moment}"] = (spec.full_shape, _boxes(spec, moments[moment]))
@@ -466,10 +467,10 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
         stored = _tensor_metadata(metadata)
         targets: Dict[str, List[Box]] = {}
         for name, (model, tensor) in held.items():
-            targets[f"model.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
+            targets[f"model.{name}"] = _boxes(shard_spec(model, name, full[name][0]), tensor.detach())
         for prefix, tensors in held_extra.items():
             for name, (model, tensor) in tensors.items():
-                targets[f"{prefix}.{name}"] = _boxes(model.shard_spec(name, full[name][0]), tensor.detach())
+                targets[f"{prefix}.{name}"] = _boxes(shard_spec(model, name, full[name][0]), tensor.detach())
         # The optimizer state of the parameters this rank owns NOW, in its current TP layout.
         names = _optimizer_names(optimizer, models)
         moments: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -477,7 +478,7 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
             name, key = names[opt_name], f"optim.{names[opt_name]}"
             if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in stored:
                 continue
-            spec = held[name][0].shard_spec(name, full[name][0])
+            spec = shard_spec(held[name][0], name, full[name][0])
             state = {m: torch.empty(p.shape, dtype=stored[f"{key}.{m}"].properties.dtype, device=p.device) for m in _MOMENTS}
             state["step"] = torch.empty(1, dtype=stored[f"{key}.step"].properties.dtype)
             for m in _MOMENTS:

@@ -13,7 +13,6 @@ includes any cached prefix). Query ranges must not overlap; query tokens that no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -140,14 +139,21 @@ def _expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def softmax_scale(head_dim: int) -> float:
+    """flash-attn's default softmax_scale, which the released model uses: head_dim ** -0.5."""
+    return head_dim ** -0.5
+
+
 def range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: AttnRanges) -> torch.Tensor:
-    """Exact reference kernel: for every slice, fp32 softmax(q kᵀ / sqrt(d)) v, rounded to q's dtype.
+    """Exact reference kernel: for every slice, fp32 softmax(q kᵀ * d**-0.5) v, rounded to q's dtype.
 
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D). Returns (Tq, Hq, D). This mirrors what flash-attn computes per
     range (fp32 accumulation, one rounding of the output), so it reproduces the released model on CPU.
     """
     tq, hq, d = q.shape
-    root_d = math.sqrt(d)
+    # The released op order (flash-attn's softmax_scale): scores multiplied by d**-0.5 (cast to fp32 by
+    # the fp32 product), not divided by sqrt(d); the two differ in the last bit for d = 128.
+    scale = softmax_scale(d)
     out = q.new_zeros(tq, hq, d)
     for qs, qe, ks, ke in ranges.pairs():
         if qe == qs or ke == ks:
@@ -155,7 +161,7 @@ def range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: A
         qi = q[qs:qe].float().transpose(0, 1)  # (H, sq, D)
         ki = _expand_kv_heads(k[ks:ke], hq).float().transpose(0, 1)
         vi = _expand_kv_heads(v[ks:ke], hq).float().transpose(0, 1)
-        probs = torch.softmax(torch.matmul(qi, ki.transpose(1, 2)) / root_d, dim=-1)
+        probs = torch.softmax(torch.matmul(qi, ki.transpose(1, 2)) * scale, dim=-1)
         out[qs:qe] = torch.matmul(probs, vi).transpose(0, 1).to(q.dtype)
     return out
 
@@ -172,6 +178,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: At
         _expand_kv_heads(k, hq).float().transpose(0, 1),
         _expand_kv_heads(v, hq).float().transpose(0, 1),
         attn_mask=mask,
+        scale=softmax_scale(d),
     ).transpose(0, 1)
     out = out * covered[:, None, None]
     return out.to(q.dtype)

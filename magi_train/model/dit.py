@@ -10,14 +10,17 @@ Inputs of one forward:
                               null caption, else row -2)
 Output: the velocity (N, C, T, H, W) in fp32, already divided by `x_rescale_factor`.
 
-The model is written for one process; TP/CP/PP come from the layer spec and the parallel package.
+The model is written for one process and knows no process group. `parallelize_dit`
+(magi_train/parallel/parallelize.py) makes a parallel model of it: tensor-parallel linears in the spec's
+slots, a token layout (layout.py) for context / sequence parallel, and a pipeline stage's share of the
+layers (the others removed; parameter names stay the whole model's).
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -28,15 +31,11 @@ from torch.utils.checkpoint import checkpoint
 from magi_train.config.schema import ModelConfig
 from magi_train.model.attention import AttnRanges, caption_ranges, row_block_causal_ranges
 from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmbedder
-from magi_train.model.layers import KVHook, TransformerLayer, kv_heads_allocated
-from magi_train.model.magi_attention import MagiContextParallel
+from magi_train.model.layers import KVHook, transformer_layer_spec
+from magi_train.model.layout import LocalLayout, LocalPlacement, TokenLayout
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, split_table
-from magi_train.model.spec import DiTLayerSpec, LinearFactory, get_layer_spec, megatron_config, scaled_init_std
-from magi_train.parallel.dispatch import DispatchedTokens
-from magi_train.parallel.groups import default_tp_group
-from magi_train.parallel.sequence import TokenWindow, gather_tokens
-from magi_train.parallel.sharding import local_from_full, tp_shard_spec
+from magi_train.model.spec import ModuleSpec, build_module, get_layer_spec, scaled_init_std
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,20 +43,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FP32_MODULES = ("x_embedder", "t_embedder", "y_embedder", "final_linear", "rope", "q_layernorm", "k_layernorm",
                 "self_attn_post_norm", "mlp_post_norm", "final_layernorm")
 
-# Parameters whose gradient is partial on each tensor-parallel rank even without sequence parallel: they
-# act on every head, and each rank holds only its heads.
-_HEAD_SHARED = ("q_layernorm", "k_layernorm", "q_layernorm_xattn", "k_layernorm_xattn", "rope")
-
-
 @dataclass
 class Stream:
     """What flows between pipeline stages: the residual stream and the conditioning every layer reads."""
 
-    h: torch.Tensor  # (S_local, N, H) this rank's tokens; (L, 1, H) under MagiAttention's dispatch
+    h: torch.Tensor  # (S_local, N, H) this rank's tokens (the placement's split)
     condition: torch.Tensor  # (N, dn, Dc) timestep + adaLN caption token per chunk
     y_xattn: torch.Tensor  # (N*dn, L, Hx) projected caption rows (padded)
     caption_mask: torch.Tensor  # (N*dn, L) valid caption tokens
-    sin: torch.Tensor  # (S_cp, R/2) RoPE of the context-parallel rank's tokens
+    sin: torch.Tensor  # (S_q, R/2) RoPE of the tokens this rank's attention queries cover
     cos: torch.Tensor
     # (N, S) caption/condition row of every token (all tokens, -1 = padding) for packed sequences; None for
     # dense batches, where token s of sample b is in row b * dn + s // tokens_per_chunk.
@@ -79,78 +73,68 @@ class LayerDict(nn.ModuleDict):
         return iter(self._modules.values())
 
 
-def _skip_init(_: torch.Tensor) -> None:
-    """megatron's init hook; unused because VideoDiT._init_weights draws full-size weights itself."""
-
-
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, linears: LinearFactory, core_attention, dtype: torch.dtype,
-                 layer_ids: Sequence[int], final_norm: bool, cp_group=None):
+    def __init__(self, cfg: ModelConfig, layer_spec: ModuleSpec, dtype: torch.dtype):
         super().__init__()
-        # Keyed by the global layer index, so a pipeline stage's parameter names equal the full model's.
-        self.layers = LayerDict(
-            {str(i): TransformerLayer(cfg, linears, core_attention, i, dtype, cp_group) for i in layer_ids})
-        if final_norm:
-            self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.apply_layernorm_1p, torch.float32)
+        # Keyed by the layer index, so a pipeline stage that keeps some of them keeps the full model's names.
+        self.layers = LayerDict({str(i): build_module(layer_spec, cfg, i, dtype) for i in range(cfg.num_layers)})
+        self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.apply_layernorm_1p, torch.float32)
 
 
 class VideoDiT(nn.Module):
-    """The DiT, or one pipeline stage of it (`layer_ids`, `pre_process`, `post_process`).
+    """The DiT. `forward` runs the whole model; a pipeline stage runs `embed` (if it has the embedders),
+    `run_layers` and `head` (if it has the output layer), each given the same `place(...)` of the micro-batch.
 
-    Parallel groups are injected: `tp_group` (heads), `cp_group` (tokens) and `sequence_parallel`.
-    `cp_impl` picks how cp splits the tokens: "ulysses" (contiguous windows, all-to-all in attention) or
-    "magi" (MagiAttention's balanced dispatch, parallel/dispatch.py; training only, no KV cache).
-    `forward` runs the whole model; a pipeline runs `embed` on the first stage, `run_layers` on every
-    stage and `head` on the last, each given the same `place(...)` of the micro-batch."""
+    `token_layout` (default: every token here) is the seam for context / sequence parallelism; `parallelize_dit`
+    replaces it, swaps the linears for tensor-parallel ones and drops what another pipeline stage holds."""
 
-    def __init__(self, cfg: ModelConfig, spec: DiTLayerSpec, tp_group: Optional[torch.distributed.ProcessGroup] = None,
-                 init_weights: bool = True, *, cp_group: Optional[torch.distributed.ProcessGroup] = None,
-                 sequence_parallel: bool = False, layer_ids: Optional[Sequence[int]] = None,
-                 pre_process: bool = True, post_process: bool = True, init_seed: int = 0, cp_impl: str = "ulysses"):
+    def __init__(self, cfg: ModelConfig, layer_spec: ModuleSpec, init_weights: bool = True, init_seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.dtype = DTYPES[cfg.params_dtype]
         H = cfg.hidden_size
         cond_size = int(H * cfg.cond_hidden_ratio)
-        self.tp_group = tp_group
-        self.tp_size = 1 if tp_group is None else tp_group.size()
-        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
-        if cp_impl not in ("ulysses", "magi"):
-            raise ValueError(f"parallel.cp_impl={cp_impl!r} is not one of ulysses, magi")
-        self.magi_cp = None
-        if cp_impl == "magi" and self.cp_group is not None:
-            self.magi_cp = MagiContextParallel(self.cp_group, cfg.num_attention_heads // self.tp_size,
-                                               kv_heads_allocated(cfg, self.tp_size) // self.tp_size, cfg.kv_channels)
-        ulysses_group = self.cp_group if self.magi_cp is None else None
-        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
-        self.pre_process, self.post_process = pre_process, post_process
-        layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
-        linears = LinearFactory(spec, megatron_config(self.dtype, self.tp_size, init_weights), _skip_init, _skip_init, tp_group,
-                                self.sequence_parallel)
         patch = (cfg.t_patch_size, cfg.patch_size, cfg.patch_size)
+        self.token_layout: TokenLayout = LocalLayout()
 
-        if pre_process:
-            self.x_embedder = nn.Conv3d(cfg.in_channels, H, kernel_size=patch, stride=patch, bias=False)
-            self.t_embedder = TimestepEmbedder(cond_size, 256, cfg.timestep_rescale_factor, feature_dtype=self.dtype)
-            self.y_embedder = CaptionEmbedder(cfg.caption_channels, int(H * cfg.xattn_cond_hidden_ratio), cond_size, cfg.caption_max_length)
-            self.rope = LearnableRope3D(H // cfg.num_attention_heads, cfg.rope_temperature, cfg.rope_reference_tokens)
-        self.videodit_blocks = TransformerBlock(cfg, linears, spec.core_attention, self.dtype, layer_ids, post_process, ulysses_group)
-        if post_process:
-            self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
+        self.x_embedder = nn.Conv3d(cfg.in_channels, H, kernel_size=patch, stride=patch, bias=False)
+        self.t_embedder = TimestepEmbedder(cond_size, 256, cfg.timestep_rescale_factor, feature_dtype=self.dtype)
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, int(H * cfg.xattn_cond_hidden_ratio), cond_size, cfg.caption_max_length)
+        self.rope = LearnableRope3D(H // cfg.num_attention_heads, cfg.rope_temperature, cfg.rope_reference_tokens)
+        self.videodit_blocks = TransformerBlock(cfg, layer_spec, self.dtype)
+        self.final_linear = FinalLinear(H, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels)
         if init_weights:
-            self._init_weights(init_seed)
+            self.init_weights(init_seed)
+
+    # A pipeline stage that does not hold the embedders / the output layer has them removed.
+    @property
+    def pre_process(self) -> bool:
+        return "x_embedder" in self._modules
+
+    @property
+    def post_process(self) -> bool:
+        return "final_linear" in self._modules
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def _init_weights(self, seed: int) -> None:
-        """Every parameter is drawn at full (TP=1) size from a generator seeded by (seed, its name), then
-        sliced for this rank: any TP/PP layout starts from exactly the same model."""
+    def reset_defaults(self) -> None:
+        """Norms and RoPE bands at their constructor values (`init_weights` draws everything else)."""
+        for module in self.modules():
+            if isinstance(module, (LayerNorm1p, nn.LayerNorm, LearnableRope3D)):
+                module.reset_parameters()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, full_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                     shard: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> None:
+        """Every parameter is drawn at its full (TP=1) size, `full_shapes[name]` (default: its own shape), from a
+        generator seeded by (seed, its name), then cut to this rank's part by `shard(name, full)` (default: all
+        of it): any TP/PP layout starts from exactly the same model."""
         cfg = self.cfg
-        full_shapes = {k: tuple(v.shape) for k, v in build_dit(cfg, device="meta").named_parameters()}
+        self.reset_defaults()
         row_std = scaled_init_std(cfg.init_std, cfg.num_layers)
         for name, p in self.named_parameters():
             gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-            shape = full_shapes[name]
+            shape = tuple(p.shape) if full_shapes is None else full_shapes[name]
             full = None
             if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
                 # Residual-branch outputs: depth-scaled (GPT-2 / megatron output_init_method).
@@ -166,53 +150,27 @@ class VideoDiT(nn.Module):
             elif name.endswith(".bias") and "norm" not in name:
                 full = torch.zeros(shape)
             if full is not None:
-                p.copy_(local_from_full(full, self.shard_spec(name, shape)).to(p.dtype))
+                p.copy_((full if shard is None else shard(name, full)).to(p.dtype))
 
-    def shard_spec(self, name: str, full_shape):
-        rank = 0 if self.tp_group is None else self.tp_group.rank()
-        return tp_shard_spec(name, full_shape, self.cfg, rank, self.tp_size)
-
-    def tp_partial_grad(self, name: str) -> bool:
-        """Whether this TP-replicated parameter's gradient is a partial sum per TP rank (to be all-reduced)."""
-        if self.tp_size == 1 or tp_shard_spec(name, (1, 1), self.cfg, 0, self.tp_size).dim is not None:
-            return False
-        return self.sequence_parallel or any(part in _HEAD_SHARED for part in name.split("."))
-
-    # ------------------------------------------------------------------ parallel helpers
-    def _window(self, total_tokens: int) -> TokenWindow:
-        cp = 1 if self.cp_group is None else self.cp_group.size()
-        cp_rank = 0 if self.cp_group is None else self.cp_group.rank()
-        split = self.tp_size if self.sequence_parallel else 1
-        tp_rank = self.tp_group.rank() if split > 1 else 0
-        return TokenWindow.of(total_tokens, cp_rank, cp, tp_rank, split)
-
-    def _split_factor(self) -> int:
-        return (1 if self.cp_group is None else self.cp_group.size()) * (self.tp_size if self.sequence_parallel else 1)
-
-    def place(self, self_ranges: AttnRanges, N: int, tokens_per_sample: int):
-        """What `embed`, `run_layers` and `head` take as the micro-batch's self-attention: the ranges
-        themselves, or under MagiAttention's dispatch the `DispatchedTokens` built from them (a collective
-        over the cp group)."""
-        if self.magi_cp is None:
-            return self_ranges
-        split = self.tp_size if self.sequence_parallel else 1
-        tp_rank = self.tp_group.rank() if split > 1 else 0
-        return DispatchedTokens(self.magi_cp, self_ranges, N, tokens_per_sample, tp_rank, split)
+    # ------------------------------------------------------------------ token placement
+    def place(self, self_ranges: Optional[AttnRanges], N: int, tokens_per_sample: int):
+        """The token placement of one forward (layout.py): what `embed`, `run_layers` and `head` take. Under
+        MagiAttention's dispatch, building it is a collective over the cp group."""
+        return self.token_layout.place(self_ranges, N, tokens_per_sample)
 
     def stream_shapes(self, placement, N: int, tokens_per_sample: int) -> Tuple[Tuple[int, int], int]:
         """((rows, batch) of this rank's residual stream, rows of its RoPE tables) for one micro-batch."""
-        if isinstance(placement, DispatchedTokens):
-            return (placement.ids.numel(), 1), placement.ids_cp.numel()
-        cp = 1 if self.cp_group is None else self.cp_group.size()
-        return (tokens_per_sample // self._split_factor(), N), tokens_per_sample // cp
+        if placement is None:
+            placement = self.place(None, N, tokens_per_sample)
+        return placement.stream_shape()
 
-    def _dispatched(self, placement) -> Optional[DispatchedTokens]:
-        if isinstance(placement, DispatchedTokens):
+    def _placement_of(self, h: torch.Tensor, placement):
+        if placement is not None:
             return placement
-        if self.magi_cp is not None:
-            raise ValueError("parallel.cp_impl=magi: pass the micro-batch's VideoDiT.place(...) as its self-attention "
-                             "(the token split follows MagiAttention's dispatch)")
-        return None
+        if isinstance(self.token_layout, LocalLayout):
+            return LocalPlacement(None, h.shape[1], h.shape[0])
+        raise ValueError("a parallel token layout needs the micro-batch's VideoDiT.place(...) (the token split "
+                         "follows it)")
 
     # ------------------------------------------------------------------ forward
     def embed(self, x, t, caption, caption_mask, adaln_uncond=None, slice_point: int = 0,
@@ -239,8 +197,10 @@ class VideoDiT(nn.Module):
         condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)  # (N, dn, Dc)
 
         h = rearrange(x.to(self.dtype), "n c t h w -> (t h w) n c")
-        h, sin, cos = self._local_tokens(h, sin, cos, placement)
-        stream = Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos)
+        placement = self.place(None, N, h.shape[0]) if placement is None else placement
+        # This rank's tokens and RoPE rows (a split's backward pads with zeros: gradients stay partial).
+        stream = Stream(placement.split(h), condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask,
+                        placement.rope(sin), placement.rope(cos))
         return stream, (T, Hp, Wp)
 
     def embed_packed(self, patches, t, caption, caption_mask, adaln_uncond, coords, token_map,
@@ -269,19 +229,10 @@ class VideoDiT(nn.Module):
         h = F.linear(x, weight.reshape(weight.shape[0], -1).float())
         sin, cos = split_table(self.rope.table_at(coords[0].float()))
         condition, y_xattn = self._condition(t, caption, adaln_uncond, distill_dt)
-        h, sin, cos = self._local_tokens(h.to(self.dtype).transpose(0, 1), sin, cos, placement)
+        placement = self.place(None, N, S) if placement is None else placement
         rows = token_map[..., 0].round().long()
-        return Stream(h, condition.to(self.dtype), y_xattn.to(self.dtype), caption_mask, sin, cos, rows)
-
-    def _local_tokens(self, h, sin, cos, placement):
-        """This rank's part of the (S, N, H) tokens and the RoPE rows of its context-parallel tokens.
-        `narrow`'s backward pads with zeros (gradients stay partial, see sequence.py)."""
-        dispatched = self._dispatched(placement)
-        if dispatched is not None:
-            return dispatched.split(h), dispatched.rope(sin), dispatched.rope(cos)
-        window = self._window(h.shape[0])
-        return (h.narrow(0, window.start, window.length).contiguous(),
-                sin.narrow(0, window.cp_start, window.cp_length), cos.narrow(0, window.cp_start, window.cp_length))
+        return Stream(placement.split(h.to(self.dtype).transpose(0, 1)), condition.to(self.dtype),
+                      y_xattn.to(self.dtype), caption_mask, placement.rope(sin), placement.rope(cos), rows)
 
     def _condition(self, t, caption, adaln_uncond, distill_dt):
         """(N, R, Dc) timestep + adaLN caption token per row, and the projected caption rows."""
@@ -302,7 +253,7 @@ class VideoDiT(nn.Module):
 
     def set_recompute(self, mode: str, layers: int = 0) -> None:
         """Activation recompute: "full" re-runs whole layers in backward, "selective" only their attention
-        kernels, "none" neither; for the first `layers` layers of this stage (0 = all)."""
+        kernels, "none" neither; for the first `layers` layers held here (0 = all)."""
         for position, layer in enumerate(self.videodit_blocks.layers):
             chosen = layers == 0 or position < layers
             layer.recompute_full = mode == "full" and chosen
@@ -314,35 +265,28 @@ class VideoDiT(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def run_layers(self, s: Stream, self_ranges, kv_hook: Optional[KVHook] = None) -> Stream:
-        """`self_ranges`: the micro-batch's `place(...)` (plain AttnRanges unless MagiAttention dispatches)."""
+    def run_layers(self, s: Stream, placement, kv_hook: Optional[KVHook] = None) -> Stream:
+        """`placement`: the micro-batch's `place(...)` (plain AttnRanges do on one process)."""
         N, dn = s.condition.shape[:2]
+        if isinstance(placement, AttnRanges):
+            if not isinstance(self.token_layout, LocalLayout):
+                raise ValueError("a parallel token layout needs the micro-batch's VideoDiT.place(...), not AttnRanges")
+            placement = LocalPlacement(placement, N, s.h.shape[0])
+        if kv_hook is not None and not placement.supports_kv_cache:
+            raise ValueError("a KV cache runs with Ulysses context parallel (parallel.cp_impl=ulysses), not with "
+                             "MagiAttention's dispatch")
         mask = s.caption_mask.bool()
         y_flat = s.y_xattn[mask]  # valid caption tokens of every (sample, chunk) row, row-major
         lengths = mask.sum(-1).tolist()
-        dispatched = self._dispatched(self_ranges)
-        if dispatched is not None:
-            if kv_hook is not None:
-                raise ValueError("a KV cache runs with Ulysses context parallel (parallel.cp_impl=ulysses), not with "
-                                 "MagiAttention's dispatch")
-            total = dispatched.S
-        else:
-            total = s.rows.shape[1] if s.rows is not None else s.h.shape[0] * self._split_factor()
+        total = placement.tokens
         rows = s.rows if s.rows is not None else dense_rows(N, dn, total // dn, s.h.device)
-        if dispatched is not None:
-            stream_rows = dispatched.rows(rows, stream=True)[:, None]  # (L, 1)
-            query_rows = dispatched.rows(rows, stream=False)
-        else:
-            window = self._window(total)
-            stream_rows = rows[:, window.start: window.start + window.length].t()  # (S_local, N)
-            # Attention's queries: the cp slice, numbered batch-major (b * cp_length + s - cp_start).
-            query_rows = rows[:, window.cp_start: window.cp_start + window.cp_length].reshape(-1)
         # Each token takes its chunk row's condition (padding any row: its outputs are never used).
-        condition_map = stream_rows.clamp(min=0)
-        cross_ranges = caption_ranges(query_rows, lengths)
+        condition_map = placement.stream_rows(rows).clamp(min=0)
+        # Attention's queries, numbered batch-major like its coordinates.
+        cross_ranges = caption_ranges(placement.query_rows(rows), lengths)
         h = s.h
         for layer in self.videodit_blocks.layers:
-            h = self._layer(layer, h, s.condition, condition_map, s.sin, s.cos, self_ranges, y_flat, cross_ranges, kv_hook)
+            h = self._layer(layer, h, s.condition, condition_map, s.sin, s.cos, placement, y_flat, cross_ranges, kv_hook)
         return Stream(h, s.condition, s.y_xattn, s.caption_mask, s.sin, s.cos, s.rows)
 
     def head_tokens(self, h: torch.Tensor, placement=None) -> torch.Tensor:
@@ -357,13 +301,10 @@ class VideoDiT(nn.Module):
         return out.reshape(S, N, -1).permute(1, 2, 0) / cfg.x_rescale_factor
 
     def _final_tokens(self, h: torch.Tensor, placement) -> torch.Tensor:
+        placement = self._placement_of(h, placement)
         h = self.videodit_blocks.final_layernorm(h.float())
-        out = self.final_linear(h)
-        # All tokens on every rank; the backward keeps each rank's own slice.
-        if self.sequence_parallel:
-            out = gather_tokens(out, self.tp_group)
-        dispatched = self._dispatched(placement)
-        return dispatched.gather(out) if dispatched is not None else gather_tokens(out, self.cp_group)
+        # All tokens on every rank; the backward keeps each rank's own part.
+        return placement.gather(self.final_linear(h))
 
     def head(self, h: torch.Tensor, grid: Tuple[int, int, int], placement=None) -> torch.Tensor:
         cfg = self.cfg
@@ -413,19 +354,31 @@ class VideoDiT(nn.Module):
 
 
 def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device: Optional[torch.device] = None,
-              **stage) -> VideoDiT:
-    """Build the DiT with the configured layer spec. `device="meta"` builds shapes only.
+              init_seed: int = 0) -> VideoDiT:
+    """The single-process DiT with the configured layer spec: built on the meta device, materialised on
+    `device` (default CPU) and initialised from `init_seed` (`init_weights=False`: to be loaded). `device="meta"`
+    builds shapes only. A parallel model comes from `magi_train.parallel.parallelize.parallelize_dit`.
 
-    Without `tp_group`, a single-process job gets a one-rank group (see `default_tp_group`). `stage` passes
-    the parallel keywords of `VideoDiT` (cp_group, sequence_parallel, layer_ids, pre/post_process, init_seed)."""
-    spec = get_layer_spec(cfg.layer_spec, cfg.attention_backend)
+    `tp_group` is accepted for callers of the single-process model that hold a one-rank group."""
+    if tp_group is not None and tp_group.size() != 1:
+        raise ValueError(f"build_dit builds the single-process model; for a tensor-parallel group of {tp_group.size()} "
+                         f"ranks use magi_train.parallel.parallelize (parallelize_dit)")
+    model = meta_dit(cfg)
     if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return VideoDiT(cfg, spec, tp_group, init_weights=False, **stage)
-    if tp_group is None:
-        tp_group = default_tp_group()
-    model = VideoDiT(cfg, spec, tp_group, init_weights=init_weights, **stage)
-    return model if device is None else model.to(device)
+        return model
+    model.to_empty(device=device or "cpu")
+    if init_weights:
+        model.init_weights(init_seed)
+    else:
+        model.reset_defaults()
+    return model
+
+
+def meta_dit(cfg: ModelConfig) -> VideoDiT:
+    """The whole model's shapes on the meta device (the first step of every build)."""
+    spec = transformer_layer_spec(get_layer_spec(cfg.layer_spec, cfg.attention_backend))
+    with torch.device("meta"):
+        return VideoDiT(cfg, spec, init_weights=False)
 
 
 def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:

@@ -172,6 +172,10 @@ class Fp8PerChannelLinear(_Fp8Linear):
 
 
 # ---------------------------------------------------------------------------------------------- model conversion
+def is_fp8_linear(module: nn.Module) -> bool:
+    return isinstance(module, _Fp8Linear)
+
+
 def _is_tensor_parallel(linear: nn.Module) -> bool:
     group = getattr(linear, "tp_group", None)
     if group is not None and group.size() > 1:

@@ -1,122 +1,108 @@
-"""Tensor-parallel linears of the DiT, on megatron-core's ColumnParallelLinear / RowParallelLinear.
+"""The DiT's single-process linears (the `local` layer spec).
+
+They compute exactly what megatron-core's ColumnParallelLinear / RowParallelLinear compute on one rank (the
+same autograd function, `linear_with_grad_accumulation_and_async_allreduce`, with every communication off), so
+a model built with them and a tensor-parallel model built by `parallelize_dit` round the same way. They hold
+no process group: tensor parallelism swaps them for the sharded classes of magi_train/parallel/tensor.py.
 
 Adaptations (the first two about the released checkpoint):
-- Their state dict carries no `_extra_state` entries, so our keys equal the official MAGI-1 keys one for one.
+- The state dict holds `weight` only (no `_extra_state`): our keys equal the official MAGI-1 keys one for one.
 - `compute_dtype`: MAGI-1 computes `linear_proj` in fp32 from bf16 weights and activations (CUDA fp32
-  autocast in the released code). Casting inside `_forward_impl` keeps megatron's TP communication intact.
-- Under autocast (bf16 training) they cast explicitly to the autocast dtype (see `_linear`).
-- Sequence parallel is done here with `sp_gather` / `sp_reduce_scatter` (megatron's own SP path allocates
-  with `torch.cuda.current_device()` and cannot run on CPU); megatron's layers run with SP off, the
-  column layer's internal input-gradient all-reduce disabled (the gather's backward reduce-scatters instead).
-They return one tensor (these layers never use megatron's deferred bias add).
+  autocast in the released code); see `cast_for_compute`.
+- Under autocast (bf16 training) they cast explicitly to the autocast dtype and run the product with
+  autocast off (megatron's autograd function re-enters autocast only for CUDA in its backward; with CPU
+  autocast the backward would mix dtypes).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 from torch import nn
 
-from magi_train.parallel.tensor import sp_gather, sp_reduce_scatter
+
+def cast_for_compute(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, weight) in the dtype the product runs in: `compute_dtype`, else autocast's, else unchanged."""
+    device = x.device.type
+    target = compute_dtype
+    if target is None and torch.is_autocast_enabled(device):
+        target = torch.get_autocast_dtype(device)
+    if target is not None:
+        x, weight = x.to(target), weight.to(target)
+    return x, weight
 
 
-class _MagiLinear:
-    # megatron's layers report an empty `_extra_state` (for TE compatibility) and add one on load; the
-    # official checkpoint has none, so fall back to nn.Module's behaviour.
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
-
-    def _drop_extra_state_hook(self) -> None:
-        self._load_state_dict_pre_hooks.clear()
-
-    def _cast(self, input, weight, kwargs):
-        device = input.device.type
-        target = self.compute_dtype
-        if target is None and torch.is_autocast_enabled(device):
-            target = torch.get_autocast_dtype(device)
-        if target is not None:
-            input = input.to(target)
-            weight = weight.to(target)
-            if kwargs.get("bias") is not None:
-                kwargs["bias"] = kwargs["bias"].to(target)
-        return input, weight, kwargs
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        # megatron's autograd function re-enters autocast only for CUDA in its backward; with CPU autocast
-        # the backward would mix dtypes. Casting explicitly and running without autocast works on both.
-        input, weight, kwargs = self._cast(input, weight, kwargs)
-        with torch.autocast(input.device.type, enabled=False):
-            return super()._forward_impl(input, weight, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+def local_matmul(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """x @ weightᵀ through megatron's linear autograd function with no communication."""
+    x, weight = cast_for_compute(x, weight, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return linear_with_grad_accumulation_and_async_allreduce(
+            x, weight, None, gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False)
 
 
-class ColumnLinear(_MagiLinear, ColumnParallelLinear):
-    """Output features split across the TP group; input replicated."""
+class Linear(nn.Module):
+    """y = x Wᵀ (no bias), W of shape (out, in) in `config.params_dtype`.
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        *,
-        config: ModelParallelConfig,
-        init_method,
-        bias: bool = False,
-        tp_group: Optional[torch.distributed.ProcessGroup] = None,
-        compute_dtype: Optional[torch.dtype] = None,
-        sequence_parallel: bool = False,
-    ):
-        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias, tp_group=tp_group,
-                         disable_grad_reduce=sequence_parallel)
+    The constructor takes the layer-spec contract shared with the TE linears (global sizes, `config`,
+    `init_method`, `tp_group`, `compute_dtype`, `sequence_parallel`); a single-process layer accepts only
+    `tp_group=None` and `sequence_parallel=False`. Weights are drawn by `VideoDiT.init_weights`."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init_method=None,
+                 bias: bool = False, tp_group=None, compute_dtype: Optional[torch.dtype] = None,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        if bias or tp_group is not None or sequence_parallel:
+            raise ValueError("model.linear.Linear is the single-process linear (no bias, no tp_group, no sequence "
+                             "parallel): tensor parallelism is applied by magi_train.parallel.parallelize_dit")
+        self.input_size, self.output_size = input_size, output_size
         self.compute_dtype = compute_dtype
-        self.sp = sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1
-        self._drop_extra_state_hook()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sp:
-            x = sp_gather(x, self.tp_group)
-        return super().forward(x)
+        return local_matmul(x, self.weight, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, compute_dtype={self.compute_dtype}"
 
 
-class RowLinear(_MagiLinear, RowParallelLinear):
-    """Input features split across the TP group; output all-reduced."""
+# The released model multiplies caption tokens by `linear_kv_xattn` as 8 row blocks; the result is the
+# same matrix product, but the blocking changes fp32 rounding, and we reproduce it bit for bit. A tensor-
+# parallel rank holds 1/tp of the rows and multiplies them as 8/tp blocks (the released TP layout).
+XATTN_KV_ROW_BLOCKS = 8
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        *,
-        config: ModelParallelConfig,
-        init_method,
-        bias: bool = False,
-        tp_group: Optional[torch.distributed.ProcessGroup] = None,
-        compute_dtype: Optional[torch.dtype] = None,
-        sequence_parallel: bool = False,
-    ):
-        super().__init__(
-            input_size,
-            output_size,
-            config=config,
-            init_method=init_method,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
-        self.compute_dtype = compute_dtype
-        self.sp = sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1
-        self._drop_extra_state_hook()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sp:
-            return super().forward(x)
-        # megatron's forward minus its reduction, which becomes a reduce-scatter over the sequence.
-        partial = self._forward_impl(
-            input=x, weight=self.weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-            sequence_parallel=False, tp_group=None, grad_output_buffer=None,
-        )
-        return sp_reduce_scatter(partial, self.tp_group)
+def blocked_product(y: torch.Tensor, weight: torch.Tensor, row_blocks: int) -> torch.Tensor:
+    """y @ weightᵀ computed as `row_blocks` products of row blocks of weight, concatenated."""
+    return torch.cat([torch.matmul(y, w.t()) for w in torch.chunk(weight, row_blocks, dim=0)], dim=1)
+
+
+class _GradSum(torch.autograd.Function):
+    """Identity whose backward is one node: the gradients of a layer's row blocks are summed here before
+    they join the other layers' (the order of the tensor-parallel path, whose caption input passes one
+    such node, so every layout rounds the caption gradient alike)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def grad_sum_node(x: torch.Tensor) -> torch.Tensor:
+    return _GradSum.apply(x)
+
+
+class CaptionKVLinear(Linear):
+    """Cross-attention keys and values of the caption tokens (`linear_kv_xattn`), as `XATTN_KV_ROW_BLOCKS`
+    row-block products (see above). Rows are interleaved per KV head: [K_0 | V_0 | K_1 | V_1 | ...]."""
+
+    row_blocks = XATTN_KV_ROW_BLOCKS
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return blocked_product(grad_sum_node(y), self.weight, self.row_blocks)

@@ -4,10 +4,11 @@ MagiAttention takes attention as a list of (query range, key range, mask type) s
 as `AttnRanges` with every slice FULL, so nothing is translated beyond dtypes and devices:
 
 - `flex_attention_backend`: the single-GPU Flex-Flash-Attention kernel (`flex_flash_attn_func`). It computes
-  what `range_attention` computes (fp32 softmax of q kᵀ / sqrt(d) per slice, GQA with query head h reading KV
+  what `range_attention` computes (fp32 softmax of q kᵀ * d**-0.5 per slice, GQA with query head h reading KV
   head h // (Hq / Hkv)) in one launch for all slices instead of a Python loop.
 - `to_magi_ranges`: the pure-Python conversion of `AttnRanges` into the kernel's int32 inputs (tested on CPU).
-- `MagiContextParallel`: the distributed API (dispatch / calc_attn / undispatch over a context-parallel group).
+- The distributed API (dispatch / calc_attn / undispatch over a context-parallel group) is wrapped by
+  `MagiContextParallel` in magi_train/parallel/dispatch.py; `resolve_cp_impl` says whether it can run.
 
 `magi_attention` is GPU-only (Hopper kernels built against CUDA); it is imported inside the functions that need
 it, never at module import. Written against MagiAttention v1.1.1 (SandAI-org/MagiAttention, commit 2c641357);
@@ -17,12 +18,11 @@ the single-GPU call also accepts the v1.0.x signature, which MAGI-1's own infere
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from magi_train.model.attention import AttnRanges
+from magi_train.model.attention import AttnRanges, softmax_scale
 
 # MagiAttention's attn_type_map code for a slice without a mask inside it (1-3 are the causal variants).
 FULL = 0
@@ -122,7 +122,7 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ra
         q_ranges=packed[:, 0:2].contiguous(),
         k_ranges=packed[:, 2:4].contiguous(),
         attn_type_map=packed[:, 4].contiguous(),
-        softmax_scale=1.0 / math.sqrt(q.shape[-1]),
+        softmax_scale=softmax_scale(q.shape[-1]),
     )
     if "max_seqlen_k" in inspect.signature(flex_flash_attn_func).parameters:
         # v1.0.0-v1.0.3 require the longest range lengths; v1.0.4 dropped them (v1.1 keeps an unrelated
@@ -140,83 +140,3 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ra
             covered[start:end] = True
         out = out * covered.to(out.device)[:, None, None]
     return out
-
-
-class MagiContextParallel:
-    """Context parallelism with MagiAttention's distributed API, over one NCCL context-parallel group.
-
-    The packed sequence (all samples, flat and batch-major: the token coordinates of `AttnRanges`) is cut into
-    dispatch chunks that MagiAttention spreads over the cp ranks so that each rank gets the same number of
-    tokens and about the same attention area (later chunks of a block-causal sample see more keys):
-
-        cp = MagiContextParallel(cp_group, num_heads_q=Hq, num_heads_kv=Hkv, head_dim=D)
-        key = cp.key(block_causal_ranges(N, chunks, tokens_per_chunk), total_seqlen=N * chunks * tokens_per_chunk)
-        local_x = cp.dispatch(x, key)                  # (T, ...) -> this rank's padded, permuted (T_local, ...)
-        local_q, local_k, local_v = ...                # any token-wise op runs on local_x unchanged
-        local_out = cp.calc_attn(local_q, local_k, local_v, key)
-        out = cp.undispatch(local_out, key)            # (T_local, ...) -> (T, ...) in global order
-
-    Dispatch permutes tokens: per-token inputs such as RoPE tables or timestep maps must be dispatched with
-    the same key. Every rank of the group makes the same calls with the same ranges. The DiT itself uses only
-    `key`, `position_ids` and `calc_attn` (parallel/dispatch.py moves its tokens with its own autograd ops).
-
-    Written against MagiAttention v1.1.1 (`magi_attn_flex_key` with `pad_size` deprecated and `chunk_size`
-    given through `DispatchConfig`; v1.0.x/v1.1.0 took them as required arguments). It needs several Hopper
-    GPUs; on CPU the tests run the DiT's use of it against an emulation of this API
-    (tests/distributed/fake_magi_api.py).
-    """
-
-    def __init__(self, cp_group, num_heads_q: int, num_heads_kv: int, head_dim: int, chunk_size: Optional[int] = None):
-        self.cp_group = cp_group
-        self.num_heads_q = num_heads_q
-        self.num_heads_kv = num_heads_kv
-        self.head_dim = head_dim
-        # None: MagiAttention derives it from the sequence length and the cp size.
-        self.chunk_size = chunk_size
-
-    def key(self, ranges: AttnRanges, total_seqlen: int):
-        """The runtime key of one attention pattern (self-attention: queries and keys are the same tokens)."""
-        from magi_attention.api import AttnRanges as MagiRanges
-        from magi_attention.api import DispatchConfig, DistAttnConfig, magi_attn_flex_key
-
-        q_ranges, k_ranges, _, _, _ = to_magi_ranges(ranges)
-        return magi_attn_flex_key(
-            q_ranges=MagiRanges.from_ranges(q_ranges.tolist()),
-            k_ranges=MagiRanges.from_ranges(k_ranges.tolist()),
-            attn_mask_type="full",  # broadcast to every slice
-            total_seqlen_q=total_seqlen,
-            total_seqlen_k=total_seqlen,
-            num_heads_q=self.num_heads_q,
-            num_heads_kv=self.num_heads_kv,
-            head_dim=self.head_dim,
-            pad_size=0,  # deprecated: the padding is computed from the chunk size
-            cp_group_or_mesh=self.cp_group,
-            dist_attn_config=DistAttnConfig(dispatch_config=DispatchConfig(chunk_size=self.chunk_size)),
-            is_same_source=True,
-            is_q_permutable=True,
-            is_k_permutable=True,
-        )
-
-    def position_ids(self, key) -> torch.Tensor:
-        """Global token ids (batch-major flat coordinates) of this rank's dispatched tokens, in local order;
-        ids >= total_seqlen are the padding MagiAttention appends to make the split even."""
-        from magi_attention.api import get_position_ids
-
-        return get_position_ids(key)
-
-    def dispatch(self, x: torch.Tensor, key) -> torch.Tensor:
-        from magi_attention.api import dispatch
-
-        return dispatch(x, key)
-
-    def calc_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key) -> torch.Tensor:
-        """Local (T_local, H, D) q/k/v of dispatched tokens -> local output in q's dtype."""
-        from magi_attention.api import calc_attn
-
-        out, _meta = calc_attn(q, k, v, key, softmax_scale=1.0 / math.sqrt(q.shape[-1]))
-        return out.to(q.dtype)
-
-    def undispatch(self, y: torch.Tensor, key) -> torch.Tensor:
-        from magi_attention.api import undispatch
-
-        return undispatch(y, key)

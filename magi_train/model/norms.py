@@ -23,6 +23,12 @@ class LayerNorm1p(nn.Module):
         self.weight = nn.Parameter(torch.zeros(size, dtype=dtype) if apply_1p else torch.ones(size, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(size, dtype=dtype))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The constructor's values again (a model materialised from the meta device starts here)."""
+        self.weight.fill_(0.0 if self.apply_1p else 1.0)
+        self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + 1 if self.apply_1p else self.weight
         return F.layer_norm(x, self.size, weight, self.bias, self.eps)

@@ -52,7 +52,13 @@ class LearnableRope3D(nn.Module):
         super().__init__()
         self.num_bands = head_dim // 8
         self.reference_tokens = reference_tokens
+        self.temperature = temperature
         self.bands = nn.Parameter(default_bands(self.num_bands, temperature))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The constructor's bands again (a model materialised from the meta device starts here)."""
+        self.bands.copy_(default_bands(self.num_bands, self.temperature))
 
     @property
     def rotary_dim(self) -> int:

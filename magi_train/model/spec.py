@@ -1,61 +1,82 @@
-"""Layer specs: which classes build the DiT's linears and attention kernel.
+"""Layer specs: which classes fill the slots of a DiT layer (megatron-core's `ModuleSpec` idea).
 
-The model file names roles ("a column-parallel linear", "the core attention"), never implementations.
-`local` uses megatron-core's tensor-parallel layers and the exact torch attention kernels (CPU, or GPU
-without extras); a Transformer Engine spec plugs in here later without touching the model.
+A layer is a tree of slots (layers.py `transformer_layer_spec` draws it):
+
+    TransformerLayer
+      ada_modulate_layer
+      self_attention: SelfCrossAttention
+        linear_qkv: pre_norm, q, qx, k, v          (one pre-norm shared by both attentions)
+        linear_kv_xattn, linear_proj
+        q_layernorm, k_layernorm, q_layernorm_xattn, k_layernorm_xattn
+        core_attention (self), core_cross_attention
+      self_attn_post_norm, mlp (pre_norm, linear_fc1, linear_fc2), mlp_post_norm
+
+The model file names roles ("a linear", "the core attention"), never implementations. `LayerImpl` says what
+fills the leaf slots: `local` uses the single-process linears of linear.py and the exact torch attention
+kernels; `te` uses Transformer Engine's linears (GPU). Parallelism is not chosen here: `parallelize_dit`
+swaps the linear slots for tensor-parallel classes and the self-attention slot for MagiAttention's
+distributed attention, the same way for either spec.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from magi_train.model.attention import ATTENTION_BACKENDS
-from magi_train.model.linear import ColumnLinear, RowLinear
+from magi_train.model.linear import CaptionKVLinear, Linear
+from magi_train.model.norms import LayerNorm1p, plain_layer_norm
 
 
 @dataclass(frozen=True)
-class DiTLayerSpec:
-    column_linear: type
-    row_linear: type
-    core_attention: Callable  # (q, k, v, AttnRanges) -> out
+class ModuleSpec:
+    """A slot's implementation: `module(*args, **params, [submodules=...], **kwargs)`."""
+
+    module: Callable[..., nn.Module]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    submodules: Optional[Any] = None  # a dataclass of the slot's own slots, for composite modules
 
 
-@dataclass
-class LinearFactory:
-    """Builds the spec's linears with the shared megatron config, init and TP group."""
+def build_module(spec, *args, **kwargs) -> nn.Module:
+    """Build a slot from a `ModuleSpec` (or a bare class/factory)."""
+    if not isinstance(spec, ModuleSpec):
+        spec = ModuleSpec(spec)
+    extra = {} if spec.submodules is None else {"submodules": spec.submodules}
+    return spec.module(*args, **spec.params, **extra, **kwargs)
 
-    spec: DiTLayerSpec
-    config: ModelParallelConfig
-    init_method: Callable[[torch.Tensor], None]
-    # Row-parallel layers are the residual-branch outputs here (linear_proj, linear_fc2): depth-scaled init.
-    output_init_method: Callable[[torch.Tensor], None]
-    tp_group: Optional[torch.distributed.ProcessGroup]
-    # Activations entering column layers / leaving row layers are split over the tp ranks by token.
-    sequence_parallel: bool = False
 
-    def column(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None,
-               sequence_parallel: Optional[bool] = None) -> nn.Module:
-        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
-        return self.spec.column_linear(
-            in_features, out_features, config=self.config, init_method=self.init_method,
-            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype, sequence_parallel=sp,
-        )
+class CoreAttention(nn.Module):
+    """The attention kernel slot: (q, k, v, AttnRanges) -> out, no parameters (no state-dict keys)."""
 
-    def row(self, in_features: int, out_features: int, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
-        return self.spec.row_linear(
-            in_features, out_features, config=self.config, init_method=self.output_init_method,
-            bias=False, tp_group=self.tp_group, compute_dtype=compute_dtype, sequence_parallel=self.sequence_parallel,
-        )
+    def __init__(self, kernel: Callable):
+        super().__init__()
+        self.kernel = kernel
 
-    @property
-    def tp_size(self) -> int:
-        return 1 if self.tp_group is None else self.tp_group.size()
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges) -> torch.Tensor:
+        return self.kernel(q, k, v, ranges)
+
+    def extra_repr(self) -> str:
+        return getattr(self.kernel, "__name__", repr(self.kernel))
+
+
+@dataclass(frozen=True)
+class LayerImpl:
+    """What fills the leaf slots of every layer (see the module docstring)."""
+
+    name: str  # model.layer_spec
+    # The q/qx/k/v/fc1 (column) and proj/fc2 (row) linears: the roles tensor parallelism gives them; on one
+    # process both compute x Wᵀ.
+    column_linear: Callable
+    row_linear: Callable
+    caption_linear: Callable  # linear_kv_xattn (row-blocked product)
+    core_attention: ModuleSpec
+    pre_norm: Callable = plain_layer_norm  # (size, eps, dtype)
+    norm: Callable = LayerNorm1p  # the "1p" QK/post norms: (size, eps, apply_1p, dtype)
 
 
 # GPU kernels, loaded only when named: their packages exist only on CUDA machines.
@@ -75,11 +96,12 @@ def get_attention_backend(name: str):
         raise ValueError(f"model.attention_backend={name!r} is not one of {names}") from None
 
 
-def local_spec(attention_backend: str = "torch") -> DiTLayerSpec:
-    return DiTLayerSpec(column_linear=ColumnLinear, row_linear=RowLinear, core_attention=get_attention_backend(attention_backend))
+def local_spec(attention_backend: str = "torch") -> LayerImpl:
+    core = ModuleSpec(CoreAttention, {"kernel": get_attention_backend(attention_backend)})
+    return LayerImpl("local", Linear, Linear, CaptionKVLinear, core)
 
 
-def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
+def get_layer_spec(name: str, attention_backend: str) -> LayerImpl:
     if name == "local":
         return local_spec(attention_backend)
     if name == "te":
@@ -93,16 +115,17 @@ def get_layer_spec(name: str, attention_backend: str) -> DiTLayerSpec:
                 f"Use model.layer_spec=local on CPU."
             )
         column, row = te_spec.te_linear_classes()
-        return DiTLayerSpec(column_linear=column, row_linear=row, core_attention=get_attention_backend(attention_backend))
+        core = ModuleSpec(CoreAttention, {"kernel": get_attention_backend(attention_backend)})
+        return LayerImpl("te", column, row, CaptionKVLinear, core)
     raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
 
 
-def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool) -> ModelParallelConfig:
+def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool = False) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         params_dtype=params_dtype,
         # The DiT initialises its sharded weights itself, from full-size tensors drawn in a fixed order
-        # (see VideoDiT._init_weights): the same model for every TP size, including the SwiGLU [gate | up]
+        # (see VideoDiT.init_weights): the same model for every TP size, including the SwiGLU [gate | up]
         # and replicated-KV layouts that megatron's contiguous master-weight split would get wrong.
         use_cpu_initialization=True,
         perform_initialization=False,

@@ -3,8 +3,9 @@
 Transformer Engine (TE) is GPU-only. This module imports on any machine; TE itself is imported only when a TE
 spec or an fp8 context is asked for, and `te_available()` says whether that can work here.
 
-The TE linears keep the local spec's contract (magi_train/model/linear.py), so neither the model file nor a
-checkpoint can tell which spec built them:
+The TE linears keep the linear-slot contract of the local spec (magi_train/model/linear.py on one process,
+magi_train/parallel/tensor.py under tensor parallel), so neither the model file nor a checkpoint can tell
+which spec built them (`parallelize_dit` rebuilds them with the TP group):
 - Constructor `(input_size, output_size, *, config, init_method, bias, tp_group, compute_dtype,
   sequence_parallel)` with global sizes; TE splits the output features (column) or the input features (row)
   over `tp_group`. `sequence_parallel` (None: `config.sequence_parallel`; effective only with TP > 1) makes the
@@ -33,10 +34,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region,
+                                                    reduce_scatter_to_sequence_parallel_region)
 from torch import nn
-
-from magi_train.parallel.tensor import sp_gather, sp_reduce_scatter
 
 FP8_RECIPES = ("none", "delayed", "tensorwise", "mxfp8", "blockwise")
 # trainer.fp8_recipe -> (class in transformer_engine.common.recipe, first TE release that has it).
@@ -168,7 +169,8 @@ def te_linear_classes() -> Tuple[type, type]:
 
         def _torch_forward(self, x, weight, bias):
             if self.sequence_parallel:
-                x = sp_gather(x, self.tp_group)
+                # megatron's sequence-parallel mappings (they allocate on the current CUDA device: TE is GPU-only)
+                x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.tp_group)
             elif self.tp_size > 1:
                 x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
             return F.linear(x, weight, bias)
@@ -181,7 +183,7 @@ def te_linear_classes() -> Tuple[type, type]:
         def _torch_forward(self, x, weight, bias):
             y = F.linear(x, weight)
             if self.sequence_parallel:
-                y = sp_reduce_scatter(y, self.tp_group)
+                y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
             elif self.tp_size > 1:
                 y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
             return y if bias is None else y + bias

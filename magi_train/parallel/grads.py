@@ -3,7 +3,7 @@
 Every rank ends backward with gradients that may be partial (see parallel/sequence.py):
 - over the data x context parallel ranks: always (different samples / different tokens);
 - over the tensor-parallel ranks: for TP-replicated parameters that only saw this rank's heads or, with
-  sequence parallel, this rank's tokens (`VideoDiT.tp_partial_grad`);
+  sequence parallel, this rank's tokens (`plan.tp_partial_grad`);
 - over the ranks that share a replicated KV head (tp > num_query_groups).
 Tensor-parallel shards of sharded weights are complete per rank.
 """
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from magi_train.model.dit import VideoDiT
+from magi_train.parallel.plan import plan_of, shard_spec, tp_partial_grad
 
 
 def _coalesced_all_reduce(grads: List[torch.Tensor], group) -> None:
@@ -33,7 +34,8 @@ def _coalesced_all_reduce(grads: List[torch.Tensor], group) -> None:
 
 def _kv_replica_reduce(model: VideoDiT, params: List[Tuple[str, nn.Parameter]]) -> None:
     """Sum the gradient of each replicated KV head over the tp / kv ranks that hold it."""
-    tp, group = model.tp_size, model.tp_group
+    plan = plan_of(model)
+    tp, group = plan.tp, plan.tp_group
     replicas = tp // model.cfg.num_query_groups
     me = group.rank()
     for _, p in params:
@@ -46,10 +48,11 @@ def _kv_replica_reduce(model: VideoDiT, params: List[Tuple[str, nn.Parameter]]) 
 def finalize_model_grads(models: Iterable[VideoDiT], dp_cp_group=None) -> None:
     """Make every local gradient the gradient of the global loss w.r.t. this rank's parameters."""
     for model in models:
+        plan = plan_of(model)
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-        if model.tp_size > 1:
-            _coalesced_all_reduce([p.grad for n, p in named if model.tp_partial_grad(n)], model.tp_group)
-            if model.tp_size > model.cfg.num_query_groups:
+        if plan.tp > 1:
+            _coalesced_all_reduce([p.grad for n, p in named if tp_partial_grad(model, n)], plan.tp_group)
+            if plan.tp > model.cfg.num_query_groups:
                 kv = [(n, p) for n, p in named if n.endswith(("linear_qkv.k.weight", "linear_qkv.v.weight", "linear_kv_xattn.weight"))]
                 _kv_replica_reduce(model, kv)
         if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
@@ -63,7 +66,7 @@ def global_grad_norm(models: Sequence[VideoDiT], full_shapes: Dict[str, Tuple[in
     for model in models:
         for name, param in model.named_parameters():
             # Tensor-parallel replicas (replicated params, replicated KV heads) are counted on one rank.
-            if param.grad is not None and model.shard_spec(name, full_shapes[name]).writer:
+            if param.grad is not None and shard_spec(model, name, full_shapes[name]).writer:
                 terms.append(param.grad.detach().double().square().sum())
     # On the gradients' device, so that the reduction suits the group's backend (gloo: CPU, nccl: CUDA).
     device = terms[0].device if terms else torch.device("cpu")

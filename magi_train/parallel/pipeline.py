@@ -1,4 +1,6 @@
-"""Pipeline-parallel training with torch.distributed.pipelining (1F1B, interleaved 1F1B, GPipe).
+"""Pipeline parallel: training with torch.distributed.pipelining (1F1B, interleaved 1F1B, GPipe), and
+inference, whose stages run one after the other with p2p send/recv (`InferencePipeline`). Both pass the
+same boundary tensors between stages (`boundary_tensors` / `stream_from`).
 
 Why torch's engine and not megatron-core's schedules: megatron's hard-code CUDA tensors (and on gloo its
 batched p2p silently swaps same-shape messages), while torch's runs unchanged on gloo and NCCL.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +32,19 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from magi_train.config.schema import ParallelConfig
 from magi_train.model.attention import AttnRanges, block_causal_ranges, row_block_causal_ranges
 from magi_train.model.dit import Stream, VideoDiT
+from magi_train.model.layers import KVHook
+from magi_train.parallel.comm import broadcast_tensor, recv_tensor, send_tensor
+
+
+def boundary_tensors(stream: Stream) -> Tuple[torch.Tensor, ...]:
+    """What one stage hands the next: (h, condition, y with the caption mask as its last channel, sin, cos)."""
+    y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
+    return tuple(v.contiguous() for v in (stream.h, stream.condition, y, stream.sin, stream.cos))
+
+
+def stream_from(h, condition, y, sin, cos, rows=None) -> Stream:
+    """The `Stream` a stage receives (inverse of `boundary_tensors`)."""
+    return Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos, rows)
 
 
 def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> List[Tuple[int, List[int]]]:
@@ -108,16 +123,13 @@ class DiTStage(nn.Module):
             else:
                 stream, _ = m.embed(x, t, caption, caption_mask, adaln.bool(), distill_dt=dt, placement=placement)
         else:
-            h, condition, y, sin, cos = args[:5]
             rows = token_map[..., 0].round().long() if packed else None
-            stream = Stream(h, condition, y[..., :-1], y[..., -1] > 0.5, sin, cos, rows)
+            stream = stream_from(*args[:5], rows=rows)
         stream = m.run_layers(stream, placement)
         if m.post_process:
             # The engine checks outputs against contiguous examples (head_tokens ends in a permute).
             return m.head_tokens(stream.h, placement).contiguous() if packed else m.head(stream.h, self.shape.grid, placement)
-        y = torch.cat([stream.y_xattn, stream.caption_mask[..., None].to(stream.y_xattn.dtype)], dim=-1)
-        out = (stream.h, stream.condition, y, stream.sin, stream.cos) + ((token_map,) if packed else ())
-        return tuple(v.contiguous() for v in out)
+        return boundary_tensors(stream) + ((token_map.contiguous(),) if packed else ())
 
 
 def _boundary_tensors(stage: DiTStage, device):
@@ -157,3 +169,45 @@ def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], paralle
         return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)
     kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[parallel_cfg.pp_schedule]
     return kind(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+class InferencePipeline(nn.Module):
+    """This rank's stage of the DiT for inference, with the whole model's `forward`, `cfg` and `dtype` (what
+    the sampler uses). A forward passes the chunk window through the stages one after the other:
+
+        stage 0: embed -> run_layers -> send   ...   stage p: recv -> run_layers -> send   ...
+        last stage: recv -> run_layers -> head -> broadcast the velocity to every pipeline rank
+
+    Every rank runs the same sampler loop on identical inputs (same seed, same captions), so each knows the
+    inputs of every call and builds the same token placement. The per-layer KV caches live on the stage that
+    owns the layer (the sampler's `kv_hook` gets global layer indices). KV-cache decoding is sequential by
+    construction (each call needs the previous one's result), so there are no independent micro-batches to
+    keep the stages busy: pipeline parallel serves to fit a model that does not fit one device; for speed,
+    use context parallel. Parameter names are the whole model's prefixed with `stage.`."""
+
+    def __init__(self, stage: VideoDiT, pp_group: torch.distributed.ProcessGroup):
+        super().__init__()
+        self.stage = stage
+        self.cfg = stage.cfg
+        self.dtype = stage.dtype
+        self.pp_group = pp_group
+        self.pp_rank, self.pp = pp_group.rank(), pp_group.size()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
+                self_ranges: AttnRanges, adaln_uncond: Optional[torch.Tensor] = None, slice_point: int = 0,
+                distill_dt: Optional[float] = None, kv_hook: Optional[KVHook] = None) -> torch.Tensor:
+        stage, group, device, cfg = self.stage, self.pp_group, x.device, self.cfg
+        grid = (x.shape[2] // cfg.t_patch_size, x.shape[3] // cfg.patch_size, x.shape[4] // cfg.patch_size)
+        placement = stage.place(self_ranges, x.shape[0], grid[0] * grid[1] * grid[2])
+        if stage.pre_process:
+            stream, _ = stage.embed(x, t, caption, caption_mask, adaln_uncond, slice_point, distill_dt, placement)
+        else:
+            stream = stream_from(*(recv_tensor(group, self.pp_rank - 1, device) for _ in range(5)))
+        stream = stage.run_layers(stream, placement, kv_hook)
+        velocity = None
+        if stage.post_process:
+            velocity = stage.head(stream.h, grid, placement)
+        else:
+            for tensor in boundary_tensors(stream):
+                send_tensor(tensor, group, self.pp_rank + 1)
+        return broadcast_tensor(velocity, group, self.pp - 1, device)

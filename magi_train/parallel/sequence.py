@@ -1,4 +1,5 @@
-"""Splitting the token sequence over ranks: context parallel (Ulysses) and sequence parallel.
+"""Splitting the token sequence over ranks: context parallel (Ulysses) and sequence parallel, as the
+`UlyssesLayout` token layout that `parallelize_dit` gives the model (magi_train/model/layout.py).
 
 Conventions (sequence-first activations (S, N, ...), token s of a sample is global position s):
 - A rank keeps the tokens of its `TokenWindow`. Context parallel rank c holds [c*S/cp, (c+1)*S/cp);
@@ -88,3 +89,67 @@ def replicate_kv_heads(x: torch.Tensor, cp: int) -> torch.Tensor:
     if heads >= cp:
         return x
     return x.repeat_interleave(cp // heads, dim=2)
+
+
+class UlyssesPlacement:
+    """One forward's tokens under Ulysses context parallel and/or sequence parallel (see the module docstring)."""
+
+    supports_kv_cache = True
+
+    def __init__(self, layout: "UlyssesLayout", ranges, N: int, S: int):
+        self.layout, self.attn_ranges, self.N, self.tokens = layout, ranges, N, S
+        self.window = TokenWindow.of(S, layout.cp_rank, layout.cp, layout.tp_rank, layout.split)
+
+    def split(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.window
+        return h.narrow(0, w.start, w.length).contiguous()
+
+    def rope(self, table: torch.Tensor) -> torch.Tensor:
+        w = self.window
+        return table.narrow(0, w.cp_start, w.cp_length)
+
+    def stream_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        w = self.window
+        return rows[:, w.start: w.start + w.length].t()  # (S_local, N)
+
+    def query_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        # Attention's queries: the cp slice, numbered batch-major (b * cp_length + s - cp_start).
+        w = self.window
+        return rows[:, w.cp_start: w.cp_start + w.cp_length].reshape(-1)
+
+    def to_heads(self, q, k, v):
+        group = self.layout.cp_group
+        if group is None:
+            return q, k, v
+        cp = self.layout.cp
+        k, v = replicate_kv_heads(k, cp), replicate_kv_heads(v, cp)
+        return tuple(seq_to_heads(t, group) for t in (q, k, v))
+
+    def from_heads(self, out: torch.Tensor) -> torch.Tensor:
+        group = self.layout.cp_group
+        return out if group is None else heads_to_seq(out, group)
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        if self.layout.sp_group is not None:
+            out = gather_tokens(out, self.layout.sp_group)
+        return gather_tokens(out, self.layout.cp_group)
+
+    def stream_shape(self):
+        w = self.window
+        return (w.length, self.N), w.cp_length
+
+
+class UlyssesLayout:
+    """Contiguous token windows: cp rank c holds [c*S/cp, (c+1)*S/cp) of every sample; with sequence parallel
+    (`sp_group`: the TP group) TP rank t holds the t-th of tp parts of that. `cp_group` None: no context parallel."""
+
+    def __init__(self, cp_group: Optional[dist.ProcessGroup], sp_group: Optional[dist.ProcessGroup] = None):
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        self.sp_group = sp_group if sp_group is not None and sp_group.size() > 1 else None
+        self.cp = 1 if self.cp_group is None else self.cp_group.size()
+        self.cp_rank = 0 if self.cp_group is None else self.cp_group.rank()
+        self.split = 1 if self.sp_group is None else self.sp_group.size()
+        self.tp_rank = 0 if self.sp_group is None else self.sp_group.rank()
+
+    def place(self, ranges, N: int, S: int) -> UlyssesPlacement:
+        return UlyssesPlacement(self, ranges, N, S)

@@ -111,6 +111,7 @@ def grad_errors(models, oracle) -> dict:
     floored at 1e-4 of the model's largest gradient: a few biases have an exactly-zero true gradient
     (k_layernorm_xattn.bias; the non-rotary part of k_layernorm.bias: softmax is shift-invariant), where
     any two summation orders leave different rounding noise."""
+    from magi_train.parallel.plan import shard_spec
     from magi_train.parallel.sharding import local_from_full
 
     full = dict(oracle.named_parameters())
@@ -118,7 +119,7 @@ def grad_errors(models, oracle) -> dict:
     worst, worst_name, seen = 0.0, "", 0
     for model in models:
         for name, p in model.named_parameters():
-            expected = local_from_full(full[name].grad, model.shard_spec(name, full[name].shape)).double()
+            expected = local_from_full(full[name].grad, shard_spec(model, name, full[name].shape)).double()
             err = float((p.grad.double() - expected).abs().max()) / max(float(expected.abs().max()), floor)
             if err >= worst:
                 worst, worst_name = err, name

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from magi_train.parallel.plan import shard_spec
 from tests.distributed.common import single_process_parallel, singleton_groups, tiny
 from tests.distributed.launch import run_ranks
 
@@ -39,14 +40,16 @@ def _opt_cfg():
 
 def _stage(par, seed: int, layers=None, pre: bool | None = None, post: bool | None = None):
     """This rank's pipeline stage (or the given layers) of the tiny model."""
-    from magi_train.model.dit import build_dit
+    from magi_train.parallel.parallelize import build_parallel_dit
 
     cfg = tiny(**CFG)
-    per = cfg.num_layers // par.pp
-    layers = range(par.pp_rank * per, (par.pp_rank + 1) * per) if layers is None else layers
-    return build_dit(cfg, tp_group=par.tp_group, cp_group=par.cp_group, layer_ids=list(layers),
-                     pre_process=par.pp_rank == 0 if pre is None else pre,
-                     post_process=par.pp_rank == par.pp - 1 if post is None else post, init_seed=seed)
+    if layers is None:
+        stage = (par.pp_rank, par.pp) if par.pp > 1 else None
+    else:
+        stage = (layers[0] // len(layers), cfg.num_layers // len(layers))
+    model = build_parallel_dit(cfg, par, stage=stage, init_seed=seed)
+    assert (pre is None or model.pre_process == pre) and (post is None or model.post_process == post)
+    return model
 
 
 def _optimizer(models, group):
@@ -56,9 +59,9 @@ def _optimizer(models, group):
 
 
 def _full_shapes() -> dict:
-    from magi_train.model.dit import build_dit
+    from magi_train.model.dit import full_shapes
 
-    return {k: v.shape for k, v in build_dit(tiny(**CFG), device="meta").named_parameters()}
+    return {k: torch.Size(v) for k, v in full_shapes(tiny(**CFG)).items()}
 
 
 def _full_ema(name: str, shape) -> torch.Tensor:
@@ -71,7 +74,7 @@ def _ema(models, fill: float | None = None, dtype=torch.float32) -> list:
     from magi_train.parallel.sharding import local_from_full
 
     full = _full_shapes()
-    return [{name: (local_from_full(_full_ema(name, full[name]), model.shard_spec(name, full[name])).clone()
+    return [{name: (local_from_full(_full_ema(name, full[name]), shard_spec(model, name, full[name])).clone()
                     if fill is None else torch.full(p.shape, fill)).to(dtype)
              for name, p in model.named_parameters()} for model in models]
 
@@ -81,7 +84,7 @@ def _ema_mismatches(models, ema) -> list:
     from magi_train.parallel.sharding import local_from_full
 
     full = _full_shapes()
-    expected = {name: local_from_full(_full_ema(name, full[name]), model.shard_spec(name, full[name]))
+    expected = {name: local_from_full(_full_ema(name, full[name]), shard_spec(model, name, full[name]))
                 for model in models for name, _ in model.named_parameters()}
     return [f"ema {name}" for tensors in ema for name, t in tensors.items()
             if not torch.equal(t, expected[name].to(t.dtype))]
@@ -104,7 +107,7 @@ def _train_step(models, optimizer) -> None:
     for model in models:
         for name, p in model.named_parameters():
             g = torch.randn(full[name], generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
-            p.grad = local_from_full(g, model.shard_spec(name, full[name])).to(p.dtype)
+            p.grad = local_from_full(g, shard_spec(model, name, full[name])).to(p.dtype)
     optimizer.step()
 
 
@@ -128,7 +131,7 @@ def _mismatches(models, optimizer, reference) -> list:
     specs, bad = {}, []
     for model in models:
         for name, p in model.named_parameters():
-            specs[name] = model.shard_spec(name, full[name].shape)
+            specs[name] = shard_spec(model, name, full[name].shape)
             if not torch.equal(p.detach(), local_from_full(full[name].detach(), specs[name])):
                 bad.append(f"param {name}")
     owned = {n for n in optimizer.params if optimizer.owner[n] == optimizer.rank}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.common import emulated_magi_cp, grad_errors, inputs, nonzero_output_layer, rel_err, singleton_groups, tiny
+from tests.distributed.common import emulated_magi_cp, grad_errors, inputs, nonzero_output_layer, rel_err, tiny
 from tests.distributed.launch import run_ranks
 
 
@@ -17,17 +17,19 @@ def _compare(layout: dict, gated: bool):
 def _compare_layout(layout: dict, gated: bool):
     from magi_train.config.schema import ParallelConfig
     from magi_train.model.dit import build_dit
+    from magi_train.parallel.dispatch import MagiDispatchLayout
     from magi_train.parallel.grads import finalize_model_grads
     from magi_train.parallel.groups import init_parallel
+    from magi_train.parallel.parallelize import build_parallel_dit
+    from magi_train.parallel.plan import shard_spec
     from magi_train.parallel.sharding import local_from_full
 
     cfg = tiny(gated_linear_unit=gated)
     par = init_parallel(ParallelConfig(**layout))
-    oracle = build_dit(cfg, tp_group=singleton_groups()[par.rank], init_seed=3)
-    model = build_dit(cfg, tp_group=par.tp_group, cp_group=par.cp_group, sequence_parallel=par.sequence_parallel, init_seed=3,
-                      cp_impl=layout.get("cp_impl", "ulysses"))
+    oracle = build_dit(cfg, init_seed=3)
+    model = build_parallel_dit(cfg, par, cp_impl=layout.get("cp_impl", "ulysses"), init_seed=3)
     if layout.get("cp_impl") == "magi":
-        assert model.magi_cp is not None
+        assert isinstance(model.token_layout, MagiDispatchLayout)
     nonzero_output_layer([oracle, model])
     x, t, caption, mask, ranges, weight = inputs(cfg)
     dropped = torch.tensor([False, True])
@@ -42,7 +44,7 @@ def _compare_layout(layout: dict, gated: bool):
     full = dict(oracle.named_parameters())
     for name, p in model.named_parameters():
         # The parameters themselves are the oracle's slices (layout-independent initialisation).
-        assert torch.equal(p.detach(), local_from_full(full[name].detach(), model.shard_spec(name, full[name].shape))), name
+        assert torch.equal(p.detach(), local_from_full(full[name].detach(), shard_spec(model, name, full[name].shape))), name
     errors.update(grad_errors([model], oracle))
     return errors
 

@@ -34,7 +34,9 @@ def _one_step_errors(out_dir: str, layout: dict, model: dict):
                           single_process_parallel()),
     }
     if layout.get("cp_impl") == "magi":
-        assert all(m.magi_cp is not None for m in trainers["parallel"].models)
+        from magi_train.parallel.dispatch import MagiDispatchLayout
+
+        assert all(isinstance(m.token_layout, MagiDispatchLayout) for m in trainers["parallel"].models)
     out = {}
     for key, trainer in trainers.items():
         nonzero_output_layer(trainer.models)

@@ -12,7 +12,7 @@ from magi_train.config.schema import ModelConfig
 from magi_train.model.attention import block_causal_ranges, range_attention, segment_ranges
 from magi_train.model.spec import get_attention_backend
 from magi_train.model.dit import build_dit
-from magi_train.model.linear import ColumnLinear, RowLinear
+from magi_train.parallel.tensor import ColumnLinear, RowLinear
 from magi_train.model.spec import megatron_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

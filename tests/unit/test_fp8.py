@@ -152,6 +152,12 @@ def test_two_layer_model_has_nothing_to_quantise(single_process_group):
 
 
 def test_tensor_parallel_conversion_raises(single_process_group):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from magi_train.model.dit import meta_dit
+    from magi_train.parallel.groups import Parallel
+    from magi_train.parallel.parallelize import parallelize_dit
+
     class TwoRankGroup:  # shapes only: a meta-device build never communicates
         def size(self):
             return 2
@@ -159,7 +165,9 @@ def test_tensor_parallel_conversion_raises(single_process_group):
         def rank(self):
             return 0
 
-    model = build_dit(tiny_cfg(), tp_group=TwoRankGroup(), device="meta")
+    g = TwoRankGroup()
+    groups = ProcessGroupCollection(tp=g, cp=g, pp=g, dp=g, dp_cp=g, tp_cp=g, mp=g, tp_dp_cp=g)
+    model = parallelize_dit(meta_dit(tiny_cfg()), Parallel(groups, rank=0, world_size=2, device=torch.device("cpu"), tp=2))
     with pytest.raises(NotImplementedError, match="fp8 with tensor parallel is not supported yet"):
         convert_dit_to_fp8(model)
     assert not any(p.dtype == F8 for p in model.parameters()), "a refused conversion must leave the model as it was"

@@ -40,13 +40,13 @@ def test_recompute_really_reruns_the_forward(single_process_group, monkeypatch):
     calls = {"n": 0}
     from magi_train.model import layers as layers_module
 
-    original = layers_module.ParallelAttention._attend
+    original = layers_module.SelfCrossAttention._attend
 
     def counting(self, *args):
         calls["n"] += 1
         return original(self, *args)
 
-    monkeypatch.setattr(layers_module.ParallelAttention, "_attend", counting)
+    monkeypatch.setattr(layers_module.SelfCrossAttention, "_attend", counting)
     _grads(single_process_group, "none", 0)
     plain = calls["n"]
     calls["n"] = 0
