@@ -4,7 +4,7 @@ A request is turned into latent chunks, captions and an optional prefix; the sam
 soon as it is clean, and the engine decodes it and appends its frames to the mp4 right away.
 
 Frame accounting (a documented difference from the released pipeline, which rounds up to whole chunks and
-for i2v/v2v returns extra frames, spec §11): the output has exactly `num_frames` frames.
+for i2v/v2v returns extra frames, model/README.md §11): the output has exactly `num_frames` frames.
 * t2v: frames 0..num_frames-1 of the generated video.
 * i2v: the video starts at the conditioning image (latent frame 0 is the image latent) and has num_frames
   frames in total.

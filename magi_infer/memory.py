@@ -2,7 +2,7 @@
 
 * DiT weights: every parameter in its run-time dtype (model dtype, fp32 promotion list, fp8 linears of
   layers 1..L-2 at one byte plus their scales).
-* KV cache: one `[K | V]` buffer per layer over the whole video's tokens, in the model dtype (spec §2.3);
+* KV cache: one `[K | V]` buffer per layer over the whole video's tokens, in the model dtype (model/README.md §2.3);
   with `kv_offload` it sits in host memory instead of on the GPU.
 * Activations: the largest DiT call (a full window plus the clean re-forward, or the distill duplicate):
   the residual stream and the widest intermediate (the MLP's fc1 output) of one layer, plus the keys and
@@ -22,7 +22,7 @@ import torch
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import DTYPES, build_dit, module_dtype_plan
 
-# The released VAE's shape (spec §5.1: width 1024, 24 + 24 blocks, 8x8x4 patches, 16 latent channels,
+# The released VAE's shape (model/README.md §5.1: width 1024, 24 + 24 blocks, 8x8x4 patches, 16 latent channels,
 # a 16 x 256^2 reference grid); the head count does not change the parameter count.
 RELEASED_VAE_DDCONFIG = dict(video_size=256, video_length=16, patch_size=8, patch_length=4, in_chans=3, z_chans=16,
                              double_z=True, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, qkv_bias=True,

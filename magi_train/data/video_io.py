@@ -1,7 +1,7 @@
 """Video input and output for inference: the i2v image, the v2v prefix video, and the streamed mp4.
 
 Everything goes through PyAV (FFmpeg's libraries), so no `ffmpeg` binary is needed. The conventions follow the
-released MAGI-1 code (reference spec §4.1 and §11), which shells out to the ffmpeg command line:
+released MAGI-1 code (magi_train/model/README.md §4.1 and §11), which shells out to the ffmpeg command line:
 
 * Scaling is a plain resize to exactly width×height (the released "fit" aspect policy: no crop, no padding,
   aspect ratio not preserved) with swscale's bicubic filter, the default of ffmpeg's `scale` filter.

@@ -1,7 +1,7 @@
 """Chunk-wise generation: the staircase schedule driving the DiT with guidance, a KV cache and Euler steps.
 
 `StaircaseSampler.sample` yields each chunk as soon as it is fully denoised, so the caller can decode and
-write it while later chunks are still being generated. It follows the released `SampleTransport` (spec §2-§4):
+write it while later chunks are still being generated. It follows the released `SampleTransport` (model/README.md §2-§4):
 
 * every DiT call denoises the chunks of the current window (oldest = least noisy) and, at the first step of
   a stage, re-forwards the chunk that just finished at t = clean_t so that its clean keys/values enter the
@@ -18,7 +18,7 @@ With `kv_cache=False` nothing is cached: every call prepends all earlier chunks 
 
 Under model parallelism every rank runs this same loop on identical inputs (same noise, captions and
 velocities): the model is then a tensor/context-parallel DiT, whose output is gathered on every rank, or a
-pipeline stage (`magi_train/parallel/inference_pipeline.py`), which broadcasts it.
+pipeline stage (`InferencePipeline` in `magi_train/parallel/pipeline.py`), which broadcasts it.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ from magi_train.observability.step_timer import StepTimer
 from magi_train.observability.throughput import peak_flops_per_device, throughput_record
 from magi_train.parallel.grads import finalize_model_grads, global_grad_norm
 from magi_train.parallel.groups import Parallel
-from magi_train.parallel.parallelize import build_train_stages, full_shapes
+from magi_train.parallel.parallelize import build_train_stages
+from magi_train.parallel.plan import plan_of
 from magi_train.parallel.pipeline import DiTStage, build_schedule
 from magi_train.parallel.zero import ShardedAdamW
 from magi_train.training.batches import BatchBuilder
@@ -65,7 +66,7 @@ class Trainer:
         self.global_batch = check_train_layout(cfg, p.dp, cp_impl)
         self.num_micro = self.global_batch // (d.micro_batch_size * p.dp)
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
-        self.full_shapes = full_shapes(cfg.model)
+        self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
         self.callbacks = list(build_callbacks(cfg) if callbacks is None else callbacks)
 

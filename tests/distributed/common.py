@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from magi_train.config.schema import ModelConfig
 from magi_train.model.attention import block_causal_ranges
-
-# conf/model/tiny.yaml (4 heads x 64, 2 KV heads, fp32), written out so spawned ranks need no Hydra.
-TINY = ModelConfig(name="tiny", num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
-                   num_query_groups=2, kv_channels=64, caption_channels=64, caption_max_length=64)
-
+from tests.configs import tiny_model
 
 def tiny(**changes) -> ModelConfig:
-    return replace(TINY, **changes)
+    """The shared tiny model (conf/model/tiny.yaml: 4 heads x 64, 2 KV heads, fp32; tests/configs.py)."""
+    return tiny_model(**changes)
 
 
 def singleton_groups():
@@ -125,3 +121,12 @@ def grad_errors(models, oracle) -> dict:
                 worst, worst_name = err, name
             seen += 1
     return {"grad": worst, "worst_grad": worst_name, "params_checked": seen}
+
+
+def check_steps(per_rank) -> None:
+    """Every layout's one-step errors against the single-process oracle (loss, gradient norm, every gradient
+    to 1e-5), as the training-layout tests return them per rank."""
+    for rank, results in enumerate(per_rank):
+        for name, err in results.items():
+            assert err["params_checked"] > 0, (rank, name)
+            assert err["loss"] < 1e-5 and err["grad_norm"] < 1e-5 and err["grad"] < 1e-5, (rank, name, err)

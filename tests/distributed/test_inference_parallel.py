@@ -29,7 +29,7 @@ from magi_infer.config import GenerateConfig, SamplerConfig, VideoConfig, valida
 from magi_train.config import ConfigError
 from magi_train.config.schema import ParallelConfig
 from tests import tiny_assets
-from tests.distributed.common import TINY, inputs, rel_err, singleton_groups, tiny
+from tests.distributed.common import inputs, rel_err, singleton_groups, tiny
 from tests.distributed.launch import run_ranks
 
 TOL = 1e-5
@@ -194,7 +194,7 @@ def _four_ranks(released: dict) -> dict:
 def released(tmp_path_factory, single_process_group):
     root = tmp_path_factory.mktemp("released")
     return {name: (cfg, str(tiny_assets.make_released_dit(root / name, cfg)))
-            for name, cfg in (("gelu", TINY), ("swiglu", tiny(gated_linear_unit=True)))}
+            for name, cfg in (("gelu", tiny()), ("swiglu", tiny(gated_linear_unit=True)))}
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_four_rank_layouts(released):
 def test_misconfigured_layouts_fail_naming_the_field():
     def check(match: str, **changes):
         parallel = dataclasses.replace(ParallelConfig(), **changes.pop("parallel", {}))
-        cfg = GenerateConfig(model=TINY, parallel=parallel, **changes)
+        cfg = GenerateConfig(model=tiny(), parallel=parallel, **changes)
         with pytest.raises(ConfigError, match=match):
             validate_generate(cfg)
 
@@ -267,11 +267,11 @@ def test_misconfigured_layouts_fail_naming_the_field():
     check(r"model.num_layers \(2\) must be divisible by parallel.pp", parallel=dict(pp=4))
     # 48 x 48 pixels: 6 x 3 x 3 = 54 tokens per chunk, not a multiple of 4
     check(r"tokens per chunk \(54 .*parallel.cp \(4\)", parallel=dict(cp=4), video=VideoConfig(height=48, width=48))
-    fp8 = dataclasses.replace(TINY, distill=True, params_dtype="bfloat16", num_layers=4)
+    fp8 = tiny(distill=True, params_dtype="bfloat16", num_layers=4)
     with pytest.raises(ConfigError, match=r"sampler.fp8=true with parallel.tp=2"):
         validate_generate(GenerateConfig(model=fp8, parallel=ParallelConfig(tp=2),
                                          sampler=SamplerConfig(cfg_number=1, fp8=True)))
-    validate_generate(GenerateConfig(model=TINY, parallel=ParallelConfig(tp=2, cp=2, pp=2)))  # a fitting layout
+    validate_generate(GenerateConfig(model=tiny(), parallel=ParallelConfig(tp=2, cp=2, pp=2)))  # a fitting layout
 
 
 # ------------------------------------------------------------------ the real program

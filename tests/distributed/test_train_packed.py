@@ -14,9 +14,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tests.distributed.common import grad_errors, nonzero_output_layer, single_process_parallel
+from tests.distributed.common import check_steps, grad_errors, nonzero_output_layer, single_process_parallel
 from tests.distributed.launch import run_ranks
-from tests.distributed.test_train_parallel import _check_steps
 from tests.shard_helpers import CAPTION_DIM, CHANNELS, write_dataset
 
 CHUNK = 2  # latent frames per chunk of the test model
@@ -118,7 +117,7 @@ def _shards(tmp_path: Path) -> str:
 
 
 def _check(per_rank):
-    _check_steps(per_rank)
+    check_steps(per_rank)
     for rank, results in enumerate(per_rank):
         for name, err in results.items():
             # Every real token of the step (over all dp ranks) is counted, the same as the oracle's.

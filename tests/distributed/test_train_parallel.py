@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 
-from tests.distributed.common import emulated_magi_cp, grad_errors, nonzero_output_layer, single_process_parallel, train_config
+from tests.distributed.common import (check_steps, emulated_magi_cp, grad_errors, nonzero_output_layer,
+                                      single_process_parallel, train_config)
 from tests.distributed.launch import run_ranks
 
 
@@ -96,16 +97,9 @@ CASES_4 = [
 ]
 
 
-def _check_steps(per_rank):
-    for rank, results in enumerate(per_rank):
-        for name, err in results.items():
-            assert err["params_checked"] > 0, (rank, name)
-            assert err["loss"] < 1e-5 and err["grad_norm"] < 1e-5 and err["grad"] < 1e-5, (rank, name, err)
-
-
 def test_two_rank_layouts_match_single_process(tmp_path):
     per_rank = run_ranks(2, _two_rank_suite, str(tmp_path), CASES_2)
-    _check_steps([r["steps"] for r in per_rank])
+    check_steps([r["steps"] for r in per_rank])
     for rank, r in enumerate(per_rank):
         five = r["dp2_five"]
         # The zero-initialised output layer has moved: the comparison is not between two untrained models.
@@ -116,4 +110,4 @@ def test_two_rank_layouts_match_single_process(tmp_path):
 
 
 def test_four_rank_layouts_match_single_process(tmp_path):
-    _check_steps(run_ranks(4, _step_errors, str(tmp_path), CASES_4))
+    check_steps(run_ranks(4, _step_errors, str(tmp_path), CASES_4))

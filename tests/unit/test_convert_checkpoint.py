@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -260,23 +259,7 @@ def test_several_variants_need_a_choice_and_the_matching_preset(tool, tmp_path):
     assert ckpt["trainer"]["source"]["variant"] == "distill"
 
 
-# ------------------------------------------------------------------ command line
-def test_cli_end_to_end(tool, fixture_state, tmp_path, capsys):
-    assert tool.main(["to-ours", "--src", str(GELU), "--model", str(GELU_CONFIG), "--out", str(tmp_path / "ours"),
-                      "--step", "12"]) == 0
-    printed = capsys.readouterr().out
-    assert "step_00000012" in printed and "keys: 66" in printed and "no optimizer state" in printed
-    assert tool.main(["to-ours", "--src", str(GELU), "--model", str(GELU_CONFIG), "--out", str(tmp_path / "ours")]) == 1
-    assert "pass --force" in capsys.readouterr().err
-
-    # Once as a real process with the venv's python, from the repo root as documented.
-    out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "to-released", "--src",
-                             str(tmp_path / "ours"), "--out", str(out), "--shard-size", "2MB"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "ours -> released" in result.stdout and "model-00001-of-" in result.stdout
-    assert_bitwise(load_magi1_state_dict(out / "inference_weight"), fixture_state)
+# The command line end to end: tests/e2e/test_convert_checkpoint_cli.py.
 
 
 # ------------------------------------------------------------------ fp8

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from magi_train.config import validate
-from magi_train.config.schema import (DataConfig, DiffusionConfig, DistillConfig, ModelConfig, OptimizerConfig,
-                                      TrainConfig, TrainerConfig, WandbConfig)
+from magi_train.config.schema import (DataConfig, DiffusionConfig, DistillConfig, OptimizerConfig, TrainConfig,
+                                      TrainerConfig, WandbConfig)
 from magi_train.observability.flops import SampleShape, forward_flops
 from magi_train.model.attention import block_causal_ranges
 from magi_train.parallel.groups import init_parallel
 from magi_train.training.trainer import Trainer
+from tests.configs import tiny_model
 
 # Guidance scales chosen here (not the released ones) so that both buckets and all three passes matter.
 T_RANGE, PREV, TEXT = [0.0, 0.5], [2.0, 1.25], [3.0, 0.5]
@@ -27,7 +28,7 @@ def base_config(out_dir, **trainer) -> TrainConfig:
                   wandb=WandbConfig(mode="disabled"))
     fields.update(trainer)
     return validate(TrainConfig(
-        model=ModelConfig(caption_channels=32, caption_max_length=64, num_layers=2),
+        model=tiny_model(),
         data=DataConfig(num_samples=32, chunks_per_sample=2, latent_height=8, latent_width=8, caption_length=16,
                         micro_batch_size=2),
         optimizer=OptimizerConfig(lr=2e-3, warmup_steps=0), trainer=TrainerConfig(**fields)))
@@ -171,7 +172,7 @@ def test_distill_settings_are_checked(teacher, tmp_path):
 @pytest.fixture(scope="module")
 def packed_setup(tmp_path_factory, parallel):
     """Shards, a base model trained on them for two steps, and the matching distillation config."""
-    from tests.unit.test_train_webdataset import config as webdataset_config
+    from tests.configs import webdataset_train_config as webdataset_config
     from tests.shard_helpers import write_dataset
 
     root = tmp_path_factory.mktemp("packed_distill")

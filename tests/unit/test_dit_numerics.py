@@ -1,5 +1,5 @@
-"""Numeric conventions of the MAGI-1 DiT, each pinned by an independent formula written from the spec
-(magi1-inference-spec §1.3-§1.7). Every test here fails on the wrong convention (order, sign, layout, dtype)."""
+"""Numeric conventions of the MAGI-1 DiT, each pinned by an independent formula written from the released conventions
+(magi_train/model/README.md §1.3-§1.7). Every test here fails on the wrong convention (order, sign, layout, dtype)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The DiT's state dict is the released MAGI-1 checkpoint layout (spec §1.8), and its run-time dtypes follow the
-released fp32 promotion list (spec §1.9).
+"""The DiT's state dict is the released MAGI-1 checkpoint layout (model/README.md §1.8), and its run-time dtypes follow the
+released fp32 promotion list (model/README.md §1.9).
 
-The expected layout is written here from the spec as a function of the hyper-parameters; it is cross-checked
-against literal rows of the spec's table, so a slip in the formula cannot hide a slip in the model.
+The expected layout is written here from the released conventions as a function of the hyper-parameters; it is cross-checked
+against literal rows of the released table, so a slip in the formula cannot hide a slip in the model.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from magi_train.checkpoint.magi1 import load_magi1_state_dict
 from magi_train.config import register_configs, to_train_config
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig
+from tests.configs import tiny_model
 from magi_train.model.dit import build_dit, module_dtype_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ Shape = Tuple[int, ...]
 def expected_layout(L: int, H: int, F: int, nq: int, nkv: int, hd: int, Dc: int, C_in: int, C_out: int, gated: bool,
                     caption_channels: int = 4096, caption_length: int = 800, patch: int = 2, t_patch: int = 1
                     ) -> Dict[str, Shape]:
-    """Every key of the released checkpoint and its shape (spec §1.8)."""
+    """Every key of the released checkpoint and its shape (model/README.md §1.8)."""
     Cc = caption_channels
     top = {
         "x_embedder.weight": (H, C_in, t_patch, patch, patch),
@@ -88,7 +89,7 @@ def layout_of(cfg: ModelConfig) -> Dict[str, Shape]:
     )
 
 
-# Released hyper-parameters (spec §1.1) and literal rows of the spec's §1.8 table.
+# Released hyper-parameters (model/README.md §1.1) and literal rows of the released §1.8 table (magi_train/model/README.md).
 RELEASED = {
     "magi1_4.5b": dict(L=34, H=3072, F=12288, nq=24, nkv=8, hd=128, Dc=768, C_in=16, C_out=16, gated=False),
     "magi1_24b": dict(L=48, H=6144, F=16384, nq=48, nkv=8, hd=128, Dc=1536, C_in=32, C_out=32, gated=True),
@@ -198,7 +199,7 @@ def test_released_presets_parameter_counts(released_meta):
 
 
 def test_materialised_model_has_no_extra_state_and_matches_layout():
-    cfg = ModelConfig(params_dtype="float32", caption_channels=32, caption_max_length=64, num_layers=2)
+    cfg = tiny_model(num_attention_heads=2, num_query_groups=1, kv_channels=128, caption_channels=32)
     model = build_dit(cfg, tp_group=None)
     sd = model.state_dict()
     assert not [k for k in sd if "_extra_state" in k]

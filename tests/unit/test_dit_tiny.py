@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from magi_train.config.schema import ModelConfig
+from tests.configs import tiny_model
 from magi_train.model.attention import block_causal_ranges
 from magi_train.model.dit import build_dit
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg() -> ModelConfig:
-    return ModelConfig(params_dtype="float32", caption_channels=32, caption_max_length=64, num_layers=2)
+    return tiny_model(num_attention_heads=2, num_query_groups=1, kv_channels=128, caption_channels=32)  # 2 heads of the released head dim 128
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import torch
 from magi_train.config.schema import SamplerConfig
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.data.video_io import probe_video, read_video
-from magi_train.config.schema import ModelConfig, TrainerConfig, WandbConfig
+from magi_train.config.schema import TrainerConfig, WandbConfig
 from magi_train.training.evaluation.videos import make_decoder, sample_validation_videos, to_uint8_frames
 from magi_train.observability.metrics import MetricsLogger, format_record
 from magi_train.model.dit import build_dit
+from tests.configs import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,9 +31,8 @@ FPS = 8
 
 @pytest.fixture(scope="module")
 def model(single_process_group):
-    cfg = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=2, num_query_groups=1,
-                      kv_channels=64, caption_channels=32, caption_max_length=16, null_caption_length=12,
-                      chunk_width=CW)
+    cfg = tiny_model(hidden_size=128, ffn_hidden_size=256, num_attention_heads=2, num_query_groups=1,
+                     caption_channels=32, caption_max_length=16, null_caption_length=12, chunk_width=CW)
     torch.manual_seed(0)
     m = build_dit(cfg, tp_group=single_process_group)
     with torch.no_grad():  # the zero-initialised output layer would make every velocity 0

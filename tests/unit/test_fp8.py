@@ -1,4 +1,4 @@
-"""fp8 linears (released `inference_weight.fp8.distill` layout, spec §8): state-dict layout of a converted
+"""fp8 linears (released `inference_weight.fp8.distill` layout, model/README.md §8): state-dict layout of a converted
 DiT, bit-exact CPU forward against the formula written out here, clamping and double rounding of the activation,
 the SmoothQuant recipe, and a whole tiny model in fp8 against its bf16 self."""
 
@@ -19,6 +19,7 @@ from magi_train.model.fp8 import (
     scaled_mm_applicable,
 )
 from magi_train.config.schema import ModelConfig
+from tests.configs import tiny_model
 from magi_train.model.attention import block_causal_ranges
 from magi_train.model.dit import build_dit
 
@@ -31,7 +32,7 @@ CAPTION_LEN = 16
 
 
 def tiny_cfg(num_layers: int = 4) -> ModelConfig:
-    return ModelConfig(params_dtype="bfloat16", caption_channels=32, caption_max_length=64, num_layers=num_layers)
+    return tiny_model(params_dtype="bfloat16", num_attention_heads=2, num_query_groups=1, kv_channels=128, caption_channels=32, num_layers=num_layers)
 
 
 def make_inputs(seed: int = 0) -> dict:
@@ -174,7 +175,7 @@ def test_tensor_parallel_conversion_raises(single_process_group):
 
 
 def test_non_bf16_model_is_refused(single_process_group):
-    model = build_dit(ModelConfig(caption_channels=32, caption_max_length=64, num_layers=3), device="meta")
+    model = build_dit(tiny_model(num_attention_heads=2, num_query_groups=1, kv_channels=128, caption_channels=32, num_layers=3), device="meta")
     with pytest.raises(ValueError, match="bfloat16"):
         convert_dit_to_fp8(model)
 

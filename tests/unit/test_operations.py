@@ -20,12 +20,11 @@ from magi_train.parallel.groups import init_parallel
 from magi_train.training.stop import StopRequest, parse_signal
 from magi_train.observability.throughput import peak_flops_per_device, throughput_record
 from magi_train.training.trainer import Trainer
-from tests.unit.test_trainer import tiny_config as _tiny_config
+from tests.configs import tiny_train_config
 
 
 def tiny_config(out_dir, max_steps=20, **trainer):
-    cfg = _tiny_config(out_dir, **trainer)
-    return replace(cfg, trainer=replace(cfg.trainer, max_steps=max_steps))
+    return tiny_train_config(out_dir, max_steps=max_steps, **trainer)
 
 
 @pytest.fixture(scope="module")

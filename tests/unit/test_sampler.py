@@ -12,7 +12,7 @@ from magi_train.config.schema import SamplerConfig
 from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.diffusion.time_grid import TimeGrid
-from magi_train.config.schema import ModelConfig
+from tests.configs import tiny_model as shared_tiny_model
 from magi_train.model.dit import build_dit
 
 RELEASED = SamplerConfig()
@@ -82,8 +82,8 @@ def test_bad_scale_lists_are_rejected():
 
 
 def tiny_model(distill: bool, group) -> torch.nn.Module:
-    cfg = ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=256, num_attention_heads=2, num_query_groups=1,
-                      kv_channels=128, caption_channels=32, caption_max_length=60, distill=distill)
+    cfg = shared_tiny_model(ffn_hidden_size=256, num_attention_heads=2, num_query_groups=1, kv_channels=128,
+                            caption_channels=32, caption_max_length=60, distill=distill)
     torch.manual_seed(0)
     model = build_dit(cfg, tp_group=group)
     with torch.no_grad():  # the zero-initialised output layer would make every velocity 0

@@ -1,4 +1,4 @@
-"""The staircase schedule of MAGI-1 inference (spec §2.4), checked against the spec's trace and the call
+"""The staircase schedule of MAGI-1 inference (model/README.md §2.4), checked against the released trace and the call
 sequence recorded from the released sampler (tests/fixtures/magi1_gelu/t2v.json)."""
 
 import json

@@ -1,7 +1,7 @@
 """The text side of inference: caption cleaning, the T5 encoder wrapper and the per-chunk caption rows.
 
-The golden rows come from the released MAGI-1 pipeline run on the tiny `magi1_gelu` model (spec §4.2); the other
-expectations are written out by hand from the spec.
+The golden rows come from the released MAGI-1 pipeline run on the tiny `magi1_gelu` model (model/README.md §4.2); the other
+expectations are written out by hand from the released conventions (magi_train/model/README.md).
 """
 
 from __future__ import annotations

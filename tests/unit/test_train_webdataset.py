@@ -11,29 +11,18 @@ import pytest
 import torch
 
 from magi_train.config import validate
-from magi_train.config.schema import (DataConfig, DiffusionConfig, ModelConfig, OptimizerConfig, TrainConfig,
-                                      TrainerConfig, WandbConfig)
+from magi_train.config.schema import DiffusionConfig, TrainConfig
 from magi_train.data.loader import WebDatasetLoader
 from magi_train.parallel.groups import init_parallel
 from magi_train.training.trainer import Trainer
-from tests.shard_helpers import CAPTION_DIM, CHANNELS, write_dataset
+from tests.configs import WDS_CHUNK, webdataset_train_config
+from tests.shard_helpers import write_dataset
 
-CHUNK = 2  # latent frames per chunk of the test model: short samples, many chunks
+CHUNK = WDS_CHUNK  # latent frames per chunk of the test model: short samples, many chunks
 
 
 def config(shards: Path, out_dir: Path, val_shards: Path | None = None, diffusion=None, **trainer) -> TrainConfig:
-    model = ModelConfig(in_channels=CHANNELS, out_channels=CHANNELS, caption_channels=CAPTION_DIM, caption_max_length=8,
-                        null_caption_length=4, chunk_width=CHUNK, num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                        num_attention_heads=2, num_query_groups=1, kv_channels=32)
-    data = DataConfig(kind="webdataset", shards=str(shards), val_shards=str(val_shards or ""), seq_length=96,
-                      max_rows_per_sequence=8, pack_pool=6, shuffle_buffer=4, num_streams=2, num_workers=0,
-                      latent_channels=CHANNELS, latent_frames_per_chunk=CHUNK, caption_length=6, micro_batch_size=1,
-                      global_batch_size=2, seed=5)
-    fields = dict(max_steps=6, output_dir=str(out_dir), progress_bar=False, num_threads=1,
-                  wandb=WandbConfig(mode="disabled"))
-    fields.update(trainer)
-    return validate(TrainConfig(model=model, data=data, diffusion=diffusion or DiffusionConfig(),
-                                optimizer=OptimizerConfig(lr=3e-3, warmup_steps=0), trainer=TrainerConfig(**fields)))
+    return webdataset_train_config(shards, out_dir, val_shards, diffusion, **trainer)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""The released MAGI-1 ViT VAE (spec §5): state-dict layout, numerics, directory format, tiling and the codec.
+"""The released MAGI-1 ViT VAE (model/README.md §5): state-dict layout, numerics, directory format, tiling and the codec.
 
-Expected values come from formulas written here (the spec's layout, an independent functional forward, the
+Expected values come from formulas written here (the released layout, an independent functional forward, the
 half-pixel trilinear weights, a per-pixel ramp), not from the code under test.
 """
 
@@ -50,7 +50,7 @@ def _video(shape: Tuple[int, ...], seed: int) -> torch.Tensor:
 
 def expected_layout(D: int, depth: int, z: int, pT: int, p: int, n_ref: int, mlp: int, ln_in_attn: bool,
                     qkv_bias: bool, final_proj: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """Keys and shapes of the released ViTVAE (spec §5.1), written from the released module structure."""
+    """Keys and shapes of the released ViTVAE (model/README.md §5.1), written from the released module structure."""
     def block(prefix: str) -> Dict[str, Tuple[int, ...]]:
         keys = {f"{prefix}.attn.qkv.weight": (3 * D, D), f"{prefix}.attn.proj.weight": (D, D),
                 f"{prefix}.attn.proj.bias": (D,), f"{prefix}.norm2.weight": (D,), f"{prefix}.norm2.bias": (D,),
@@ -85,7 +85,7 @@ def _layout(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
 
 
 def test_released_size_layout_matches_spec():
-    # The released VAE per spec §5.1: D 1024, 24 blocks, z 16, 4x8x8 patches, 16 frames x 256^2 reference.
+    # The released VAE per model/README.md §5.1: D 1024, 24 blocks, z 16, 4x8x8 patches, 16 frames x 256^2 reference.
     ddconfig = dict(video_size=256, video_length=16, patch_size=8, patch_length=4, z_chans=16, embed_dim=1024,
                     depth=24, num_heads=16, mlp_ratio=4.0, qkv_bias=True, ln_in_attn=True, conv_last_layer=True)
     with torch.device("meta"):
@@ -164,7 +164,7 @@ def test_pos_embed_resize_is_half_pixel_trilinear(vae):
 
 
 def _ref_trunk(sd: Dict[str, torch.Tensor], side: str, tokens: torch.Tensor, grid: Tuple[int, ...]) -> torch.Tensor:
-    """Independent functional forward of cls + positions + blocks + final norm (spec §5.1)."""
+    """Independent functional forward of cls + positions + blocks + final norm (model/README.md §5.1)."""
     table = sd[f"{side}.pos_embed"]
     pos = table[:, 1:] if grid == (2, 4, 4) else resized_table(table[:, 1:], (2, 4, 4), grid).float()
     x = torch.cat([sd[f"{side}.cls_token"].expand(tokens.shape[0], -1, -1), tokens], 1)
@@ -379,7 +379,7 @@ def test_uint8_cast_truncates():
 def test_codec_frame_counts_and_border_tiles(vae):
     codec = VaeCodec(vae, fps=24, tile_px=32)  # 12-frame tiles = 3 latents, 32-px tiles
     g = torch.Generator().manual_seed(14)
-    # 4 latents -> tiles of 3 + 1 -> 12 + 1 frames (spec §5.3 corner case); 40 x 56 px is not a tile multiple.
+    # 4 latents -> tiles of 3 + 1 -> 12 + 1 frames (model/README.md §5.3 corner case); 40 x 56 px is not a tile multiple.
     assert codec.decode_latents(torch.randn(1, Z, 4, 5, 7, generator=g)).shape == (13, 40, 56, 3)
     assert codec.decode_latents(torch.randn(1, Z, 5, 5, 7, generator=g)).shape == (20, 40, 56, 3)
     assert codec.decode_latents(torch.randn(1, Z, 1, 5, 7, generator=g)).shape == (1, 40, 56, 3)

@@ -1,4 +1,4 @@
-"""Frames <-> DiT latents through the VAE, as the released pipeline does it (spec §5.2, §5.3).
+"""Frames <-> DiT latents through the VAE, as the released pipeline does it (model/README.md §5.2, §5.3).
 
 encode: uint8 -> /127.5 - 1 -> model dtype -> tiled encode (posterior mean) -> x scale_factor.
 decode: / scale_factor -> model dtype -> tiled decode -> x127.5 + 127.5 -> clamp -> uint8 (truncating).

@@ -1,4 +1,4 @@
-"""The released MAGI-1 ViT VAE (spec §5.1): a patchifying ViT encoder and an unpatchifying ViT decoder.
+"""The released MAGI-1 ViT VAE (model/README.md §5.1): a patchifying ViT encoder and an unpatchifying ViT decoder.
 
 Built from the released `ddconfig` dict (the field names of the released `ViTEncoder`/`ViTDecoder`), with the
 released state-dict keys, so the released `vae/` directory (diffusers layout) loads as is. Numerics follow the

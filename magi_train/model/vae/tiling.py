@@ -1,4 +1,4 @@
-"""Tiled VAE encode/decode with the released tile arithmetic and blending (spec §5.3).
+"""Tiled VAE encode/decode with the released tile arithmetic and blending (model/README.md §5.3).
 
 Tiles are cut on a regular grid in (T, H, W); each is encoded (or decoded) on its own. Spatial neighbours
 overlap: after coding, the first rows (columns) of a tile are faded in from the last rows (columns) of the tile

@@ -39,7 +39,6 @@ from magi_train.diffusion.objective import ObjectiveDraw
 from magi_train.model.attention import block_causal_ranges
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.parallelize import build_whole
-from magi_train.parallel.sharding import shard_state_dict
 from magi_train.training.batches import micro_batch_shape
 from magi_train.training.ema import EmaCallback
 from magi_train.training.objectives.base import generator
@@ -83,7 +82,7 @@ class Distillation(FlowMatching):
         load_into(self.teacher, state, source, full_shapes, p.tp_rank, p.tp)
         self.teacher.eval().requires_grad_(False)
         if fresh:
-            student.load_state_dict(shard_state_dict(state, mc, p.tp_rank, p.tp, keys=list(student.state_dict())))
+            load_into(student, state, source, full_shapes, p.tp_rank, p.tp)
         del state
         if p.is_main:
             print(f"distillation: teacher {source}; step sizes {list(x.step_cycle)} / 64", flush=True)
