@@ -1,6 +1,6 @@
 """Layer specs: which classes fill the slots of a DiT layer (megatron-core's `ModuleSpec` idea).
 
-A layer is a tree of slots (layers.py `transformer_layer_spec` draws it):
+A layer is a tree of slots (dit.py `transformer_layer_spec` draws it):
 
     TransformerLayer
       ada_modulate_layer
@@ -136,3 +136,29 @@ def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool = False)
 def scaled_init_std(std: float, num_layers: int) -> float:
     # GPT-2 / megatron: residual-branch outputs scaled by 1/sqrt(2L) keep the stream's variance bounded.
     return std / math.sqrt(2.0 * num_layers)
+
+
+# The slots of one layer (dit.py's transformer_layer_spec fills them from a LayerImpl).
+@dataclass(frozen=True)
+class AttentionSubmodules:
+    pre_norm: object
+    column_linear: object  # q, qx, k, v
+    caption_linear: object  # linear_kv_xattn
+    row_linear: object  # linear_proj
+    norm: object  # the four QK-norms
+    core_attention: object  # self-attention kernel (MagiAttention's distributed attention under its cp)
+    core_cross_attention: object
+
+
+@dataclass(frozen=True)
+class MLPSubmodules:
+    pre_norm: object
+    column_linear: object  # linear_fc1
+    row_linear: object  # linear_fc2
+
+
+@dataclass(frozen=True)
+class LayerSubmodules:
+    self_attention: ModuleSpec
+    mlp: ModuleSpec
+    post_norm: object  # self_attn_post_norm, mlp_post_norm

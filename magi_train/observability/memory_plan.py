@@ -282,7 +282,7 @@ def _attention_kernel(z: _Sizes, d: int, md: int, autocast: bool, flash: bool, c
 def layer_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
     """Bytes autograd saves in one transformer layer for one micro-batch without recompute, by part.
 
-    Read from model/layers.py (notation of `_Sizes`; md = model dtype, cd = linear compute dtype):
+    Read from model/dit.py (notation of `_Sizes`; md = model dtype, cd = linear compute dtype):
       adaln         silu(condition) into the gate linear, the fp32 tanh of the softcap
       attn_norm     the pre-norm's input (fp32 copy under autocast) and its mean / rstd
       qkv_input     the normed tokens each of q, k, v, qx saves: one shared tensor, or four copies when

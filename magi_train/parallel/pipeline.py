@@ -31,8 +31,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from magi_train.config.schema import ParallelConfig
 from magi_train.model.attention import AttnRanges, block_causal_ranges, row_block_causal_ranges
-from magi_train.model.dit import Stream, VideoDiT
-from magi_train.model.layers import KVHook
+from magi_train.model.dit import KVHook, Stream, VideoDiT
 from magi_train.parallel.comm import broadcast_tensor, recv_tensor, send_tensor
 
 

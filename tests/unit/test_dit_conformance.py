@@ -17,7 +17,7 @@ from einops import rearrange
 
 from magi_train.checkpoint.magi1 import load_magi1_state_dict
 from magi_train.config.released import load_released_config
-from magi_train.model import layers as layers_mod
+from magi_train.model import dit as layers_mod
 from magi_train.model.attention import AttnRanges
 from magi_train.model.dit import build_dit
 from magi_train.model.norms import LayerNorm1p

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from magi_train.config.schema import ModelConfig
-from magi_train.model import layers as layers_mod
+from magi_train.model import dit as layers_mod
 from magi_train.model.attention import AttnRanges, block_causal_ranges, segment_ranges
 from magi_train.model.dit import build_dit
 from magi_train.model.embedders import CaptionEmbedder, TimestepEmbedder
-from magi_train.model.layers import modulate_add
+from magi_train.model.dit import modulate_add
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, apply_rotary, split_table
 

@@ -38,7 +38,7 @@ def test_recompute_gives_the_same_gradients(single_process_group, recompute, lay
 def test_recompute_really_reruns_the_forward(single_process_group, monkeypatch):
     # Count core-attention calls: full recompute of every layer runs each layer's two attentions twice.
     calls = {"n": 0}
-    from magi_train.model import layers as layers_module
+    from magi_train.model import dit as layers_module
 
     original = layers_module.SelfCrossAttention._attend
 
