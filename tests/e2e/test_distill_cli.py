@@ -19,8 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # Relative to the repository root (the programs' working directory), as a user would type it.
 TEACHER = "tests/fixtures/tiny_base"
-# One intra-op thread: on a loaded machine two threads spin against each other (on the shared 2-core machine the
-# report took 17.6 min of wall time with two threads, about 1.1 min with one), and one thread is deterministic.
+# One intra-op thread: on a busy machine two threads spin against each other (a 66-step distillation on the shared
+# 2-core machine at load ~3: 55 s with one thread, 170 s with two), and a fixed count repeats its numbers exactly.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUIET = ["trainer.progress_bar=false", "trainer.wandb.mode=disabled"]
 # A short run of distill_tiny (its 1760 steps at 2e-4 are the CPU demo): 60 cycles of the 11 step sizes at 1e-3.
