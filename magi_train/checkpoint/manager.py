@@ -229,6 +229,27 @@ class CheckpointManager:
                 found.append((marker["step"], entry))
         return [path for _, path in sorted(found)]
 
+    def candidates(self) -> list[tuple[Path, str | None]]:
+        """Every ``step_*`` directory under root, newest step first, with why it is not a complete checkpoint
+        (None when its marker and file sizes check out; hashes are not checked here). `resume=auto` walks this
+        list and warns about each one it skips."""
+        found: list[tuple[int, Path, str | None]] = []
+        if not self.root.is_dir():
+            return []
+        for entry in self.root.iterdir():
+            match = _STEP_DIR_RE.match(entry.name)
+            if match is None or not entry.is_dir():
+                continue
+            problem = None
+            try:
+                marker = _verify(entry, check_hashes=False)
+                if marker["step"] != int(match.group(1)):
+                    problem = f"its {MARKER_NAME} says step {marker['step']}, its name step {int(match.group(1))}"
+            except (OSError, ValueError) as e:
+                problem = str(e)
+            found.append((int(match.group(1)), entry, problem))
+        return [(path, problem) for _, path, problem in sorted(found, key=lambda item: item[0], reverse=True)]
+
     def latest(self) -> Path | None:
         complete = self.checkpoints()
         return complete[-1] if complete else None
