@@ -461,6 +461,16 @@ def check_train_layout(cfg: TrainConfig, dp: int, cp_impl: str) -> int:
         problems.append(f"the pipeline needs at least parallel.pp ({pp}) micro-batches per step; "
                         f"data.global_batch_size ({global_batch}) gives {global_batch // (d.micro_batch_size * dp)} "
                         f"of data.micro_batch_size ({d.micro_batch_size}) per data-parallel rank")
+    if d.kind == "synthetic" and tc.eval_every and not problems:
+        # Held-out synthetic samples are indices 0.. of another data seed: eval_batches whole global batches.
+        need = tc.eval_batches * global_batch
+        if need > d.num_samples:
+            problems.append(f"trainer.eval_every > 0 evaluates trainer.eval_batches ({tc.eval_batches}) global batches "
+                            f"of {global_batch} held-out samples ({need}), but data.num_samples is {d.num_samples}: "
+                            "raise data.num_samples or lower trainer.eval_batches / data.global_batch_size")
+    if d.kind == "synthetic" and tc.sample_every and tc.sample_count > d.num_samples:
+        problems.append(f"trainer.sample_count ({tc.sample_count}) validation videos need as many held-out samples, "
+                        f"but data.num_samples is {d.num_samples}")
     if pp > 1 and tc.eval_every:
         problems.append("trainer.eval_every > 0 is not supported with parallel.pp > 1 yet (set trainer.eval_every=0)")
     if pp > 1 and tc.sample_every:

@@ -68,10 +68,15 @@ def encode_sample(sample: Sample) -> Dict[str, Any]:
     check_sample(sample)
     lengths = sample.caption_lengths.to(torch.int32).numpy()
     longest = int(lengths.max()) if lengths.size else 0
+    latent, caption = sample.latent.to(torch.float16), sample.caption[:, :longest].to(torch.float16)
+    # Shards store float16: a finite float32 value beyond +-65504 would be read back as inf.
+    for name, half in (("latent", latent), ("t5 text features", caption)):
+        if not torch.isfinite(half).all():
+            raise SampleError(f"sample {sample.key!r}: {name} overflow float16 (|value| > 65504), the shards' dtype")
     return {
         "__key__": sample.key,
-        "latent.npy": _npy_bytes(sample.latent.to(torch.float16).numpy()),
-        "t5.npy": _npy_bytes(sample.caption[:, :longest].to(torch.float16).numpy()),
+        "latent.npy": _npy_bytes(latent.numpy()),
+        "t5.npy": _npy_bytes(caption.numpy()),
         "t5len.npy": _npy_bytes(lengths),
         "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
     }
@@ -109,6 +114,12 @@ def check_sample(sample: Sample) -> None:
     if sample.caption.ndim != 3 or R < 1 or sample.caption_lengths.shape != (R,):
         raise SampleError(f"sample {key!r}: t5 must be (R, L, D) with t5len (R,), got {tuple(sample.caption.shape)} "
                           f"and {tuple(sample.caption_lengths.shape)}")
+    # Text features feed every attention layer through cross-attention: one NaN makes the whole step NaN, and
+    # the trainer can only skip steps, not name the sample, so they are checked here like the latents.
+    if not torch.isfinite(sample.caption).all():
+        bad = (~torch.isfinite(sample.caption)).nonzero()[0].tolist()
+        raise SampleError(f"sample {key!r}: t5 text features have non-finite values (first at row {bad[0]}, "
+                          f"position {bad[1]}, channel {bad[2]})")
     if int(sample.caption_lengths.min()) < 1 or int(sample.caption_lengths.max()) > sample.caption.shape[1]:
         raise SampleError(f"sample {key!r}: t5len {sample.caption_lengths.tolist()} must be in [1, {sample.caption.shape[1]}] "
                           f"(a missing or empty caption)")

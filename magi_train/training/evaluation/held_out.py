@@ -114,7 +114,13 @@ class HeldOut:
                 prompts.append(rows(item["caption"], item["caption_mask"]))
             return prompts, (d.latent_height, d.latent_width)
         sizes = []
-        for s in [s for seq in self.sequences() for s in seq.samples][:tc.sample_count]:
+        held = [s for seq in self.sequences() for s in seq.samples]
+        if len(held) < tc.sample_count:
+            raise ValueError(f"trainer.sample_count ({tc.sample_count}) validation videos, but the "
+                             f"trainer.eval_batches ({tc.eval_batches}) held-out sequences of data.val_shards "
+                             f"({d.val_shards!r}) hold {len(held)} samples: lower trainer.sample_count or raise "
+                             "trainer.eval_batches")
+        for s in held[:tc.sample_count]:
             caption, mask = caption_rows(s.caption, s.caption_lengths, s.caption.shape[0], d.caption_length)
             prompts.append(rows(caption, mask))
             sizes.append(tuple(s.latent.shape[2:]))
