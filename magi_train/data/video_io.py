@@ -14,9 +14,12 @@ Frames are uint8 RGB, channels last: (T, H, W, 3).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +43,9 @@ _INTERPOLATION = "BICUBIC"
 # default_base_moof gives self-contained fragments (what MSE players and DASH tools expect).
 _MOVFLAGS = "empty_moov+default_base_moof+frag_every_frame"
 
+# What os.link raises on a file system that has no hard links (FAT, some FUSE and SMB mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
 PathLike = str | os.PathLike[str]
 
 
@@ -50,15 +56,71 @@ def _as_rate(fps: float | int | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(1_000_000)
 
 
-class StreamingMp4Writer:
-    """Encode RGB frames to an H.264 mp4 as they arrive.
+# The file name endings the writer accepts and the muxer each one gets: all three are ISO-BMFF containers that
+# hold the fragmented H.264 stream and decode as it grows (tests/unit/test_video_io.py writes and reads each),
+# with the brand players expect of the ending (isom, M4V, qt). Anything else would be a misnamed mp4.
+CONTAINERS = {".mp4": "mp4", ".m4v": "ipod", ".mov": "mov"}
 
-    The file is a fragmented MP4 written to `<path>.partial`: every frame becomes its own fragment and is flushed
-    to disk at once, so the `.partial` file is a live preview that players and `read_video` / `probe_video` can
-    open while generation continues. The muxer closes a fragment when the next frame arrives, so the preview
-    lacks only the most recent frame; `close()` writes it. `close()` then fsyncs the file and atomically renames
-    it to `path`, so `path` only ever holds a complete video. If the run dies, or the `with` block raises, `path`
-    is left untouched and the `.partial` file keeps the frames written so far.
+
+def output_path_problems(path: PathLike, overwrite: bool) -> list[tuple[type[OSError] | type[ValueError], str]]:
+    """Why a new video cannot be published at `path`, as (exception type, message) pairs; empty when it can.
+
+    Nothing is created. A symlink at `path` counts as an existing file: it is replaced (with `overwrite`), never
+    followed."""
+    p = Path(path)
+    problems: list[tuple[type[OSError] | type[ValueError], str]] = []
+    if p.suffix.lower() not in CONTAINERS:
+        problems.append((ValueError, f"extension {p.suffix or '(none)'!r} is not a video container this writer "
+                                     f"makes (H.264 in {', '.join(CONTAINERS)})"))
+    parent = p.parent
+    if not parent.is_dir():
+        problems.append((FileNotFoundError, f"directory {parent} does not exist"))
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        problems.append((PermissionError, f"directory {parent} is not writable"))
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return problems
+    except OSError as e:
+        problems.append((type(e), f"cannot inspect {p}: {e}"))
+        return problems
+    if stat.S_ISDIR(st.st_mode):
+        problems.append((IsADirectoryError, f"{p} is a directory"))
+    elif not overwrite:
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+        problems.append((FileExistsError, f"{p} already exists ({kind}); not overwriting it without overwrite=true"))
+    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        problems.append((ValueError, f"{p} exists and is not a regular file; not replacing it"))
+    return problems
+
+
+def _private_umask() -> int:
+    # os.umask can only be read by setting it; put it back at once.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+class StreamingMp4Writer:
+    """Encode RGB frames to an H.264 mp4 (or .m4v / .mov, see `CONTAINERS`) as they arrive.
+
+    The video is written to a new temporary file beside `path`, named `.<name>.<random>.partial`
+    (`partial_path`), created with O_CREAT | O_EXCL so that no existing file or planted symlink is ever opened,
+    and written through that open file (nothing re-opens it by name). It is a fragmented MP4: every frame
+    becomes its own fragment and is flushed to disk at once, so the temporary file is a live preview that
+    players and `read_video` / `probe_video` can open while generation continues. The muxer closes a fragment
+    when the next frame arrives, so the preview lacks only the most recent frame; `close()` writes it.
+
+    `close()` fsyncs the file and publishes it atomically: with `overwrite`, `os.replace` (an existing file or
+    symlink at `path` is replaced, a symlink's target never touched); without, a hard link to `path` that
+    fails if anything appeared there meanwhile, so of two writers racing for one path exactly one publishes and
+    the other raises FileExistsError naming the temporary file, which it keeps. `path` only ever holds a
+    complete video. If the run dies, or the `with` block raises, `path` is left untouched and the temporary
+    file keeps the frames written so far.
+
+    `overwrite` defaults to True for callers that regenerate their own outputs (validation videos);
+    magi_infer/generate.py passes its `overwrite` field (default false). Either way `path` is checked up front
+    (`output_path_problems`): a directory, a missing parent or an unknown extension is an error at once.
 
     `low_latency` (default) uses x264's `zerolatency` tune: no lookahead, no B-frames and sliced threads, so each
     frame is encoded as soon as it is written. With `low_latency=False` the encoder runs with x264's defaults,
@@ -75,6 +137,7 @@ class StreamingMp4Writer:
         crf: int | None = None,
         *,
         low_latency: bool = True,
+        overwrite: bool = True,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(
@@ -84,9 +147,11 @@ class StreamingMp4Writer:
         if crf is not None and not 0 <= crf <= 51:
             raise ValueError(f"crf must lie in [0, 51] (x264's range), got {crf}")
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output directory does not exist: {self.path.parent}")
-        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        problems = output_path_problems(self.path, overwrite)
+        if problems:
+            error, _ = problems[0]
+            raise error(f"cannot write a video to {self.path}: " + "; ".join(message for _, message in problems))
+        self.overwrite = overwrite
         self.width, self.height = width, height
         self.fps = _as_rate(fps)
         self._frames_written = 0
@@ -97,25 +162,40 @@ class StreamingMp4Writer:
             options["crf"] = str(crf)
         if low_latency:
             options["tune"] = "zerolatency"
-        # The name ends in .partial, so the format is named; flush_packets pushes each fragment out of FFmpeg's
-        # I/O buffer as soon as it is complete instead of when 32 KiB have piled up.
-        self._container = av.open(
-            str(self.partial_path),
-            mode="w",
-            format="mp4",
-            container_options={"movflags": _MOVFLAGS, "flush_packets": "1"},
-        )
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        self.partial_path = Path(name)
         try:
-            self._stream = self._container.add_stream("libx264", rate=self.fps, options=options)
-            self._stream.width, self._stream.height = width, height
-            self._stream.pix_fmt = "yuv420p"
-            self._stream.codec_context.time_base = 1 / self.fps
-            # Write the header now: the .partial file exists (and is a valid, empty video) from the start.
-            self._container.start_encoding()
+            # mkstemp makes the file private (0600); the published video gets the usual mode under the umask.
+            os.fchmod(fd, 0o666 & ~_private_umask())
+            self._file = os.fdopen(fd, "r+b", buffering=0)  # unbuffered: each flushed fragment reaches the file
         except BaseException:
-            self._container.close()
+            os.close(fd)
             self.partial_path.unlink(missing_ok=True)
             raise
+        try:
+            # flush_packets pushes each fragment out of FFmpeg's I/O buffer as soon as it is complete instead of
+            # when 32 KiB have piled up.
+            self._container = av.open(
+                self._file,
+                mode="w",
+                format=CONTAINERS[self.path.suffix.lower()],
+                container_options={"movflags": _MOVFLAGS, "flush_packets": "1"},
+            )
+            try:
+                self._stream = self._container.add_stream("libx264", rate=self.fps, options=options)
+                self._stream.width, self._stream.height = width, height
+                self._stream.pix_fmt = "yuv420p"
+                self._stream.codec_context.time_base = 1 / self.fps
+                # Write the header now: the temporary file is a valid, empty video from the start.
+                self._container.start_encoding()
+            except BaseException:
+                self._container.close()
+                raise
+        except BaseException:
+            self._file.close()
+            self.partial_path.unlink(missing_ok=True)
+            raise
+        logger.info("writing %s (playable while it grows; %s when complete)", self.partial_path, self.path)
 
     @property
     def frames_written(self) -> int:
@@ -144,29 +224,50 @@ class StreamingMp4Writer:
             self._frames_written += 1
 
     def close(self) -> None:
-        """Flush the encoder, finish the file, fsync it and rename `<path>.partial` to `path`."""
+        """Flush the encoder, finish and fsync the temporary file and publish it as `path` (see the class)."""
         if self._closed:
             return
         self._finish()
-        fd = os.open(self.partial_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.partial_path, self.path)
-        fsync_dir(self.path.parent)  # makes the rename itself durable
+        self._publish()
+        fsync_dir(self.path.parent)  # makes the new name durable
 
     def abort(self) -> None:
-        """Finish the `.partial` file with what was written so far, without publishing it under `path`."""
+        """Finish the temporary file with what was written so far, without publishing it under `path`."""
         if not self._closed:
             self._finish()
+            logger.warning("%s was not completed; the frames written so far are in %s", self.path, self.partial_path)
+
+    def _publish(self) -> None:
+        if self.overwrite:
+            os.replace(self.partial_path, self.path)
+            return
+        taken = (f"{self.path} appeared while this video was being written (another run writing the same output?); "
+                 f"not overwriting it. This run's complete video is kept at {self.partial_path}")
+        try:
+            os.link(self.partial_path, self.path)  # fails if anything, a dangling symlink included, is there
+        except FileExistsError:
+            raise FileExistsError(taken) from None
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            # A file system without hard links has no rename that refuses to replace: check, then rename. A
+            # file appearing in between would be replaced; the window is one system call wide.
+            if os.path.lexists(self.path):
+                raise FileExistsError(taken) from None
+            os.rename(self.partial_path, self.path)
+            return
+        self.partial_path.unlink()
 
     def _finish(self) -> None:
         self._closed = True
         try:
-            self._container.mux(self._stream.encode(None))  # frames still inside the encoder
+            try:
+                self._container.mux(self._stream.encode(None))  # frames still inside the encoder
+            finally:
+                self._container.close()  # writes the last fragment
+            os.fsync(self._file.fileno())
         finally:
-            self._container.close()  # writes the last fragment
+            self._file.close()
 
     def __enter__(self) -> StreamingMp4Writer:
         return self
@@ -195,14 +296,28 @@ class VideoInfo:
     fps: float  # the stream's average frame rate
     codec: str  # decoder name, e.g. "h264"
     pix_fmt: str  # pixel format of the decoded frames, e.g. "yuv420p"
+    header_frames: int = 0  # the frame count the container states; 0 = it states none (fragmented mp4s)
+    decode_error: str | None = None  # why decoding stopped before the end of the stream, if it did
+    duration: Fraction = Fraction(0)  # seconds from the first frame's start to the last frame's end
+
+    @property
+    def truncated(self) -> bool:
+        """Fewer frames decode than the container states, or decoding stopped at an error."""
+        return self.decode_error is not None or self.frames < self.header_frames
+
+    def frames_at(self, fps: float | int | Fraction) -> int:
+        """How many frames `read_video(path, fps, ...)` yields without `max_frames` (its resampling rule)."""
+        return max(_round_half_up(self.duration * _as_rate(fps)), 1)
 
 
-def decoded_frames(path: PathLike, what: str) -> Iterator[tuple[VideoFrame, VideoStream]]:
+def decoded_frames(
+    path: PathLike, what: str, errors: list[str] | None = None
+) -> Iterator[tuple[VideoFrame, VideoStream]]:
     """Yield (frame, stream) for every decodable frame of the first video stream, with errors naming the file.
 
     A decoding error after at least one good frame ends the stream with a warning instead of failing: that is
     how a file still being written (a `.partial` preview) or a damaged tail looks, and ffmpeg also keeps what
-    decoded. A file with no decodable frame at all is an error.
+    decoded. The error is appended to `errors` when given. A file with no decodable frame at all is an error.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -226,6 +341,8 @@ def decoded_frames(path: PathLike, what: str) -> Iterator[tuple[VideoFrame, Vide
                 if count == 0:
                     raise ValueError(f"cannot decode {what} {path}: {e}") from e
                 logger.warning("%s %s: decoding stopped after %d frames: %s", what, path, count, e)
+                if errors is not None:
+                    errors.append(f"decoding stopped after {count} frames: {e}")
                 break
             count += 1
             yield frame, stream
@@ -322,13 +439,23 @@ def _round_half_up(x: Fraction) -> int:
 
 
 def probe_video(path: PathLike) -> VideoInfo:
-    """Describe a video by decoding all of it: the frame count is what actually decodes, not the header's claim."""
+    """Describe a video by decoding all of it: the frame count is what actually decodes, not the header's claim
+    (which is kept as `header_frames`, so a truncated file shows: `VideoInfo.truncated`)."""
     frames = 0
     first: VideoFrame | None = None
-    for frame, stream in decoded_frames(path, "video"):
+    errors: list[str] = []
+    t0 = t_last = end = Fraction(0)
+    for index, (frame, stream) in enumerate(decoded_frames(path, "video", errors)):
         if first is None:
             first = frame
         frames += 1
+        # The same times read_video resamples by, so frames_at(fps) is what it yields.
+        t, length = _frame_time(frame, stream, index, path)
+        if index == 0:
+            t0 = t
+        t -= t0
+        end = t + (length if length > 0 else max(t - t_last, Fraction(0)))
+        t_last = t
     rate = stream.average_rate or stream.guessed_rate or 0
     return VideoInfo(
         frames=frames,
@@ -337,4 +464,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         fps=float(rate),
         codec=stream.codec_context.name,
         pix_fmt=first.format.name,
+        header_frames=int(stream.frames or 0),
+        decode_error=errors[0] if errors else None,
+        duration=end,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -126,10 +128,11 @@ def test_round_trip_in_several_writes(tmp_path: Path) -> None:
 
 def test_partial_file_is_a_live_preview(tmp_path: Path) -> None:
     path = tmp_path / "live.mp4"
-    partial = tmp_path / "live.mp4.partial"
     frames = moving_square(30)
     with StreamingMp4Writer(path, W, H, 24) as writer:
-        assert writer.partial_path == partial and partial.exists()
+        partial = writer.partial_path
+        assert partial.parent == tmp_path and partial.name.startswith(".live.mp4.") and partial.suffix == ".partial"
+        assert partial.exists()
         for start in (0, 10, 20):
             writer.write(frames[start : start + 10])
             preview = probe_video(partial)
@@ -149,7 +152,7 @@ def test_error_inside_writer_leaves_no_final_file(tmp_path: Path) -> None:
             raise RuntimeError("generation failed")
     assert not path.exists()
     # The .partial file is finished with the frames written before the error.
-    assert probe_video(tmp_path / "crash.mp4.partial").frames == 10
+    assert probe_video(writer.partial_path).frames == 10
 
 
 def test_error_keeps_an_older_file_at_the_final_path(tmp_path: Path) -> None:
@@ -191,6 +194,102 @@ def test_write_after_close_is_an_error(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(RuntimeError, match="closed"):
         writer.write(moving_square(1))
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".partial"))
+
+
+@pytest.mark.parametrize("name, brand", [("clip.mp4", b"iso"), ("clip.m4v", b"M4V "), ("clip.mov", b"qt  ")])
+def test_every_accepted_extension_is_a_playable_video_of_its_kind(tmp_path: Path, name: str, brand: bytes) -> None:
+    path = write_clip(tmp_path / name, moving_square(6), 24)
+    info = probe_video(path)
+    assert (info.frames, info.codec, info.width, info.height) == (6, "h264", W, H)
+    assert path.read_bytes()[8:12].startswith(brand)  # ftyp's major brand
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "clip.mkv", "clip", "clip.mp4.partial"])
+def test_an_extension_that_is_not_our_container_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=r"extension .* is not a video container this writer makes"):
+        StreamingMp4Writer(tmp_path / name, W, H, 24)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_is_kept_without_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "taken.mp4"
+    path.write_bytes(b"someone's video")
+    with pytest.raises(FileExistsError, match="taken.mp4 already exists .* without overwrite=true"):
+        StreamingMp4Writer(path, W, H, 24, overwrite=False)
+    assert path.read_bytes() == b"someone's video" and leftovers(tmp_path) == []
+    write_clip_over = StreamingMp4Writer(path, W, H, 24, overwrite=True)
+    write_clip_over.write(moving_square(2))
+    write_clip_over.close()
+    assert probe_video(path).frames == 2
+
+
+def test_a_directory_or_a_missing_parent_is_refused_before_encoding(tmp_path: Path) -> None:
+    (tmp_path / "d.mp4").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match="d.mp4 is a directory"):
+            StreamingMp4Writer(tmp_path / "d.mp4", W, H, 24, overwrite=overwrite)
+    with pytest.raises(FileNotFoundError, match="directory .*nowhere does not exist"):
+        StreamingMp4Writer(tmp_path / "nowhere" / "x.mp4", W, H, 24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.mp4"]
+
+
+def test_a_symlink_planted_at_the_old_partial_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    planted = tmp_path / "out.mp4.partial"
+    planted.symlink_to(victim)
+    write_clip(tmp_path / "out.mp4", moving_square(4), 24)
+    assert victim.read_bytes() == b"precious"
+    assert planted.is_symlink() and os.readlink(planted) == str(victim)
+    assert probe_video(tmp_path / "out.mp4").frames == 4
+
+
+def test_a_symlink_at_the_output_name_is_replaced_or_refused_never_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.mp4"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out.mp4"
+    out.symlink_to(victim)
+    with pytest.raises(FileExistsError, match="a symlink"):
+        StreamingMp4Writer(out, W, H, 24, overwrite=False)
+    dangling = tmp_path / "dangling.mp4"
+    dangling.symlink_to(tmp_path / "absent.mp4")
+    with pytest.raises(FileExistsError, match="dangling.mp4 already exists"):
+        StreamingMp4Writer(dangling, W, H, 24, overwrite=False)
+    assert not (tmp_path / "absent.mp4").exists()
+
+    with StreamingMp4Writer(out, W, H, 24, overwrite=True) as writer:
+        writer.write(moving_square(3))
+    assert victim.read_bytes() == b"precious"
+    assert not out.is_symlink() and probe_video(out).frames == 3
+
+
+def test_two_writers_to_one_path_publish_exactly_one_complete_video(tmp_path: Path) -> None:
+    path = tmp_path / "race.mp4"
+    first = StreamingMp4Writer(path, W, H, 24, overwrite=False, low_latency=True)
+    second = StreamingMp4Writer(path, W, H, 24, overwrite=False)
+    assert first.partial_path != second.partial_path
+    first.write(index_coded(5))
+    second.write(index_coded(7)[::-1].copy())
+    first.close()
+    with pytest.raises(FileExistsError, match=rf"race.mp4 appeared .*kept at {second.partial_path}"):
+        second.close()
+    assert decoded_indices(read_video(path, 24, H, W)) == [0, 1, 2, 3, 4]  # the first writer's, complete
+    assert decoded_indices(read_video(second.partial_path, 24, H, W)) == [6, 5, 4, 3, 2, 1, 0]
+    assert leftovers(tmp_path) == [second.partial_path.name]
+
+
+def test_the_published_video_gets_the_usual_file_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = write_clip(tmp_path / "mode.mp4", moving_square(1), 24)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,3 +409,25 @@ def test_truncated_fragmented_file_keeps_the_complete_fragments(tmp_path: Path) 
     info = probe_video(cut)
     assert 0 < info.frames < 30
     assert read_video(cut, 24, H, W).shape[0] == info.frames
+
+
+def test_probe_video_tells_a_truncated_file_and_the_frames_read_video_yields(tmp_path: Path) -> None:
+    plain = tmp_path / "faststart.mp4"
+    with av.open(str(plain), "w", format="mp4", options={"movflags": "faststart"}) as container:  # moov up front
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        noise = np.random.default_rng(0).integers(0, 256, (30, H, W, 3), dtype=np.uint8)  # frames of similar size
+        for i, rgb in enumerate(noise):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    whole = probe_video(plain)
+    assert (whole.frames, whole.header_frames, whole.truncated) == (30, 30, False)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(plain.read_bytes()[: plain.stat().st_size * 6 // 10])
+    info = probe_video(cut)
+    assert info.header_frames == 30 and 0 < info.frames < 30 and info.truncated
+    for fps in (24, 12, 30):
+        assert info.frames_at(fps) == read_video(cut, fps, H, W).shape[0]
+        assert whole.frames_at(fps) == read_video(plain, fps, H, W).shape[0]
