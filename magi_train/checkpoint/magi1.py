@@ -9,12 +9,19 @@ A checkpoint is a directory (``inference_weight/`` in the official release) hold
 Any safetensors file ``X`` may be shipped as ``X.zst`` instead; it is then decompressed with the
 ``zstd`` command-line tool into memory. Our model's state-dict keys equal the official ones, so
 no renaming happens here, and stored dtypes are kept exactly (bf16 stays bf16, fp32 stays fp32).
+
+Integrity: every floating tensor read is checked to be finite (a flipped exponent bit shows as NaN/inf),
+and shard files are checked against a sha256 manifest in ``sha256sum`` format (``<hex>  <file name>``
+lines) when one is given, or when the directory holds one named ``SHA256SUMS`` (written by
+``tools/hash_weights.py``). A flipped bit that leaves a finite value is caught only by the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,32 +37,162 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _ZST_SUFFIX = ".zst"
 _LIST_LIMIT = 10  # how many offending keys an error message shows per category
+MANIFEST_NAME = "SHA256SUMS"  # a sha256sum-format manifest beside the shards, checked whenever present
+_MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text (two spaces) and binary (" *") forms
+_FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the temporary mask (and fp8's float copy)
 
 
 # ---------------------------------------------------------------------------- loading
 
 
-def load_magi1_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a MAGI-1 checkpoint directory, on CPU, in index order, dtypes as stored."""
+def load_magi1_state_dict(
+    directory: str | Path, *, sha256: str | Path | None = None, check_finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """All tensors of a MAGI-1 checkpoint directory, on CPU, in index order, dtypes as stored.
+
+    `sha256`: a sha256sum-format manifest the shard files must match (each is checked before it is read);
+    without it, ``<directory>/SHA256SUMS`` is used if present. `check_finite=False` skips the NaN/inf check
+    (only for copying files bit for bit, never for running a model)."""
     directory = Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"MAGI-1 checkpoint directory {directory} does not exist")
     if not directory.is_dir():
         raise NotADirectoryError(f"MAGI-1 checkpoint {directory} is not a directory")
+    manifest_path = Path(sha256) if sha256 is not None else directory / MANIFEST_NAME
+    manifest = None
+    if sha256 is not None or manifest_path.is_file():
+        manifest = Manifest.read(manifest_path)
 
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        return _load_indexed(directory, _read_weight_map(index_path))
+        if manifest is not None and INDEX_NAME in manifest.digests:
+            manifest.check(index_path)
+        return _load_indexed(directory, _read_weight_map(index_path), manifest, check_finite)
     single = directory / SINGLE_NAME
-    if single.is_file() or _zst(single).is_file():
-        return _load_safetensors(single)
+    if not (single.is_file() or _zst(single).is_file()):
+        present = sorted(p.name for p in directory.iterdir())
+        shown = ", ".join(present[:_LIST_LIMIT]) + (", ..." if len(present) > _LIST_LIMIT else "")
+        raise FileNotFoundError(
+            f"MAGI-1 checkpoint directory {directory} has neither {INDEX_NAME} nor {SINGLE_NAME}[{_ZST_SUFFIX}]"
+            + (f" (it contains: {shown})" if present else " (it is empty)")
+        )
+    return _load_safetensors(single, manifest, check_finite)
 
-    present = sorted(p.name for p in directory.iterdir())
-    shown = ", ".join(present[:_LIST_LIMIT]) + (", ..." if len(present) > _LIST_LIMIT else "")
-    raise FileNotFoundError(
-        f"MAGI-1 checkpoint directory {directory} has neither {INDEX_NAME} nor {SINGLE_NAME}[{_ZST_SUFFIX}]"
-        + (f" (it contains: {shown})" if present else " (it is empty)")
-    )
+
+class Manifest:
+    """A sha256sum-format file: `<64 hex digits>  <file name>` per line (`*` instead of the second space
+    marks binary mode, as sha256sum writes it). Names are matched by their last component, so a manifest made
+    from the parent directory (`sha256sum inference_weight/*`) works too."""
+
+    def __init__(self, path: Path, digests: dict[str, str]) -> None:
+        self.path = path
+        self.digests = digests  # file name -> lower-case hex digest
+
+    @classmethod
+    def read(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sha256 manifest {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"sha256 manifest {path} is not text: {e}") from e
+        digests: dict[str, str] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            match = _MANIFEST_LINE.fullmatch(line.rstrip("\r"))
+            if match is None:
+                raise ValueError(f"{path}, line {number}: expected '<64 hex digits>  <file name>' "
+                                 f"(sha256sum's format), got {line[:120]!r}")
+            digest, name = match.group(1).lower(), os.path.basename(match.group(2))
+            if digests.get(name, digest) != digest:
+                raise ValueError(f"{path} lists {name} twice with different digests")
+            digests[name] = digest
+        if not digests:
+            raise ValueError(f"sha256 manifest {path} lists no files")
+        return cls(path, digests)
+
+    def check(self, file: Path) -> None:
+        """Raise unless `file` is listed and its contents hash to the listed digest."""
+        want = self.digests.get(file.name)
+        if want is None:
+            raise ValueError(f"sha256 manifest {self.path} has no entry for {file.name}; it lists "
+                             f"{', '.join(sorted(self.digests)[:_LIST_LIMIT])}")
+        got = sha256_of(file)
+        if got != want:
+            raise ValueError(f"{file} does not match its sha256 in {self.path} (file {got}, manifest {want}): "
+                             "the file is damaged or not the one the manifest describes; download it again")
+
+
+def sha256_of(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Write ``<directory>/SHA256SUMS`` covering every regular file of `directory` (itself and hidden files
+    excepted), atomically; returns its path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory")
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no files to hash")
+    lines = "".join(f"{sha256_of(p)}  {p.name}\n" for p in files)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+    return directory / MANIFEST_NAME
+
+
+def verify_sha256(directory: str | Path, sha256: str | Path) -> None:
+    """Check every file `load_magi1_state_dict(directory)` reads against manifest `sha256` without loading it."""
+    directory = Path(directory)
+    manifest = Manifest.read(sha256)
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        if INDEX_NAME in manifest.digests:
+            manifest.check(index_path)
+        shards = dict.fromkeys(_read_weight_map(index_path).values())
+        files = [directory / shard for shard in shards]
+    else:
+        files = [directory / SINGLE_NAME]
+    for file in files:
+        manifest.check(file if file.is_file() or not _zst(file).is_file() else _zst(file))
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = _nonfinite(tensor)
+        if bad:
+            raise ValueError(f"{file}: tensor {key!r} {tuple(tensor.shape)} {tensor.dtype} holds {bad} NaN/inf "
+                             "values; the shard is damaged (flipped bits?): download it again")
+
+
+def _nonfinite(tensor: torch.Tensor) -> int:
+    flat = tensor.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        if part.element_size() == 1:  # fp8 has no isfinite kernel; its values are exact in float32
+            part = part.float()
+        finite = torch.isfinite(part)
+        if not bool(finite.all()):
+            bad += int(finite.numel() - finite.sum())
+    return bad
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
@@ -81,7 +218,9 @@ def _read_weight_map(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _load_indexed(directory: Path, weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
+def _load_indexed(
+    directory: Path, weight_map: dict[str, str], manifest: Manifest | None, check_finite: bool
+) -> dict[str, torch.Tensor]:
     index_path = directory / INDEX_NAME
     wanted_by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
@@ -95,7 +234,7 @@ def _load_indexed(directory: Path, weight_map: dict[str, str]) -> dict[str, torc
                 f"{index_path} names shard {shard}, "
                 f"but neither {shard_path} nor {_zst(shard_path).name} exists"
             )
-        tensors = _load_safetensors(shard_path)
+        tensors = _load_safetensors(shard_path, manifest, check_finite)
         for key in wanted:
             if key not in tensors:
                 raise ValueError(
@@ -112,15 +251,22 @@ def _load_indexed(directory: Path, weight_map: dict[str, str]) -> dict[str, torc
     return {key: loaded[key] for key in weight_map}
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read ``path``, or ``path.zst`` when only the compressed file is there."""
+def _load_safetensors(path: Path, manifest: Manifest | None, check_finite: bool) -> dict[str, torch.Tensor]:
+    """Read ``path``, or ``path.zst`` when only the compressed file is there; checked against `manifest` first
+    and (`check_finite`) for NaN/inf after."""
+    stored = path if path.is_file() else _zst(path)
+    if manifest is not None:
+        manifest.check(stored)
     try:
-        if path.is_file():
-            return safetensors.torch.load_file(path, device="cpu")
-        compressed = _zst(path)
-        return safetensors.torch.load(_zstd_decompress(compressed))
+        if stored is path:
+            tensors = safetensors.torch.load_file(path, device="cpu")
+        else:
+            tensors = safetensors.torch.load(_zstd_decompress(stored))
     except SafetensorError as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
+    if check_finite:
+        _check_finite(tensors, stored)
+    return tensors
 
 
 def _zstd_decompress(path: Path) -> bytes:
@@ -234,7 +380,7 @@ def _check_replaceable(directory: Path) -> None:
     foreign = [
         p.name
         for p in directory.iterdir()
-        if not (p.is_file() and p.name.startswith("model") and (".safetensors" in p.name))
+        if not (p.is_file() and (p.name == MANIFEST_NAME or (p.name.startswith("model") and ".safetensors" in p.name)))
     ]
     if foreign:
         raise FileExistsError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -14,9 +16,12 @@ import torch
 
 from magi_train.checkpoint.magi1 import (
     INDEX_NAME,
+    MANIFEST_NAME,
     check_state_dict,
     load_magi1_state_dict,
     save_magi1_checkpoint,
+    verify_sha256,
+    write_manifest,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "magi1_gelu" / "inference_weight"
@@ -58,7 +63,7 @@ def test_round_trip_preserves_dtypes_bits_and_order(tmp_path: Path) -> None:
     sd["rope.bands"][0] = float("nan")
     sd["rope.bands"][1] = -0.0
     save_magi1_checkpoint(sd, tmp_path / "ckpt")
-    got = load_magi1_state_dict(tmp_path / "ckpt")
+    got = load_magi1_state_dict(tmp_path / "ckpt", check_finite=False)  # the NaN is kept, bit for bit
     assert_bit_identical(got, sd)
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted([INDEX_NAME, "model-00001-of-00001.safetensors"])
     assert os.listdir(tmp_path) == ["ckpt"]  # no temp dir left behind
@@ -279,3 +284,106 @@ def test_check_state_dict_truncates_long_lists() -> None:
     message = str(info.value)
     assert "25 missing keys" in message and "... and 15 more" in message
     assert "layer.9" in message and "layer.10" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity: finite values, sha256 manifests
+
+
+def flip_a_data_byte(shard: Path, key: str) -> None:
+    """Change one byte inside `key`'s stored bytes (the header stays valid, so safetensors still loads it)."""
+    data = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8 : 8 + header_len])[key]["data_offsets"]
+    data[8 + header_len + begin + 1] ^= 0x10  # bf16 high byte: exponent bit, the value stays finite
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_is_an_error_naming_shard_and_key(tmp_path: Path, dtype: torch.dtype, bad: float) -> None:
+    sd = mixed_state_dict()
+    bias = sd["videodit_blocks.layers.0.mlp.linear_fc1.bias"] = sd["videodit_blocks.layers.0.mlp.linear_fc1.bias"].to(dtype)
+    if dtype == torch.float8_e4m3fn:
+        bias.view(torch.uint8)[3] = 0x7F  # e4m3fn has no inf (a cast saturates); its NaN is S.1111.111
+    else:
+        bias[3] = bad
+    save_magi1_checkpoint(sd, tmp_path / "ckpt", max_shard_bytes=600)
+    shard = json.loads((tmp_path / "ckpt" / INDEX_NAME).read_text())["weight_map"][
+        "videodit_blocks.layers.0.mlp.linear_fc1.bias"]
+    with pytest.raises(ValueError, match=rf"{shard}: tensor 'videodit_blocks.layers.0.mlp.linear_fc1.bias' .* 1 NaN/inf"):
+        load_magi1_state_dict(tmp_path / "ckpt")
+    # Copying the files bit for bit may opt out.
+    assert_bit_identical(load_magi1_state_dict(tmp_path / "ckpt", check_finite=False), sd)
+
+
+def test_the_manifest_beside_the_shards_catches_a_flipped_byte(tmp_path: Path) -> None:
+    sd = mixed_state_dict()
+    ckpt = tmp_path / "ckpt"
+    save_magi1_checkpoint(sd, ckpt, max_shard_bytes=600)
+    manifest = write_manifest(ckpt)
+    assert manifest == ckpt / MANIFEST_NAME
+    lines = manifest.read_text().splitlines()
+    assert len(lines) == len(os.listdir(ckpt)) - 1 and all(len(line.split("  ")[0]) == 64 for line in lines)
+    assert_bit_identical(load_magi1_state_dict(ckpt), sd)
+
+    key = "videodit_blocks.layers.0.self_attention.linear_qkv.q.weight"
+    shard = json.loads((ckpt / INDEX_NAME).read_text())["weight_map"][key]
+    flip_a_data_byte(ckpt / shard, key)
+    with pytest.raises(ValueError, match=rf"{shard} does not match its sha256 in .*{MANIFEST_NAME}"):
+        load_magi1_state_dict(ckpt)
+    # What the manifest is for: without it the damaged shard loads, finite but different.
+    manifest.unlink()
+    damaged = load_magi1_state_dict(ckpt)
+    assert torch.isfinite(damaged[key].float()).all() and not torch.equal(damaged[key], sd[key])
+
+
+def test_a_manifest_given_by_path_in_sha256sum_format(tmp_path: Path) -> None:
+    sd = mixed_state_dict()
+    ckpt = tmp_path / "model" / "inference_weight"
+    save_magi1_checkpoint(sd, ckpt, max_shard_bytes=600)
+    shards = sorted(p.name for p in ckpt.iterdir() if p.name != INDEX_NAME)
+    # As `cd model && sha256sum -b inference_weight/*` writes it: binary-mode marker, names with a directory.
+    listing = "".join(f"{hashlib.sha256((ckpt / n).read_bytes()).hexdigest()} *inference_weight/{n}\n" for n in shards)
+    given = tmp_path / "weights.sha256"
+    given.write_text(listing)
+    assert_bit_identical(load_magi1_state_dict(ckpt, sha256=given), sd)
+    verify_sha256(ckpt, given)
+
+    given.write_text(listing.replace(shards[1], "other.safetensors"))
+    with pytest.raises(ValueError, match=rf"weights.sha256 has no entry for {shards[1]}"):
+        load_magi1_state_dict(ckpt, sha256=given)
+    given.write_text("0" * 64 + "  " + shards[0] + "\n" + listing)
+    with pytest.raises(ValueError, match=f"lists {shards[0]} twice with different digests"):
+        verify_sha256(ckpt, given)
+    given.write_text(listing + "not a digest line\n")
+    with pytest.raises(ValueError, match=rf"weights.sha256, line {len(shards) + 1}: expected '<64 hex digits>  <file name>'"):
+        load_magi1_state_dict(ckpt, sha256=given)
+    with pytest.raises(FileNotFoundError, match="absent.sha256 does not exist"):
+        load_magi1_state_dict(ckpt, sha256=tmp_path / "absent.sha256")
+
+
+def test_a_checkpoint_with_a_manifest_can_be_replaced(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    save_magi1_checkpoint(mixed_state_dict(), ckpt)
+    write_manifest(ckpt)
+    small = {"a.weight": torch.ones(2)}
+    save_magi1_checkpoint(small, ckpt)
+    assert_bit_identical(load_magi1_state_dict(ckpt), small)
+    assert not (ckpt / MANIFEST_NAME).exists()
+
+
+def test_hash_weights_tool_writes_and_checks_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("hash_weights", Path(__file__).parents[2] / "tools" / "hash_weights.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tmp_path / "4.5B"
+    save_magi1_checkpoint(mixed_state_dict(), model / "inference_weight.distill", max_shard_bytes=600)
+    assert tool.main([str(model)]) == 0  # a model directory: each weight directory in it
+    assert (model / "inference_weight.distill" / MANIFEST_NAME).is_file()
+    assert tool.main(["--check", str(model / "inference_weight.distill")]) == 0
+    shard = model / "inference_weight.distill" / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    assert tool.main(["--check", str(model)]) == 1
+    assert "model-00002-of-00003.safetensors does not match its sha256" in capsys.readouterr().err
+    assert tool.main([str(tmp_path / "nowhere")]) == 1
