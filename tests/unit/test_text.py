@@ -357,6 +357,23 @@ def test_t5_encoder_truncates_long_prompts_and_keeps_eos(tiny_t5_dir):
     assert ids[0, -1] == encoder.tokenizer.eos_token_id
 
 
+def test_token_counts_are_the_lengths_before_the_cut(tiny_t5_dir):
+    from magi_train.model.text.hash import HashTextEncoder
+
+    encoder = T5TextEncoder(tiny_t5_dir, max_length=8)
+    long, short = " ".join(SENTENCES), "a cat"
+    counts = encoder.token_counts([long, short])
+    untruncated = T5TextEncoder(tiny_t5_dir, max_length=400)
+    assert counts == [int(m.sum()) for m in untruncated.encode([long, short])[1]]
+    assert counts[0] > 8 and counts[1] < 8
+    _, mask = encoder.encode([long])
+    assert mask.sum() == 8  # the embedding still holds the first max_length tokens
+
+    words = HashTextEncoder(dim=4, max_length=3)
+    assert words.token_counts(["a red fox runs", "!!!", ""]) == [4, 0, 0]
+    assert words.encode(["a red fox runs"])[1].sum() == 3
+
+
 def test_t5_encoder_accepts_the_released_parent_layout(tiny_t5_dir, tmp_path):
     parent = tmp_path / "t5_pretrained"
     shutil.copytree(tiny_t5_dir, parent / "t5-v1_1-xxl")

@@ -67,6 +67,10 @@ class HashTextEncoder:
         vector = rng.standard_normal(self.dim)
         return vector / np.linalg.norm(vector)
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Words of each text; a count above `max_length` means `encode` keeps only the first `max_length`."""
+        return [len(tokenize(text)) for text in texts]
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed each text; see the class docstring for the layout."""
         embeddings = np.zeros((len(texts), self.max_length, self.dim), dtype=np.float64)

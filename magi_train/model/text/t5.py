@@ -65,6 +65,13 @@ class T5TextEncoder:
             return_tensors="pt",
         )
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt as `tokenize` makes them (cleaned, EOS appended) but before the cut to
+        `max_length`: a count above `max_length` means the encoder sees only the first `max_length`."""
+        ids = self.tokenizer([prepare_prompt(p) for p in prompts], add_special_tokens=True, truncation=False,
+                             verbose=False)["input_ids"]  # verbose=False: no warning about the length we measure
+        return [len(row) for row in ids]
+
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts → features (B, max_length, C) float32 and mask (B, max_length) int64 (1 = token).
