@@ -9,10 +9,12 @@ MODEL_DIR/inference_weight[.fp8][.distill]/ holding model.safetensors.index.json
 Stored dtypes: fp32 for x_embedder.*, t_embedder.*, final_linear.* and rope.bands, bf16 for everything else; fp8
 checkpoints replace the linears of layers 1 .. L-2 (magi_train/model/README.md §8).
 
-Ours: CheckpointManager's step_XXXXXXXX/{model.pt, trainer.pt, complete.json}. A converted checkpoint has no
-optimizer state, so the trainer's `trainer.resume` cannot continue from it (it needs optimizer.pt); it is meant for
-inference (`ckpt.dir=ROOT`) and as the starting weights of a fine-tuning run. Keys are the same on both sides;
-only dtypes (and, for fp8, the quantised linears) change.
+Ours: CheckpointManager's step_XXXXXXXX/{model.safetensors, trainer.json, complete.json}, or a checkpoint the
+trainer wrote (index.json + rank_*.safetensors). Nothing is pickled or unpickled: an older checkpoint holding
+.pt files (or DCP's .metadata) is refused, naming the file. A converted checkpoint has no optimizer state: it is
+meant for inference (`ckpt.dir=ROOT`) and as the starting weights of a fine-tuning run (`trainer.resume` from it
+starts the optimizer afresh). Keys are the same on both sides; only dtypes (and, for fp8, the quantised linears)
+change.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager
 from magi_train.checkpoint.manager import find_checkpoint as find_our_checkpoint  # read-only lookup
 from magi_train.checkpoint.variants import RELEASED_VARIANTS, Variant
 from magi_train.checkpoint.variants import resolve_weight_dir as resolve_released_dir
-from magi_train.checkpoint.weights import check_full_state_dict, read_our_model_state, read_our_trainer_state
+from magi_train.checkpoint.weights import MODEL_FILE, check_full_state_dict, read_our_model_state, read_our_trainer_state
 from magi_train.config.compose import CONF_DIR, config_to_dict, load_model_preset, model_preset_names
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig
@@ -56,7 +58,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 NO_OPTIMIZER_NOTE = ("no optimizer state: use it for inference (ckpt.dir) or as fine-tuning weights; "
-                     "trainer.resume needs optimizer.pt and cannot continue from it")
+                     "trainer.resume from it starts the optimizer afresh")
 
 
 class ConversionError(ValueError):
@@ -248,11 +250,11 @@ def find_checkpoint(src: Path) -> Path:
 def model_config_of(trainer: Mapping[str, Any], path: Path) -> ModelConfig:
     model = trainer.get("config", {}).get("model") if isinstance(trainer, Mapping) else None
     if not isinstance(model, Mapping):
-        raise ConversionError(f"{path / 'trainer.pt'} has no config['model']: cannot tell which model this is")
+        raise ConversionError(f"{path / 'trainer.json'} has no config['model']: cannot tell which model this is")
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(model) - known)
     if unknown:
-        raise ConversionError(f"{path / 'trainer.pt'}: config['model'] has fields our ModelConfig lacks: {unknown}")
+        raise ConversionError(f"{path / 'trainer.json'}: config['model'] has fields our ModelConfig lacks: {unknown}")
     return ModelConfig(**model)
 
 
@@ -282,7 +284,7 @@ def ours_to_released(src: Path, out: Path, distill: str = "auto", fp8: bool = Fa
         state = read_our_model_state(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ConversionError(str(e)) from e
-    source = ckpt / ("model" if is_distributed_checkpoint(ckpt) else "model.pt")  # the trainer's shards / model-only
+    source = ckpt / ("model" if is_distributed_checkpoint(ckpt) else MODEL_FILE)  # the trainer's shards / model-only
     check_against_model(state, cfg, source, "the checkpoint's own config")
     released = cast_like_released(state)
     if fp8:
@@ -338,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ours = sub.add_parser(
         "to-ours", help="released weights -> a checkpoint of our trainer",
-        description="Read released weights and write CheckpointManager(OUT).save(STEP, ...): model.pt (stored "
-                    "dtypes, fp32 promotion list applied) and trainer.pt (step, model config, source). "
+        description="Read released weights and write CheckpointManager(OUT).save(STEP, ...): model.safetensors "
+                    "(stored dtypes, fp32 promotion list applied) and trainer.json (step, model config, source). "
                     + NO_OPTIMIZER_NOTE + ".")
     ours.add_argument("--src", type=Path, required=True,
                       help="a released model directory (holding inference_weight[.fp8][.distill]/) "
@@ -386,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             summary = ours_to_released(args.src, args.out, args.distill, args.fp8, args.shard_size, args.zst,
                                        args.force)
-    except (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConversionError, OSError) as e:  # OSError: a missing path, a full disk (the message says which)
         print(f"convert_checkpoint.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     print(summary.render())

@@ -1,17 +1,16 @@
 """Training checkpoints that reshard: saved under one parallel layout, resumed under any other.
 
-Every tensor is stored in full (TP=1, released-layout) coordinates with torch.distributed.checkpoint
-(DCP). Saving, each rank writes the rectangular pieces of full tensors it is responsible for; loading,
-each rank asks for the pieces its CURRENT layout needs, and DCP's resharding
-(`create_read_items_for_chunk_list`) intersects the requested boxes with the stored ones and copies the
-overlaps straight into the parameters and optimizer moments.
+Every tensor is stored in full (TP=1, released-layout) coordinates, in the format of checkpoint/sharded.py
+(safetensors pieces and a JSON index: nothing is unpickled, so a checkpoint from someone else cannot run
+code). Saving, each rank writes the rectangular pieces of full tensors it is responsible for into its own
+file; loading, each rank asks for the boxes its CURRENT layout needs, and every stored piece's overlap with
+each box is read (only those bytes) straight into the parameters and optimizer moments.
 
-What scales: a rank writes only its share and reads into its own tensors, never a full model; the
-sha256 hashing of the files is split over the ranks. What does not: DCP's FileSystemReader deserialises
-each stored piece whole before cutting the overlap out, so loading under a finer layout than the save
-reads more than the rank's share, and a rank's transient memory is the largest stored piece it overlaps
-(a full tensor if the checkpoint was saved under TP=1). Every rank reads the whole `.metadata` (one entry
-per stored piece). `read_full_model_state` holds the whole model in one process, by design.
+What scales: a rank writes only its share and reads only the parts of stored pieces that overlap its own
+tensors, never a full model; a rank's transient memory is the largest such overlap; the sha256 hashing of
+the files is split over the ranks. What does not: every rank reads and checks the whole `index.json` (one
+entry per stored piece), and the save's plan is one all_gather of every rank's box list.
+`read_full_model_state` holds the whole model in one process, by design.
 
     model.<parameter name>             full shape; the TP writers of dp x cp rank 0 of each pipeline stage
     optim.<parameter name>.exp_avg     full shape; the parameter's ZeRO owner (in dp x cp), TP writers
@@ -29,39 +28,37 @@ sets a loader does not ask for (they are skipped), and `checkpoint_has` tells wh
 and replicated KV heads are written once). A rank's pieces follow `parallel.plan.shard_spec`, so a SwiGLU
 `linear_fc1` shard is two boxes ([gate_r] and [up_r]) of the full [gate | up] tensor.
 
-Why custom planners rather than ShardedTensor or DTensor: ShardedTensor's constructors insist on a global
-layout of non-overlapping shards, which a load target with replicas (every data-parallel rank reads the
-same slice) is not; DTensor cannot express the two-piece SwiGLU shard. DCP's planner interface takes
-boxes directly, and the default save planner still deduplicates, builds the metadata and checks that
-the saved boxes neither overlap nor leave holes.
+Why boxes rather than ShardedTensor or DTensor: ShardedTensor's constructors insist on a global layout of
+non-overlapping shards, which a load target with replicas (every data-parallel rank reads the same slice)
+is not; DTensor cannot express the two-piece SwiGLU shard. The save's plan deduplicates boxes several ranks
+hold and checks that the saved boxes neither overlap nor leave holes (sharded.plan).
+
+A checkpoint in the older DCP layout (a pickled `.metadata`) is refused with an error that says so; it is
+never read.
 
 The directory is installed through `CheckpointManager` (begin_save / finish_save): a temporary directory,
-a `complete.json` marker written last, one rename. Only rank 0 touches the manager's state; the other
-ranks should open theirs read-only (a writable manager tidies up `.tmp_*` directories when created).
+a `complete.json` marker written last, one rename. Rank 0 checks the free space against the bytes all ranks
+will write before anything is written; a write that fails (a full disk: "no space left on device", with
+the free space left) fails the save on every rank and the temporary directory is removed. Only rank 0
+touches the manager's state; the other ranks should open theirs read-only (a writable manager tidies up
+`.tmp_*` directories when created).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, ReadItem, SavePlan, TensorWriteData, WriteItem,
-                                                  WriteItemType)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from magi_train.checkpoint import sharded
+from magi_train.checkpoint.atomic import check_free_space, write_error, write_file
 from magi_train.checkpoint.magi1 import check_state_dict
-from magi_train.checkpoint.manager import CheckpointManager, file_digest, read_marker, verify_checkpoint
+from magi_train.checkpoint.manager import (DCP_METADATA, CheckpointManager, CorruptCheckpointError, file_digest,
+                                           old_format_error, read_marker, step_dir_name, verify_checkpoint)
 from magi_train.model.dit import VideoDiT
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.plan import plan_of, shard_spec
@@ -69,7 +66,7 @@ from magi_train.parallel.sharding import ShardSpec
 from magi_train.parallel.zero import ShardedAdamW
 
 TRAINER_FILE = "trainer.json"
-DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, listing every key and box
+INDEX_FILE = sharded.INDEX_FILE
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 RESERVED_PREFIXES = ("model", "optim", "trainer")  # not available as `extra_weights` prefixes
 
@@ -80,7 +77,7 @@ ExtraWeights = Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
 Box = Tuple[Tuple[int, ...], torch.Tensor]
 
 
-# ---------------------------------------------------------------------------- boxes and planners
+# ---------------------------------------------------------------------------- boxes
 
 
 def _boxes(spec: ShardSpec, local: torch.Tensor) -> List[Box]:
@@ -93,72 +90,6 @@ def _boxes(spec: ShardSpec, local: torch.Tensor) -> List[Box]:
         offsets[spec.dim] = piece.global_start
         boxes.append((tuple(offsets), local.narrow(spec.dim, piece.local_start, piece.length)))
     return boxes
-
-
-class _SaveBoxes(DefaultSavePlanner):
-    """Writes a state dict of {key: (full shape, [boxes])}: each rank only the boxes it is responsible for.
-
-    Planning across ranks (deduplication, metadata, the check that the saved boxes tile every tensor) is
-    DefaultSavePlanner's."""
-
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
-        self.state_dict = state_dict
-        self.is_coordinator = is_coordinator
-        self.data = {(key, offsets): tensor.detach()
-                     for key, (_, boxes) in state_dict.items() for offsets, tensor in boxes}
-
-    def create_local_plan(self) -> SavePlan:
-        items = []
-        for key, (full_shape, boxes) in self.state_dict.items():
-            for offsets, tensor in boxes:
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.size())
-                items.append(WriteItem(
-                    index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor.detach()),
-                                                size=torch.Size(full_shape))))
-        self.plan = SavePlan(items)
-        return self.plan
-
-    def lookup_object(self, index: MetadataIndex) -> Any:
-        return self.data[(index.fqn, tuple(index.offset))]
-
-
-class _LoadBoxes(LoadPlanner):
-    """Reads a state dict of {key: [boxes]} in place: every box gets the overlapping parts of whatever
-    boxes the checkpoint stored (DCP's resharding), whichever layout wrote them."""
-
-    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
-        self.targets = state_dict
-        self.metadata = metadata
-
-    def create_local_plan(self) -> LoadPlan:
-        items: List[ReadItem] = []
-        for key, boxes in self.targets.items():
-            chunks = [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.size()) for offsets, t in boxes]
-            # dest_index.index of each read item is the position of its box in `boxes`.
-            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
-        return LoadPlan(items)
-
-    def create_global_plan(self, global_plan: List[LoadPlan]) -> List[LoadPlan]:
-        return global_plan
-
-    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
-        return central_plan
-
-    def load_bytes(self, read_item: ReadItem, value) -> None:
-        raise ValueError(f"{read_item.dest_index.fqn} is stored as bytes; this checkpoint format holds only tensors")
-
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        _, target = self.targets[read_item.dest_index.fqn][read_item.dest_index.index]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            target = target.narrow(dim, start, length)
-        return target
-
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass  # resolve_tensor handed out a view of the target: the data is already in place
 
 
 # ---------------------------------------------------------------------------- collectives
@@ -198,19 +129,6 @@ class _Ranks:
         out: List[Any] = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
-
-    @contextmanager
-    def dcp(self, what: str):
-        """Around a DCP call with `no_dist=not self.collective`."""
-        with warnings.catch_warnings():
-            # A single process is meant here; DCP warns that it assumes so.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            try:
-                yield
-            except CheckpointException as e:
-                # DCP raises a failure on any rank on every rank as CheckpointException, a BaseException
-                # that `except Exception` in a caller would miss: re-raised as an ordinary error.
-                raise RuntimeError(f"{what} failed on rank(s) {sorted(e.failures)}: {e}") from e
 
 
 def _group_rank(group) -> int:
@@ -347,16 +265,23 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
         return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel, held_extra)
 
     trainer, state = ranks.agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
+    # Every rank's boxes (plain data, between our own ranks), then the same plan on every rank.
+    boxes = ranks.all_gather(ranks.agree(lambda: sharded.describe(state)))
+    index, writes, sizes = ranks.agree(lambda: sharded.plan(boxes))
+    what = f"saving checkpoint {manager.root / step_dir_name(step)}"
 
     def begin() -> str | None:
         if rank != 0:
             return None
+        head = [trainer.encode("utf-8"), sharded.index_json(index)]
+        check_free_space(manager.root, sum(sizes) + sum(map(len, head)), what)  # before anything is written
         tmp = manager.begin_save(step)
         try:
-            with open(tmp / TRAINER_FILE, "w", encoding="utf-8") as f:
-                f.write(trainer)
-                f.flush()
-                os.fsync(f.fileno())
+            for name, data in zip((TRAINER_FILE, INDEX_FILE), head):
+                write_file(tmp / name, [data])
+        except OSError as e:
+            manager.abort_save(tmp)
+            raise write_error(e, what, manager.root) from e
         except BaseException:
             manager.abort_save(tmp)
             raise
@@ -364,9 +289,13 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
 
     tmp = Path(ranks.all_gather(ranks.agree(begin))[0])  # every rank writes into rank 0's temporary directory
     try:
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, overwrite=False)
-        with ranks.dcp(f"saving checkpoint step {step} into {tmp}"):  # on every rank if any rank's writes failed
-            dcp.save(state, storage_writer=writer, planner=_SaveBoxes(), no_dist=not ranks.collective)
+        def write() -> None:
+            try:
+                sharded.write_pieces(tmp, rank, state, writes[rank])
+            except OSError as e:
+                raise write_error(e, what, manager.root) from e
+
+        ranks.agree(write)  # on every rank if any rank's writes failed
         # The hashing of the files is split over the ranks; rank 0 writes the marker and renames.
         digests = ranks.agree(lambda: {name: file_digest(tmp / name)
                                   for i, name in enumerate(sorted(os.listdir(tmp))) if i % world == rank})
@@ -383,23 +312,36 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
-    """Whether checkpoint `path` (with a marker) was written by `save_train_state`."""
-    return DCP_METADATA in read_marker(path)["files"]
+    """Whether checkpoint `path` (with a marker) was written by `save_train_state`: in this format (an
+    `index.json`), or in the older pickle-based one (a DCP `.metadata`), which every reader here refuses."""
+    files = read_marker(path)["files"]
+    return INDEX_FILE in files or DCP_METADATA in files
 
 
-def _tensor_metadata(metadata: Metadata) -> Dict[str, TensorStorageMetadata]:
-    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+def _format_checked(path: Path) -> Dict[str, Any]:
+    """The marker of checkpoint `path`, after refusing the older DCP format (before any file is hashed or read)."""
+    marker = read_marker(path)
+    if INDEX_FILE not in marker["files"]:
+        if DCP_METADATA in marker["files"]:
+            raise old_format_error(path)
+        raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {INDEX_FILE})")
+    return marker
+
+
+def _read_index(path: Path, marker: Dict[str, Any] | None = None) -> sharded.Index:
+    """The checked index of checkpoint `path`; the older DCP format is refused without being read."""
+    return sharded.read_index(path, (marker or _format_checked(path))["files"])
 
 
 def _prefix(key: str) -> str:
     return key.split(".", 1)[0]
 
 
-def _stored_prefixes(metadata: Metadata) -> List[str]:
-    return sorted({_prefix(k) for k in metadata.state_dict_metadata})
+def _stored_prefixes(index: sharded.Index) -> List[str]:
+    return sorted({_prefix(k) for k in index})
 
 
-def _check_keys(path: Path, metadata: Metadata, full: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
+def _check_keys(path: Path, index: sharded.Index, full: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
                 held: Dict[str, Tuple[VideoDiT, torch.Tensor]],
                 extra: Mapping[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]] | None = None,
                 parameter_names: Sequence[str] = ()) -> None:
@@ -411,32 +353,37 @@ def _check_keys(path: Path, metadata: Metadata, full: Dict[str, Tuple[Tuple[int,
     ignored; a requested set the checkpoint lacks entirely raises naming the checkpoint and the prefix."""
     extra = extra or {}
     for prefix in extra:
-        if prefix not in _stored_prefixes(metadata):
+        if prefix not in _stored_prefixes(index):
             raise ValueError(f"checkpoint {path} holds no {prefix!r} weights (it holds "
-                             f"{', '.join(map(repr, _stored_prefixes(metadata)))}); use checkpoint_has(path, "
+                             f"{', '.join(map(repr, _stored_prefixes(index)))}); use checkpoint_has(path, "
                              f"{prefix!r}) to check before loading")
 
     def ignored(key: str) -> bool:  # an extra weight set nobody asked for
         p = _prefix(key)
         return p.isidentifier() and p not in RESERVED_PREFIXES and p not in extra
 
-    stored = {k: v for k, v in _tensor_metadata(metadata).items() if not ignored(k)}
-    got: Dict[str, Any] = {k: torch.empty(v.size, dtype=v.properties.dtype, device="meta") for k, v in stored.items()}
-    got.update({k: torch.empty(0, device="meta") for k in metadata.state_dict_metadata
-                if k not in stored and not ignored(k)})
+    got: Dict[str, Any] = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in index.items()
+                           if not ignored(k)}
     expected: Dict[str, Tuple[Tuple[int, ...], torch.dtype | None]] = {
         f"model.{name}": (shape, held[name][1].dtype if name in held else None) for name, (shape, _) in full.items()}
     for prefix, tensors in extra.items():
         expected.update({f"{prefix}.{name}": (full[name][0], tensors[name][1].dtype if name in tensors else None)
                          for name in parameter_names})
     # Optimizer state exists for the parameters that had been stepped; for each, all three parts.
-    stepped = {k[len("optim."):-len(f".{m}")] for k in stored for m in (*_MOMENTS, "step")
+    stepped = {k[len("optim."):-len(f".{m}")] for k in got for m in (*_MOMENTS, "step")
                if k.startswith("optim.") and k.endswith(f".{m}")}
     for name in stepped & full.keys():
         for moment in _MOMENTS:
             expected[f"optim.{name}.{moment}"] = (full[name][0], None)
         expected[f"optim.{name}.step"] = ((1,), None)
-    check_state_dict(expected, got, path / DCP_METADATA)
+    check_state_dict(expected, got, path / INDEX_FILE)
+
+
+def _read_boxes(path: Path, index: sharded.Index, targets: Mapping[str, Sequence[Box]]) -> None:
+    with sharded.PieceReader(path, index) as reader:
+        for key, boxes in targets.items():
+            for offsets, tensor in boxes:
+                reader.read_into(key, offsets, tensor)
 
 
 def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
@@ -455,16 +402,15 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
     ranks = _Ranks(parallel)
     rank, world = ranks.rank, ranks.size
 
-    def plan() -> Tuple[Dict[str, List[Box]], Dict[str, Dict[str, torch.Tensor]]]:
+    def plan() -> Tuple[sharded.Index, Dict[str, List[Box]], Dict[str, Dict[str, torch.Tensor]], Dict[str, Any]]:
+        marker = _format_checked(path)
         verify_checkpoint(path, share=(rank, world))  # sizes of all files; this rank's share of the sha256s
-        if not is_distributed_checkpoint(path):
-            raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
-        metadata = dcp.FileSystemReader(path).read_metadata()
+        index = _read_index(path, marker)
+        trainer = read_trainer_state(path)
         full = _full_model(models)
         held = _held(models)
         held_extra = _extra_held(models, extra_weights)
-        _check_keys(path, metadata, full, held, held_extra, _full_parameter_names(models) if held_extra else ())
-        stored = _tensor_metadata(metadata)
+        _check_keys(path, index, full, held, held_extra, _full_parameter_names(models) if held_extra else ())
         targets: Dict[str, List[Box]] = {}
         for name, (model, tensor) in held.items():
             targets[f"model.{name}"] = _boxes(shard_spec(model, name, full[name][0]), tensor.detach())
@@ -476,42 +422,42 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
         moments: Dict[str, Dict[str, torch.Tensor]] = {}
         for opt_name, p in optimizer.params.items():
             name, key = names[opt_name], f"optim.{names[opt_name]}"
-            if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in stored:
+            if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in index:
                 continue
             spec = shard_spec(held[name][0], name, full[name][0])
-            state = {m: torch.empty(p.shape, dtype=stored[f"{key}.{m}"].properties.dtype, device=p.device) for m in _MOMENTS}
-            state["step"] = torch.empty(1, dtype=stored[f"{key}.step"].properties.dtype)
+            state = {m: torch.empty(p.shape, dtype=index[f"{key}.{m}"].dtype, device=p.device) for m in _MOMENTS}
+            state["step"] = torch.empty(1, dtype=index[f"{key}.step"].dtype)
             for m in _MOMENTS:
                 targets[f"{key}.{m}"] = _boxes(spec, state[m])
             targets[f"{key}.step"] = [((0,), state["step"])]
             moments[opt_name] = state
-        return targets, moments
+        return index, targets, moments, trainer
 
-    targets, moments = ranks.agree(plan)
-    with ranks.dcp(f"loading checkpoint {path}"):
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=not ranks.collective)
+    index, targets, moments, trainer = ranks.agree(plan)
+    ranks.agree(lambda: _read_boxes(path, index, targets))  # a rank that fails to read fails the load everywhere
     optimizer.load_owned_state(moments)
-    return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+    return trainer
 
 
 def read_trainer_state(path: str | Path) -> Dict[str, Any]:
     """The trainer's JSON state of checkpoint `path` (step, config, saving layout)."""
-    with open(Path(path) / TRAINER_FILE) as f:
-        return json.load(f)
-
-
-def _read_metadata(path: Path) -> Metadata:
-    if not is_distributed_checkpoint(path):
-        raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {DCP_METADATA})")
-    return dcp.FileSystemReader(path).read_metadata()
+    path = Path(path)
+    _format_checked(path)  # an old checkpoint's trainer.json is readable, but nothing else of it is: fail first
+    try:
+        state = json.loads((path / TRAINER_FILE).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path / TRAINER_FILE} is not valid JSON: {e}") from e
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path / TRAINER_FILE} holds a {type(state).__name__}, not the trainer's state")
+    return state
 
 
 def checkpoint_has(path: str | Path, prefix: str) -> bool:
     """Whether checkpoint `path` (written by `save_train_state`) holds weights under `prefix` ("model", or
-    an `extra_weights` prefix such as "ema"). Reads only the marker and DCP's metadata."""
+    an `extra_weights` prefix such as "ema"). Reads only the marker and the index."""
     if not isinstance(prefix, str) or not prefix.isidentifier():
         raise ValueError(f"prefix {prefix!r} is not an identifier")
-    return prefix in _stored_prefixes(_read_metadata(Path(path)))
+    return prefix in _stored_prefixes(_read_index(Path(path)))
 
 
 def read_full_weights(path: str | Path, prefix: str = "model") -> Dict[str, torch.Tensor]:
@@ -522,17 +468,15 @@ def read_full_weights(path: str | Path, prefix: str = "model") -> Dict[str, torc
     if prefix != "model":
         _check_prefix(prefix)
     path = Path(path)
+    marker = _format_checked(path)
     verify_checkpoint(path)
-    metadata = _read_metadata(path)
-    if prefix not in _stored_prefixes(metadata):
+    index = _read_index(path, marker)
+    if prefix not in _stored_prefixes(index):
         raise ValueError(f"checkpoint {path} holds no {prefix!r} weights (it holds "
-                         f"{', '.join(map(repr, _stored_prefixes(metadata)))})")
-    stored = _tensor_metadata(metadata)
-    out = {k[len(prefix) + 1:]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in stored.items()
+                         f"{', '.join(map(repr, _stored_prefixes(index)))})")
+    out = {k[len(prefix) + 1:]: torch.empty(e.shape, dtype=e.dtype) for k, e in index.items()
            if k.startswith(f"{prefix}.")}
-    targets = {f"{prefix}.{name}": [((0,) * t.ndim, t)] for name, t in out.items()}
-    with _Ranks(None).dcp(f"reading checkpoint {path}"):
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), planner=_LoadBoxes(), no_dist=True)
+    _read_boxes(path, index, {f"{prefix}.{name}": [((0,) * t.ndim, t)] for name, t in out.items()})
     return out
 
 

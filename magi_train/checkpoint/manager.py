@@ -3,15 +3,24 @@
 Layout under ``root`` (one directory per checkpoint):
 
     step_00001000/
-        model.pt, optimizer.pt, ...    `save`: one ``torch.save`` file per top-level key of the state, or
-        .metadata, __0_0.distcp, ...   files many ranks wrote (checkpoint/distributed.py) between
-                                       `begin_save` and `finish_save`
-        complete.json                  written last: step, time, and size + sha256 of every file
-    .tmp_new_00002000_<pid>_<rand>/    a save in progress, or one a crash interrupted
+        model.safetensors, trainer.json  `save`: per top-level key of the state, a dict of tensors as
+                                         ``<key>.safetensors`` or a JSON-able value as ``<key>.json``, or
+        index.json, rank_00000...        files many ranks wrote (checkpoint/distributed.py, sharded.py)
+                                         between `begin_save` and `finish_save`
+        complete.json                    written last: step, time, and size + sha256 of every file
+    .tmp_new_00002000_<pid>_<rand>/      a save in progress, or one a crash interrupted
 
 A directory counts as a checkpoint only when it has its final ``step_*`` name and a marker whose
 files all exist with the recorded sizes. The final name appears through one ``os.rename`` of a
 fully written, fsynced directory, so readers see either the whole checkpoint or none of it.
+
+Nothing is ever unpickled: a checkpoint may come from someone else (inference's ``ckpt.dir``, a teacher, the
+converter's input), and the marker's sha256s prove nothing then, since its writer wrote the marker too. A
+``.pt`` file (what older versions wrote with torch.save) or a DCP ``.metadata`` is refused, naming it.
+
+A save that runs out of space (or hits any other OSError writing its files) fails before installing anything,
+with an OSError that says "no space left on device", names the checkpoint and the free space left; the
+free space is checked against the bytes to write before the first one is.
 
 One manager per root at a time: construction deletes ``.tmp_*`` directories it thinks are stale.
 """
@@ -30,9 +39,15 @@ from typing import Any
 
 import torch
 
-from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+from magi_train.checkpoint.atomic import check_free_space, fsync_dir, replace_dir, write_error, write_file
+from magi_train.checkpoint.tensorfile import TensorSpec, file_size, read_tensor_file, write_tensor_file
 
 MARKER_NAME = "complete.json"
+DISTRIBUTED_INDEX = "index.json"  # the index of a checkpoint written by many ranks (checkpoint/sharded.py)
+DCP_METADATA = ".metadata"  # what the older, pickle-based distributed format (torch.distributed.checkpoint) had
+# Files older versions wrote with pickle (torch.save, DCP): refused by name, never opened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".distcp")
+TENSORS_SUFFIX, JSON_SUFFIX = ".safetensors", ".json"
 MARKER_FORMAT = "magi-train-checkpoint"
 MARKER_VERSION = 1
 
@@ -68,17 +83,25 @@ class CheckpointManager:
     # ------------------------------------------------------------------ writing
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state`` as checkpoint ``step`` atomically, then prune old ones. Returns its path."""
+        """Write ``state`` as checkpoint ``step`` atomically, then prune old ones. Returns its path.
+
+        Each value is either a dict of tensors, saved as ``<key>.safetensors`` (dtypes and key order kept), or
+        a JSON-able value, saved as ``<key>.json`` (dicts with string keys, lists, strings, numbers, booleans,
+        None: nothing JSON would change); anything else raises ValueError naming the key, before anything is
+        written. So does a lack of free space for it (an OSError)."""
         if not state:
             raise ValueError("refusing to save an empty checkpoint state")
-        for key in state:
-            if not isinstance(key, str) or not _STATE_KEY_RE.match(key):
-                raise ValueError(
-                    f"state key {key!r} cannot be a file name; use letters, digits, '_', '.', '-'"
-                )
+        files = dict(_encode(key, value) for key, value in state.items())
+        self._check_writable(step)
+        what = f"saving checkpoint {self.root / step_dir_name(step)}"
+        check_free_space(self.root, sum(size for _, size in files.values()), what)
         tmp = self.begin_save(step)
         try:
-            return self.finish_save(tmp, step, self._write_files(tmp, state))
+            try:
+                digests = self._write_files(tmp, files)
+            except OSError as e:
+                raise write_error(e, what, self.root) from e
+            return self.finish_save(tmp, step, digests)
         except BaseException:
             # Only our own unfinished temp dir is removed; anything already installed stays.
             self.abort_save(tmp)
@@ -89,11 +112,14 @@ class CheckpointManager:
 
     def begin_save(self, step: int) -> Path:
         """Create and return the temporary directory that checkpoint ``step`` is written into."""
+        self._check_writable(step)
+        return Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
+
+    def _check_writable(self, step: Any) -> None:
         if self.read_only:
             raise RuntimeError(f"CheckpointManager({self.root}) was opened read-only")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
-        return Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{step:08d}_{os.getpid()}_", dir=self.root))
 
     def finish_save(self, tmp: Path, step: int, digests: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write the marker for every file in ``tmp``, install it as checkpoint ``step`` and prune.
@@ -127,10 +153,10 @@ class CheckpointManager:
             "files": files,
         }
         # The marker goes last: its presence is what makes the directory a checkpoint.
-        with open(tmp / MARKER_NAME, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_file(tmp / MARKER_NAME, [json.dumps(marker, indent=2).encode("utf-8")])
+        except OSError as e:
+            raise write_error(e, f"saving checkpoint {self.root / step_dir_name(step)}", self.root) from e
         fsync_dir(tmp)
         final = self._install(tmp, step)
         self._prune(keep=final)
@@ -147,16 +173,15 @@ class CheckpointManager:
         if tmp.parent != self.root or not tmp.name.startswith(_NEW_PREFIX):
             raise ValueError(f"{tmp} is not a save directory of CheckpointManager({self.root})")
 
-    def _write_files(self, tmp: Path, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        files: dict[str, dict[str, Any]] = {}
-        for key, value in state.items():
-            path = tmp / f"{key}.pt"
-            with open(path, "wb") as f:
-                torch.save(value, f)
-                f.flush()
-                os.fsync(f.fileno())
-            files[path.name] = file_digest(path)
-        return files
+    def _write_files(self, tmp: Path, files: dict[str, tuple[Any, int]]) -> dict[str, dict[str, Any]]:
+        digests: dict[str, dict[str, Any]] = {}
+        for name, (payload, _) in files.items():
+            if isinstance(payload, bytes):
+                write_file(tmp / name, [payload])
+            else:
+                write_tensor_file(tmp / name, payload)
+            digests[name] = file_digest(tmp / name)
+        return digests
 
     def _install(self, tmp: Path, step: int) -> Path:
         # Re-saving a step keeps the old copy (under _OLD_PREFIX, cleaned up on restart) until the new one
@@ -255,20 +280,20 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def load(self, path: str | Path) -> dict[str, Any]:
-        """Load a checkpoint written by :meth:`save`, after checking every file's sha256."""
+        """Load a checkpoint written by :meth:`save`, after checking every file's sha256: {key: dict of
+        tensors or JSON value}, in the order saved. A file in a pickle-based format (``.pt``, DCP) is
+        refused, naming it, before anything is read."""
         path = Path(path)
-        marker = _verify(path, check_hashes=True)
-        if ".metadata" in marker["files"] and not any(name.endswith(".pt") for name in marker["files"]):
+        names = list(read_marker(path)["files"])
+        refuse_pickles(path, names)
+        if DISTRIBUTED_INDEX in names:
             raise ValueError(
                 f"checkpoint {path} is a distributed (multi-rank) checkpoint: read it with "
                 "magi_train.checkpoint.distributed.read_full_model_state or load_train_state"
             )
-        state: dict[str, Any] = {}
-        for name in marker["files"]:
-            if name.endswith(".pt"):
-                # weights_only=False: our own files hold RNG states and plain Python objects.
-                state[name[: -len(".pt")]] = torch.load(path / name, map_location="cpu", weights_only=False)
-        return state
+        keys = {name: _state_key(path, name) for name in names}  # an unknown kind of file fails before reading
+        _verify(path, check_hashes=True)
+        return {keys[name]: read_state_file(path / name) for name in names}
 
     def resolve_resume(self, spec: str) -> Path | None:
         """``"none"`` -> None, ``"auto"`` -> newest complete checkpoint or None, else a checkpoint path."""
@@ -283,6 +308,110 @@ class CheckpointManager:
             raise NotADirectoryError(f"resume checkpoint {path} is not a directory")
         _verify(path, check_hashes=False)
         return path
+
+
+class PickleCheckpointError(ValueError):
+    """A checkpoint holds a file in a pickle-based format; it is refused, never read."""
+
+
+def old_format_error(path: str | Path) -> PickleCheckpointError:
+    """The error for a checkpoint in the older DCP layout (a ``.metadata`` file)."""
+    return PickleCheckpointError(
+        f"checkpoint {path} is in the older pickle-based format of torch.distributed.checkpoint (it has "
+        f"{DCP_METADATA}): reading it would unpickle {DCP_METADATA} and its .distcp pieces, which can run code "
+        f"from the files, so it is not read. Checkpoints are now safetensors pieces with a JSON "
+        f"{DISTRIBUTED_INDEX}; re-create this one with the current trainer")
+
+
+def refuse_pickles(path: str | Path, names: Any) -> None:
+    """Raise PickleCheckpointError if a file of checkpoint ``path`` named in ``names`` is in a pickle-based
+    format (older versions' torch.save ``.pt`` files, DCP's ``.metadata`` / ``.distcp``)."""
+    names = list(names)
+    if DCP_METADATA in names:
+        raise old_format_error(path)
+    for name in names:
+        if name.endswith(PICKLE_SUFFIXES):
+            raise PickleCheckpointError(
+                f"{Path(path) / name} is a pickle (torch.save, the format of older checkpoints): loading it would "
+                "unpickle it, which can run code from the file, so it is not read. Checkpoints are now "
+                f"safetensors + JSON; re-create this one (released weights: tools/convert_checkpoint.py to-ours)")
+
+
+def read_state_file(file: Path) -> Any:
+    """One file of a checkpoint written by `CheckpointManager.save`: a ``.safetensors`` file's tensors (in
+    the order saved) or a ``.json`` file's value. Hashes are the caller's to check."""
+    file = Path(file)
+    refuse_pickles(file.parent, [file.name])
+    if file.name.endswith(TENSORS_SUFFIX):
+        try:
+            return read_tensor_file(file)
+        except ValueError as e:
+            raise CorruptCheckpointError(str(e)) from e
+    if file.name.endswith(JSON_SUFFIX):
+        try:
+            return json.loads(file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(f"{file} is not valid JSON: {e}") from e
+    raise ValueError(f"{file} is not a file a checkpoint holds (only {TENSORS_SUFFIX} and {JSON_SUFFIX} are read)")
+
+
+def _state_key(path: Path, name: str) -> str:
+    for suffix in (TENSORS_SUFFIX, JSON_SUFFIX):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    raise ValueError(f"{path / name} is not a file a checkpoint holds (only {TENSORS_SUFFIX} and {JSON_SUFFIX} "
+                     "files are read)")
+
+
+def _encode(key: Any, value: Any) -> tuple[str, tuple[Any, int]]:
+    """(file name, (what to write, its size)) of one state entry; ValueError naming the key otherwise."""
+    if not isinstance(key, str) or not _STATE_KEY_RE.match(key):
+        raise ValueError(f"state key {key!r} cannot be a file name; use letters, digits, '_', '.', '-'")
+    if isinstance(value, dict) and value and all(isinstance(t, torch.Tensor) for t in value.values()):
+        name = f"{key}{TENSORS_SUFFIX}"
+        tensors = list(value.items())
+        try:
+            if not all(isinstance(k, str) for k, _ in tensors):
+                raise ValueError("its tensor names must be strings")
+            specs: list[TensorSpec] = [(k, t.dtype, tuple(t.shape)) for k, t in tensors]
+            size = file_size(specs)
+        except ValueError as e:
+            raise ValueError(f"state[{key!r}] cannot be saved as {name}: {e}") from e
+        payload: Any = tensors
+    else:
+        name = f"{key}{JSON_SUFFIX}"
+        problem = _json_problem(value, f"state[{key!r}]")
+        if problem is not None:
+            raise ValueError(f"state[{key!r}] can be saved neither as {key}{TENSORS_SUFFIX} (a dict of tensors "
+                             f"only) nor as {name} (JSON-able values only): {problem}")
+        payload = json.dumps(value, indent=2).encode("utf-8")
+        size = len(payload)
+    if name in (MARKER_NAME, DISTRIBUTED_INDEX):
+        raise ValueError(f"state key {key!r} would be saved as {name}, a name checkpoints reserve")
+    return name, (payload, size)
+
+
+def _json_problem(value: Any, where: str) -> str | None:
+    """What in `value` JSON cannot hold as it is (None when nothing): a round trip must give it back equal."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has the key {k!r}, not a string"
+            problem = _json_problem(v, f"{where}[{k!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            problem = _json_problem(v, f"{where}[{i}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, tuple):
+        return f"{where} is a tuple, which would come back as a list"
+    return f"{where} is a {type(value).__module__}.{type(value).__qualname__}"
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

@@ -5,8 +5,9 @@ subdirectory is chosen by the preset (`model.distill`, `sampler.fp8`); a directo
 error that names what it holds and which preset fits, so a base checkpoint is never sampled as a distilled one.
 
 Our trainer's checkpoints are accepted too: a step directory, or a run's checkpoint root (its newest complete
-checkpoint), written by the trainer under any parallel layout or model-only by tools/convert_checkpoint.py.
-Their saved model config must equal the preset's.
+checkpoint), written by the trainer under any parallel layout or model-only by tools/convert_checkpoint.py
+(`model.safetensors` + `trainer.json`). Their saved model config must equal the preset's. Nothing is unpickled:
+a checkpoint holding a pickle-based file (older versions' `.pt`, DCP's `.metadata`) is refused, naming it.
 
 `load_into` is the one "check against the whole model, shard for this rank, strict load" routine; every
 whole-model state dict (released weights, a teacher, a model-only checkpoint) enters a model through it.
@@ -22,12 +23,15 @@ import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
-from magi_train.checkpoint.manager import MARKER_NAME, CorruptCheckpointError, find_checkpoint, read_marker
+from magi_train.checkpoint.manager import (MARKER_NAME, CorruptCheckpointError, find_checkpoint, read_marker,
+                                           read_state_file, refuse_pickles)
 from magi_train.checkpoint.variants import Variant, resolve_weight_dir
 from magi_train.config.compose import config_to_dict
 from magi_train.config.schema import ModelConfig
 from magi_train.parallel.sharding import shard_state_dict
 
+# The files of a model-only checkpoint (CheckpointManager.save of {"model": tensors, "trainer": JSON}).
+MODEL_FILE, TRAINER_FILE = "model.safetensors", "trainer.json"
 # Fields that only steer how we run a model, never what its weights are.
 _RUNTIME_ONLY_FIELDS = {"name", "layer_spec", "attention_backend", "init_std", "params_dtype"}
 
@@ -46,11 +50,13 @@ def read_our_trainer_state(path: Path) -> Dict[str, Any]:
     parallel layout, or model-only (tools/convert_checkpoint.py to-ours); {} when a model-only one has none."""
     if is_distributed_checkpoint(path):
         return read_trainer_state(path)
-    if "trainer.pt" not in read_marker(path)["files"]:
+    files = read_marker(path)["files"]
+    refuse_pickles(path, files)
+    if TRAINER_FILE not in files:
         return {}
-    trainer = read_checkpoint_file(path, "trainer.pt")
+    trainer = read_checkpoint_file(path, TRAINER_FILE)
     if not isinstance(trainer, Mapping):
-        raise ValueError(f"{path / 'trainer.pt'} holds a {type(trainer).__name__}, not the trainer's state dict")
+        raise ValueError(f"{path / TRAINER_FILE} holds a {type(trainer).__name__}, not the trainer's state dict")
     return dict(trainer)
 
 
@@ -58,23 +64,22 @@ def read_our_model_state(path: Path) -> Dict[str, torch.Tensor]:
     """The whole model's state dict of checkpoint `path` of ours (never its optimizer state)."""
     if is_distributed_checkpoint(path):
         return read_full_model_state(path)
-    return read_checkpoint_file(path, "model.pt")
+    refuse_pickles(path, read_marker(path)["files"])
+    return read_checkpoint_file(path, MODEL_FILE)
 
 
 def read_checkpoint_file(path: Path, name: str) -> Any:
-    """One `.pt` file of model-only checkpoint `path`, checked against the sha256 in its marker."""
+    """One file of model-only checkpoint `path` (`<key>.safetensors`: its tensors; `<key>.json`: its value),
+    checked against the sha256 in its marker. A pickle-based file (`.pt`) is refused, never read."""
     marker = read_marker(path)
     info = marker["files"].get(name)
     if info is None:
         raise FileNotFoundError(f"checkpoint {path} has no {name} ({MARKER_NAME} lists {', '.join(marker['files'])})")
+    refuse_pickles(path, [name])
     with open(path / name, "rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != info["sha256"]:
             raise CorruptCheckpointError(f"{path / name} does not match its sha256 in {MARKER_NAME} (corrupt?)")
-    if name == "model.pt":
-        # Tensors only; mapped, so a model larger than RAM is read as it is used.
-        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
-    # trainer.pt is our own file of plain Python objects.
-    return torch.load(path / name, map_location="cpu", weights_only=False)
+    return read_state_file(path / name)
 
 
 def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Dict[str, torch.Tensor], str]:

@@ -1,11 +1,13 @@
-"""CheckpointManager: atomic saves, pruning, crash recovery, integrity checks, resume resolution."""
+"""CheckpointManager: atomic saves (safetensors + JSON, nothing pickled), pruning, crash recovery, integrity
+checks, resume resolution, and a full disk that says so."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import random
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from magi_train.checkpoint.manager import (MARKER_NAME, CheckpointManager, Corru
 
 
 def make_state(seed: int) -> dict:
+    """What a model-only checkpoint holds: dicts of tensors (any dtype) and JSON-able values."""
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Linear(4, 3)
     with torch.no_grad():
@@ -25,18 +28,17 @@ def make_state(seed: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 4, generator=gen)).sum().backward()
     optimizer.step()
-    rng = random.Random(seed)
+    moments = {f"{name}.{k}": v.clone()  # "step" is a 0-d tensor
+               for (name, p) in model.named_parameters() for k, v in optimizer.state[p].items()}
     return {
         "model": {k: v.clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": moments,
+        "ema": {"weight": torch.randn(3, 4, generator=gen).to(torch.bfloat16), "count": torch.tensor([seed])},
         "extra": {
             "step": seed,
             "data_position": {"shard": 3, "sample": 17 + seed},
-            "python_rng": rng.getstate(),
-            "numpy_rng": np.random.default_rng(seed).bit_generator.state,
-            "torch_rng": gen.get_state(),
-            "bf16": torch.randn(5, generator=gen).to(torch.bfloat16),
-            "config": {"model": {"hidden": 64}, "lr": 1e-3},
+            "losses": [0.5, float(seed), None],
+            "config": {"model": {"hidden": 64}, "lr": 1e-3, "name": "tiny", "flag": True},
         },
     }
 
@@ -70,12 +72,14 @@ def test_round_trip(tmp_path: Path) -> None:
     path = mgr.save(100, state)
 
     assert path == tmp_path / "step_00000100"
-    assert sorted(p.name for p in path.iterdir()) == ["complete.json", "extra.pt", "model.pt", "optimizer.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["complete.json", "ema.safetensors", "extra.json",
+                                                      "model.safetensors", "optimizer.safetensors"]
     marker = json.loads((path / MARKER_NAME).read_text())
     assert marker["step"] == 100
-    assert set(marker["files"]) == {"model.pt", "optimizer.pt", "extra.pt"}
-    assert marker["files"]["model.pt"]["size"] == (path / "model.pt").stat().st_size
-    assert len(marker["files"]["model.pt"]["sha256"]) == 64
+    assert list(marker["files"]) == ["model.safetensors", "optimizer.safetensors", "ema.safetensors", "extra.json"]
+    assert marker["files"]["model.safetensors"]["size"] == (path / "model.safetensors").stat().st_size
+    assert len(marker["files"]["model.safetensors"]["sha256"]) == 64
+    assert json.loads((path / "extra.json").read_text()) == state["extra"]  # plain JSON, readable by anything
 
     assert mgr.latest() == path
     assert_same(mgr.load(path), state)
@@ -131,43 +135,77 @@ def test_resave_same_step_replaces_it(tmp_path: Path) -> None:
     assert dir_names(tmp_path) == ["step_00000007"]
 
 
-def test_exception_during_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def failing_os_write(fail_at: int, error=None, partial: bool = False):
+    """An os.write that fails at its `fail_at`-th call (after writing half of that chunk when `partial`)."""
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(1)
+        if len(calls) == fail_at:
+            if partial:
+                real_write(fd, bytes(memoryview(data)[: len(data) // 2]))
+            raise error if error is not None else OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    return write
+
+
+def test_disk_full_during_write_says_so_and_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=1)
     good = mgr.save(1, make_state(1))
-    real_save = torch.save
-    calls = []
-
-    def failing_save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the first file is already on disk when this happens
-            raise OSError("disk full (simulated)")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    # The third write: model.safetensors' header and first tensor are on disk when the disk fills up.
+    monkeypatch.setattr(os, "write", failing_os_write(3, partial=True))
+    with pytest.raises(OSError) as err:
         mgr.save(2, make_state(2))
     monkeypatch.undo()
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC
+    assert "no space left on device" in message and str(tmp_path / "step_00000002") in message, message
+    assert "model.safetensors" in message and "free" in message, message
 
     assert dir_names(tmp_path) == ["step_00000001"]  # the temp dir was cleaned up
     assert mgr.latest() == good
     assert_same(mgr.load(good), make_state(1))
 
 
+def test_other_write_errors_name_the_file_and_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    monkeypatch.setattr(os, "write", failing_os_write(1, OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as err:
+        mgr.save(2, make_state(2))
+    monkeypatch.undo()
+    assert err.value.errno == errno.EIO
+    message = str(err.value)
+    assert "Input/output error" in message and "no space" not in message, message
+    assert str(tmp_path / "step_00000002") in message and "model.safetensors" in message and "free" in message
+    assert dir_names(tmp_path) == []
+
+
+def test_free_space_is_checked_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    good = mgr.save(1, make_state(1))
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(OSError) as err:
+        mgr.save(2, make_state(2))
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and writes == []  # nothing was written
+    message = str(err.value)
+    assert "no space left on device" in message and str(tmp_path / "step_00000002") in message, message
+    assert "100 bytes free" in message, message
+    assert dir_names(tmp_path) == ["step_00000001"] and mgr.latest() == good
+
+
 def test_hard_crash_during_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=1)
     good = mgr.save(1, make_state(1))
-    real_save = torch.save
-    calls = []
-
-    def dying_save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            f.write(b"half a file")
-            raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this point may run...
-        return real_save(obj, f, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch, "save", dying_save)
+        # KeyboardInterrupt stands in for SIGKILL: nothing after this point may run...
+        patch.setattr(os, "write", failing_os_write(3, KeyboardInterrupt(), partial=True))
         patch.setattr(shutil, "rmtree", lambda *a, **k: None)  # ...so no cleanup either
         with pytest.raises(KeyboardInterrupt):
             mgr.save(2, make_state(2))
@@ -226,7 +264,7 @@ def test_stale_temp_cleanup_spares_checkpoints(tmp_path: Path) -> None:
     mgr.save(1, {"extra": 1})
     shutil.copytree(tmp_path / "step_00000001", tmp_path / ".tmp_old_00000001_9_a")  # superseded copy
     (tmp_path / ".tmp_new_00000002_9_b").mkdir()
-    (tmp_path / ".tmp_new_00000002_9_b" / "model.pt").write_bytes(b"partial")
+    (tmp_path / ".tmp_new_00000002_9_b" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / ".tmp_del_step_00000000_c").mkdir()
     (tmp_path / "step_00000005").mkdir()  # incomplete, but not a temp dir: left alone
     (tmp_path / "notes.txt").write_text("user file")
@@ -249,31 +287,31 @@ def test_truncated_file_is_ignored_and_rejected(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=0)
     good = mgr.save(1, make_state(1))
     broken = mgr.save(2, make_state(2))
-    data = (broken / "optimizer.pt").read_bytes()
-    (broken / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    data = (broken / "optimizer.safetensors").read_bytes()
+    (broken / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
     assert mgr.latest() == good
-    with pytest.raises(CorruptCheckpointError, match=r"optimizer\.pt.*truncated"):
+    with pytest.raises(CorruptCheckpointError, match=r"optimizer\.safetensors.*truncated"):
         mgr.load(broken)
 
 
 def test_corrupted_bytes_fail_the_hash_check(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=0)
     path = mgr.save(1, make_state(1))
-    data = bytearray((path / "model.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, so only the sha256 can notice
-    (path / "model.pt").write_bytes(bytes(data))
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # in the tensor data, same size: only the sha256 can notice
+    (path / "model.safetensors").write_bytes(bytes(data))
     assert mgr.latest() == path
-    with pytest.raises(CorruptCheckpointError, match=r"model\.pt.*sha256"):
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors.*sha256"):
         mgr.load(path)
 
 
 def test_missing_file_is_ignored_and_rejected(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=0)
-    good = mgr.save(1, {"model": torch.ones(2), "extra": 1})
-    broken = mgr.save(2, {"model": torch.ones(2), "extra": 2})
-    (broken / "model.pt").unlink()
+    good = mgr.save(1, {"model": {"w": torch.ones(2)}, "extra": 1})
+    broken = mgr.save(2, {"model": {"w": torch.ones(2)}, "extra": 2})
+    (broken / "model.safetensors").unlink()
     assert mgr.latest() == good
-    with pytest.raises(FileNotFoundError, match=r"model\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         mgr.load(broken)
 
 
@@ -307,17 +345,37 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
     assert dir_names(tmp_path) == []
 
 
+@pytest.mark.parametrize(("state", "message"), [
+    ({"extra": (1, 2)}, r"state\['extra'\] is a tuple"),
+    ({"extra": {"rng": {"state": torch.ones(2)}}}, r"state\['extra'\]\['rng'\]\['state'\] is a torch\.Tensor"),
+    ({"extra": {"state": {0: 1}}}, r"state\['extra'\]\['state'\] has the key 0"),
+    ({"model": {"w": torch.ones(2), "step": 3}}, r"state\['model'\]\['w'\] is a torch\.Tensor"),
+    ({"model": torch.ones(2)}, r"state\['model'\] is a torch\.Tensor"),
+    ({"extra": np.float32(1.0)}, r"state\['extra'\] is a numpy\.float32"),
+    ({"model": {1: torch.ones(2)}}, r"model\.safetensors: its tensor names must be strings"),
+    ({"model": {"w": torch.ones(2, dtype=torch.complex64)}}, r"model\.safetensors.*complex64 cannot be stored"),
+    ({"index": {"a": 1}}, "index.json, a name checkpoints reserve"),
+    ({"complete": 1}, "complete.json, a name checkpoints reserve"),
+])
+def test_values_that_are_neither_tensors_nor_json_are_refused(tmp_path: Path, state: dict, message: str) -> None:
+    # Nothing is pickled: a value that is neither a dict of tensors nor JSON-able (as it is) fails by key.
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    with pytest.raises(ValueError, match=message):
+        mgr.save(1, {"ok": 1, **state})
+    assert dir_names(tmp_path) == []
+
+
 
 def test_save_in_three_calls_for_files_others_wrote(tmp_path: Path) -> None:
     # The multi-rank save: files appear in the temp dir (some hashed by their writers), one process commits.
     mgr = CheckpointManager(tmp_path, keep_last=1)
     mgr.save(1, {"extra": 1})
     tmp = mgr.begin_save(2)
-    (tmp / "__0_0.distcp").write_bytes(b"rank zero")
-    (tmp / "__1_0.distcp").write_bytes(b"rank one")
-    path = mgr.finish_save(tmp, 2, {"__1_0.distcp": file_digest(tmp / "__1_0.distcp")})
+    (tmp / "rank_00000.safetensors").write_bytes(b"rank zero")
+    (tmp / "rank_00001.safetensors").write_bytes(b"rank one")
+    path = mgr.finish_save(tmp, 2, {"rank_00001.safetensors": file_digest(tmp / "rank_00001.safetensors")})
     marker = verify_checkpoint(path)
-    assert sorted(marker["files"]) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(marker["files"]) == ["rank_00000.safetensors", "rank_00001.safetensors"]
     assert dir_names(tmp_path) == ["step_00000002"]  # installed, then pruned to keep_last=1
 
     # A file reported but absent, or of another size than reported, is never installed.
@@ -335,10 +393,10 @@ def test_save_in_three_calls_for_files_others_wrote(tmp_path: Path) -> None:
 
 def test_verify_checkpoint_splits_the_hashing(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=0)
-    path = mgr.save(1, {"a": 1, "b": 2})  # files a.pt, b.pt
-    data = bytearray((path / "b.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size: only b.pt's hash can tell
-    (path / "b.pt").write_bytes(bytes(data))
-    verify_checkpoint(path, share=(0, 2))  # hashes a.pt only
-    with pytest.raises(CorruptCheckpointError, match=r"b\.pt.*sha256"):
+    path = mgr.save(1, {"a": 1, "b": 2})  # files a.json, b.json
+    data = bytearray((path / "b.json").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only b.json's hash can tell
+    (path / "b.json").write_bytes(bytes(data))
+    verify_checkpoint(path, share=(0, 2))  # hashes a.json only
+    with pytest.raises(CorruptCheckpointError, match=r"b\.json.*sha256"):
         verify_checkpoint(path, share=(1, 2))

@@ -216,7 +216,7 @@ def test_checkpoint_not_matching_its_own_config_is_refused(tool, tiny, tmp_path)
     with pytest.raises(tool.ConversionError, match=r"y_embedder\.y_proj_xattn\.0\.weight: expected \(256, 128\), "
                                                    r"checkpoint has \(256, 64\)") as err:
         tool.ours_to_released(tmp_path / "run", tmp_path / "out")
-    assert "model.pt" in str(err.value)
+    assert "model.safetensors" in str(err.value)
 
 
 def test_refuses_to_overwrite_without_force(tool, tiny, tmp_path):
