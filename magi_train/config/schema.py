@@ -235,8 +235,22 @@ class TrainerConfig:
     sample_vae_dir: Optional[str] = None
     save_every: int = 0  # 0 disables periodic checkpoints
     keep_last: int = 2
-    resume: str = "none"  # none | auto | <path to a checkpoint directory>
+    # none: a new run, refused in an output_dir that holds another run's checkpoints or metrics (see overwrite) |
+    # auto: the newest checkpoint that verifies (newer broken ones are skipped with a warning) | <path to a
+    # checkpoint directory>. A resumed run must keep the model, the data order and the seed (see allow_config_change).
+    resume: str = "none"
+    # One run per directory, held by an exclusive lock (<output_dir>/.lock, magi_train/training/run_dir.py). Under
+    # a Hydra multirun (-m) every job trains in <output_dir>/<hydra job number> (magi_train/train.py).
     output_dir: str = "runs/default"
+    # With resume=none: delete the checkpoints, metrics, wandb run id and videos of the run in output_dir
+    # (printed) instead of refusing to start there.
+    overwrite: bool = False
+    # Guarded config fields that a resume may change knowingly (the model's shape-giving fields, the data fields
+    # that pick or order samples, trainer.seed, the global batch): dotted keys or prefixes, e.g.
+    # [data.shards] to switch datasets. Other changes (lr, t shift, max_steps, parallel layout) are printed.
+    allow_config_change: List[str] = field(default_factory=list)
+    # Under torchrun: a worker whose launcher (the torchrun agent) died exits instead of training on as an orphan.
+    exit_with_launcher: bool = True
     # Steps whose loss or gradient norm is NaN/inf are skipped (no update; counted and logged as
     # skipped_steps); more than this many in a row stop the run. 0 stops at the first.
     max_bad_steps: int = 3

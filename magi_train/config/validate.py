@@ -446,6 +446,25 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
         yield "trainer.resume ('') must be 'none', 'auto' or a checkpoint path"
     if not t.output_dir.strip():
         yield "trainer.output_dir ('') must be a directory path"
+    if t.overwrite and t.resume != "none":
+        # A relaunch with the same arguments (a Slurm requeue passes trainer.resume=auto) must never delete the
+        # run it is meant to continue.
+        yield (f"trainer.overwrite=true replaces the run in trainer.output_dir and goes with trainer.resume=none "
+               f"(got {t.resume!r})")
+    from dataclasses import asdict
+
+    def keys(tree: dict, prefix: str = "") -> Iterator[str]:  # every dotted field name of TrainConfig
+        for k, v in tree.items():
+            yield prefix + k
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+
+    known = list(keys(asdict(TrainConfig())))
+    for entry in t.allow_config_change:
+        prefix = entry.rstrip(".")
+        if not prefix or not any(k == prefix or k.startswith(prefix + ".") for k in known):
+            yield (f"trainer.allow_config_change: {entry!r} names no config field (a dotted key such as "
+                   f"'data.shards' or a section prefix such as 'data')")
 
 
 def check_train_layout(cfg: TrainConfig, dp: int, cp_impl: str) -> int:

@@ -1,16 +1,27 @@
-"""Training metrics: one record per logged step, to stdout, a JSON-lines file and wandb (rank 0 only)."""
+"""Training metrics: one record per logged step, to stdout, a JSON-lines file and wandb (rank 0 only).
+
+A resumed run continues the same records: metrics.jsonl is cut back to the steps the run does not train again
+(`rewind_metrics`), and wandb goes on with the run id kept in the output directory (`wandb_run.json`), so a
+run interrupted and resumed any number of times reads as one run in both.
+"""
 
 from __future__ import annotations
 
 import json
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from tqdm.auto import tqdm
 
+from magi_train.checkpoint.atomic import fsync_dir
 from magi_train.config.schema import TrainerConfig, WandbConfig
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_FILE = "wandb_run.json"  # {"id": ...}: the wandb run a resumed run continues
 
 _LINE_KEYS = (("loss", ".4f"), ("eval_loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".2e"), ("tokens_per_s", ".0f"),
               ("samples_per_s", ".2f"), ("mfu", ".3f"), ("time/step", ".3f"), ("skipped_steps", "d"))
@@ -45,16 +56,92 @@ def resolve_wandb_mode(cfg: WandbConfig) -> str:
     return cfg.mode
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """`path` holds either its old or its new content, whatever happens (temp file, fsync, os.replace)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def rewind_metrics(path: Path, step: int) -> Tuple[int, bool]:
+    """Cut metrics file `path` back to the records a run starting at `step` does not log again: those of steps
+    <= `step` (none when `step` is 0: a run from step 0 logs its step-0 evaluation again). Rewritten atomically
+    when anything goes; returns (records dropped, whether one of them was a partial last line, the trace of an
+    interrupted write). Any other line that is not a record is an error naming the line."""
+    if not path.is_file():
+        return 0, False
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept, dropped, partial = [], 0, False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            dropped += 1
+            continue
+        try:
+            rec = json.loads(line)
+            record_step = rec["step"]
+            if not isinstance(record_step, int):
+                raise TypeError(record_step)
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines) and not line.endswith("\n"):
+                dropped, partial = dropped + 1, True
+                continue
+            raise ValueError(f"{path} line {number} is not a metrics record (a JSON object with an integer "
+                             f"'step'): {line[:200]!r} ({type(e).__name__}); fix or remove that line, then resume "
+                             f"again") from None
+        if 0 < step and record_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        _write_atomically(path, "".join(kept))
+    return dropped, partial
+
+
+def _new_wandb_id() -> str:
+    # wandb's own form: 8 characters of [a-z0-9].
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def wandb_run_id(out_dir: Path, continuing: bool) -> Tuple[str, bool]:
+    """(run id, whether it continues a run): the id kept in out_dir/wandb_run.json when `continuing` (a
+    resumed run), else a new one, written there for the runs that resume this one."""
+    path = out_dir / WANDB_RUN_FILE
+    if continuing and path.is_file():
+        try:
+            run_id = json.loads(path.read_text(encoding="utf-8"))["id"]
+            if not (isinstance(run_id, str) and run_id):
+                raise TypeError(run_id)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} does not hold a wandb run id ({{\"id\": \"...\"}}): {e!r}; delete it to "
+                             f"log the resumed run as a new wandb run") from None
+        return run_id, True
+    run_id = _new_wandb_id()
+    _write_atomically(path, json.dumps({"id": run_id}) + "\n")
+    return run_id, False
+
+
 class MetricsLogger:
+    """Rank 0's records of a run that starts (or resumes) at `start_step` into `out_dir`."""
+
     def __init__(self, cfg: TrainerConfig, out_dir: Path, run_config: Dict[str, Any], start_step: int, enabled: bool):
         self.enabled = enabled
         self.max_steps = cfg.max_steps
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         self.bar: Optional[tqdm] = None
         self.wandb = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Records of steps this run trains again (logged before an interruption, after its last checkpoint).
+        dropped, partial = rewind_metrics(self.path, start_step)
+        if dropped:
+            which = f"after step {start_step}" if start_step else "from step 0"
+            print(f"{self.path}: dropped {dropped} record(s) {which}, which this run trains again"
+                  + (" (one a partial last line of an interrupted write)" if partial else ""), flush=True)
         if cfg.progress_bar:
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
         mode = resolve_wandb_mode(cfg.wandb)
@@ -63,9 +150,12 @@ class MetricsLogger:
 
             print(f"wandb: {mode}" + (" (no API key configured)" if cfg.wandb.mode == "auto" and mode == "offline"
                                       else ""), flush=True)
+            run_id, continuing = wandb_run_id(out_dir, continuing=start_step > 0)
+            if continuing:
+                print(f"wandb: continuing run {run_id} ({out_dir / WANDB_RUN_FILE})", flush=True)
             self.wandb = wandb.init(
-                project=cfg.wandb.project, name=cfg.wandb.name, mode=mode, dir=str(out_dir),
-                config=run_config, resume="allow", settings=wandb.Settings(silent=True),
+                project=cfg.wandb.project, name=cfg.wandb.name, mode=mode, dir=str(out_dir), id=run_id,
+                config=run_config, resume="allow" if continuing else None, settings=wandb.Settings(silent=True),
             )
 
     def log(self, rec: Dict[str, Any]) -> None:
