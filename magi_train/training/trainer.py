@@ -433,7 +433,7 @@ class Trainer:
         p = self.parallel
         for model in self.models:
             # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
-            load_into(model, state["model"], path / "model.pt", self.full_shapes, p.tp_rank, p.tp)
+            load_into(model, state["model"], f"{path} (model weights)", self.full_shapes, p.tp_rank, p.tp)
         self.step = int(state["trainer"]["step"])
 
     # ------------------------------------------------------------------ loop

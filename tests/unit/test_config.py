@@ -132,6 +132,21 @@ def test_hydra_run_dir_follows_output_dir():
     assert cfg.hydra.job.chdir is False
 
 
+def test_hydra_multirun_jobs_get_a_directory_each():
+    # Hydra's sweep directory is the output dir, each job's logs in <job number>/hydra/ next to its run
+    # (magi_train/train.py trains job N in trainer.output_dir/N).
+    cfg = compose(["trainer.output_dir=runs/x"], with_hydra=True)
+    assert cfg.hydra.sweep.dir == "runs/x"
+    assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"].startswith("${hydra.job.num}/hydra/")
+
+
+def test_run_directory_fields_compose_with_safe_defaults():
+    t = load().trainer
+    assert (t.overwrite, t.allow_config_change, t.exit_with_launcher) == (False, [], True)
+    assert load(["trainer.allow_config_change=[data.shards,trainer.seed,data]"]).trainer.allow_config_change == [
+        "data.shards", "trainer.seed", "data"]  # dotted keys and section prefixes
+
+
 def test_plain_dict_round_trip():
     # A config saved as YAML (e.g. next to a checkpoint) types and validates the same way.
     cfg = load(["experiment=tiny"])
@@ -223,6 +238,9 @@ def test_wrong_type_fails_naming_the_key():
         (["trainer.keep_last=-1"], "trainer.keep_last (-1)"),
         (["trainer.save_every=-1"], "trainer.save_every (-1)"),
         (["trainer.log_every=0"], "trainer.log_every (0)"),
+        (["trainer.overwrite=true", "trainer.resume=auto"],
+         "trainer.overwrite=true replaces the run in trainer.output_dir and goes with trainer.resume=none (got 'auto')"),
+        (["trainer.allow_config_change=[dta.shards]"], "trainer.allow_config_change: 'dta.shards' names no config field"),
         # parallel
         (["parallel.tp=0"], "parallel.tp (0)"),
         (["parallel.dp=0"], "parallel.dp (0)"),

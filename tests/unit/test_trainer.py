@@ -153,3 +153,126 @@ def test_an_objective_sets_per_step_state_flops_and_metrics(tmp_path, parallel):
     assert trainer.last_flops == 2 * plain.last_flops
     # The same draws and targets as the built-in flow matching: the same losses.
     assert losses(history) == losses(plain_history)
+
+
+# ---------------------------------------------------------------- one run per output directory
+def test_a_second_trainer_on_a_held_output_dir_fails_naming_the_first(tmp_path, parallel):
+    import os
+
+    from magi_train.training.run_dir import RunDirError
+
+    cfg = tiny_config(tmp_path, max_steps=2)
+    first = Trainer(cfg, parallel)
+    with pytest.raises(RunDirError, match=rf"{tmp_path} is in use by another trainer: pid {os.getpid()}"):
+        Trainer(replace(cfg, trainer=replace(cfg.trainer, resume="auto")), parallel)
+    first.fit()  # the run is over: the directory is free
+    assert Trainer(replace(cfg, trainer=replace(cfg.trainer, resume="auto")), parallel).step == 2
+
+
+def test_a_new_run_refuses_another_runs_directory_unless_told_to_overwrite(tmp_path, parallel, capsys):
+    import json
+
+    from magi_train.training.run_dir import RunDirError
+
+    cfg = tiny_config(tmp_path, max_steps=3, save_every=2)
+    Trainer(cfg, parallel).fit()
+    with pytest.raises(RunDirError) as info:
+        Trainer(cfg, parallel)
+    message = str(info.value)
+    assert "step_00000003" in message and "metrics" in message
+    assert all(way in message for way in ("trainer.resume=auto", "another trainer.output_dir", "trainer.overwrite=true"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+
+    capsys.readouterr()
+    again = Trainer(replace(cfg, trainer=replace(cfg.trainer, overwrite=True, max_steps=1)), parallel)
+    assert "trainer.overwrite=true: removed the previous run" in capsys.readouterr().out
+    assert again.step == 0 and list((tmp_path / "checkpoints").iterdir()) == []
+    again.fit()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+# ---------------------------------------------------------------- resume=auto over broken checkpoints
+def _damage(path, how):
+    """Flip one byte of a checkpoint file (its size stays) or cut its last byte; files from its marker."""
+    from magi_train.checkpoint.manager import read_marker
+
+    name = sorted(read_marker(path)["files"])[0]
+    file = path / name
+    data = bytearray(file.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[-1]
+    file.write_bytes(bytes(data))
+
+
+def test_resume_auto_takes_the_newest_checkpoint_that_verifies_and_says_why_it_skipped_others(tmp_path, parallel,
+                                                                                             capsys):
+    from magi_train.checkpoint.manager import CorruptCheckpointError
+
+    cfg = tiny_config(tmp_path, max_steps=6, save_every=2, keep_last=5)
+    Trainer(cfg, parallel).fit()
+    root = tmp_path / "checkpoints"
+    _damage(root / "step_00000006", "flip")
+    _damage(root / "step_00000004", "cut")
+    auto = replace(cfg, trainer=replace(cfg.trainer, resume="auto"))
+    capsys.readouterr()
+    trainer = Trainer(auto, parallel)
+    out = capsys.readouterr().out
+    assert trainer.step == 2 and f"resumed from {root / 'step_00000002'} at step 2" in out
+    assert f"warning: trainer.resume=auto skips {root / 'step_00000006'}" in out and "sha256" in out
+    assert f"warning: trainer.resume=auto skips {root / 'step_00000004'}" in out and "truncated" in out
+    trainer.close()
+    # An explicit path that fails still raises.
+    with pytest.raises(CorruptCheckpointError, match="step_00000006.*sha256"):
+        Trainer(replace(cfg, trainer=replace(cfg.trainer, resume=str(root / "step_00000006"))), parallel)
+    # None verifies: the run stops naming each, rather than starting from scratch over them.
+    _damage(root / "step_00000002", "flip")
+    with pytest.raises(CorruptCheckpointError) as info:
+        Trainer(auto, parallel)
+    message = str(info.value)
+    assert all(f"step_0000000{s}:" in message for s in (2, 4, 6)) and "from scratch" in message
+
+
+# ---------------------------------------------------------------- resume with another config
+def test_resume_refuses_a_changed_seed_or_data_and_prints_other_changes(tmp_path, parallel, capsys):
+    from magi_train.training.resume_config import ConfigChangeError
+
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=2)
+    Trainer(cfg, parallel).fit()
+    auto = replace(cfg, trainer=replace(cfg.trainer, resume="auto", max_steps=4))
+    changed = replace(auto, data=replace(cfg.data, seed=7, global_batch_size=4),
+                      trainer=replace(auto.trainer, seed=99))
+    with pytest.raises(ConfigChangeError) as info:
+        Trainer(changed, parallel)
+    message = str(info.value)
+    assert "data.seed: checkpoint 0, now 7" in message and "trainer.seed: checkpoint 1234, now 99" in message
+    assert "checkpoint 2 samples per step, now 4" in message and "trainer.allow_config_change=[" in message
+    capsys.readouterr()
+    allowed = replace(changed, trainer=replace(changed.trainer, allow_config_change=["data", "trainer.seed"]))
+    Trainer(allowed, parallel).close()
+    assert "(allowed by trainer.allow_config_change)" in capsys.readouterr().out
+    # The learning rate and the t shift may change: printed, then resumed.
+    other = replace(auto, optimizer=replace(cfg.optimizer, lr=1e-3), diffusion=replace(cfg.diffusion, t_shift=0.5))
+    trainer = Trainer(other, parallel)
+    out = capsys.readouterr().out
+    assert trainer.step == 2 and "optimizer.lr: checkpoint 0.002, now 0.001" in out and "diffusion.t_shift" in out
+    assert "trainer.max_steps: checkpoint 2, now 4" in out
+    trainer.close()
+
+
+# ---------------------------------------------------------------- metrics that continue
+def test_resume_rewrites_metrics_to_the_resumed_step_so_every_step_is_logged_once(tmp_path, parallel):
+    import json
+
+    cfg = tiny_config(tmp_path, max_steps=6, save_every=2)
+    Trainer(cfg, parallel).fit(until=3)  # checkpoint at 2; step 3 logged after it
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:  # as if the run had gone on to step 4 and died writing step 5
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
+    resumed = Trainer(replace(cfg, trainer=replace(cfg.trainer, resume="auto")), parallel)
+    assert resumed.step == 3  # fit(until=3) saved its final step
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
