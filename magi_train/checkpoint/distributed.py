@@ -58,7 +58,7 @@ from magi_train.checkpoint import sharded
 from magi_train.checkpoint.atomic import check_free_space, write_error, write_file
 from magi_train.checkpoint.magi1 import check_state_dict
 from magi_train.checkpoint.manager import (DCP_METADATA, CheckpointManager, CorruptCheckpointError, file_digest,
-                                           old_format_error, read_marker, step_dir_name, verify_checkpoint)
+                                           read_marker, refuse_pickles, step_dir_name, verify_checkpoint)
 from magi_train.model.dit import VideoDiT
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.plan import plan_of, shard_spec
@@ -319,11 +319,11 @@ def is_distributed_checkpoint(path: str | Path) -> bool:
 
 
 def _format_checked(path: Path) -> Dict[str, Any]:
-    """The marker of checkpoint `path`, after refusing the older DCP format (before any file is hashed or read)."""
+    """The marker of checkpoint `path`, after refusing the older DCP format and any other pickle-based file
+    it lists (before any file is hashed or read)."""
     marker = read_marker(path)
+    refuse_pickles(path, marker["files"])
     if INDEX_FILE not in marker["files"]:
-        if DCP_METADATA in marker["files"]:
-            raise old_format_error(path)
         raise ValueError(f"checkpoint {path} was not written by save_train_state (it has no {INDEX_FILE})")
     return marker
 
