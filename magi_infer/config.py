@@ -19,6 +19,9 @@ class CheckpointConfig:
     # A released model directory (holding inference_weight[.fp8][.distill]/), or a checkpoint of our
     # trainer (a directory with complete.json, or a run's checkpoint root: its newest complete one).
     dir: Optional[str] = None
+    # A sha256sum-format manifest (`<hex>  <file name>` lines, tools/hash_weights.py writes one) the released
+    # shard files must match; a SHA256SUMS file beside the shards is checked without it.
+    sha256: Optional[str] = None
 
 
 @dataclass
@@ -61,7 +64,10 @@ class GenerateConfig:
     prefix_video: Optional[str] = None  # v2v prefix
     prefix_frames: Optional[int] = None  # v2v: frames of the prefix used (None = all; released 32)
     num_frames: int = 96  # output frames (t2v/i2v: the whole video; v2v: the continuation)
-    output: str = "out.mp4"
+    output: str = "out.mp4"  # .mp4 (or .m4v / .mov); its directory must exist
+    overwrite: bool = False  # replace an existing `output`; false: an existing file is an error, before any work
+    allow_empty_prompt: bool = False  # an empty prompt means unconditional generation: say so explicitly
+    check_memory: bool = True  # estimate the generation's memory first and stop if it cannot fit (magi_infer/memory.py)
     seed: int = 1234
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: ComputeDType = ComputeDType.auto  # of the DiT: auto = the preset's params_dtype on CUDA, float32 on CPU
@@ -74,6 +80,13 @@ SCHEMA_NAME = "generate_schema"
 MODES = tuple(choices(GenerateMode))
 TEMPORAL = 4  # pixel frames per latent frame (the VAE's temporal factor)
 SPATIAL = 8  # pixels per latent pixel (the VAE's spatial factor)
+
+
+def runtime_model(c: GenerateConfig):
+    """The model config the engine runs: the preset with `dtype` applied (a copy; `c` keeps describing the preset)."""
+    import dataclasses
+
+    return c.model if c.dtype == "auto" else dataclasses.replace(c.model, params_dtype=c.dtype)
 
 
 def register_generate_config() -> None:
@@ -141,6 +154,11 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
         errors.append(f"prompt must be a string or a non-empty list of strings, got {c.prompt!r}")
     if c.num_frames < 1:
         errors.append(f"num_frames={c.num_frames} must be >= 1")
+    if c.prefix_frames is not None and c.prefix_frames < 1:
+        errors.append(f"prefix_frames={c.prefix_frames} must be >= 1 (or null: the whole prefix_video)")
+    if c.mode in ("i2v", "v2v") and c.vae.kind == "preview":
+        errors.append(f"mode={c.mode} needs a VAE that encodes {'the image' if c.mode == 'i2v' else 'the prefix'}; "
+                      "vae.kind=preview only decodes latents to colours: use vae.kind=vit with vae.dir=PATH")
     # Released rule (MagiConfig.post_validation): guidance was distilled into distill/fp8 weights.
     guided = not (c.model.distill or s.fp8)
     if s.cfg_number != (3 if guided else 1):
@@ -165,6 +183,12 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
                       f"{' or '.join(repr(m) for m in SHORTCUT_MODES)}")
     if c.video.fps < 1 or c.video.height < 1 or c.video.width < 1:
         errors.append("video.fps, video.height and video.width must be positive")
+    unit = SPATIAL * c.model.patch_size
+    if unit > 0 and (c.video.height % unit or c.video.width % unit):
+        errors.append(f"video.height={c.video.height} and video.width={c.video.width} must be multiples of {unit} "
+                      f"(VAE factor {SPATIAL} x model.patch_size {c.model.patch_size})")
+    if c.video.crf is not None and not 0 <= c.video.crf <= 51:
+        errors.append(f"video.crf={c.video.crf} must lie in [0, 51] (x264's range; null = x264's default, 23)")
     errors.extend(_check_parallel(c))
     if c.dtype not in choices(ComputeDType):
         errors.append(f"dtype={_show(c.dtype)} is not one of {', '.join(choices(ComputeDType))}")

@@ -11,11 +11,17 @@ for i2v/v2v returns extra frames, model/README.md §11): the output has exactly 
 * v2v: the continuation only; the prefix (any length, rounded down to whole latent frames) is not repeated.
 Prefix latent frames are decoded from the clean prefix latents, not from the sampler's final values
 (which carry one last Euler increment on top of them).
+
+Checks come first (magi_infer/preflight.py): the constructor checks the config, the model's input directories
+and the memory estimate before it reads a weight; `generate` checks the request (output path, prompts, image,
+prefix video) before it samples. The video is published only when complete, never over an existing file
+unless the request says `overwrite` (magi_train/data/video_io.py `StreamingMp4Writer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -27,31 +33,17 @@ import torch
 from tqdm import tqdm
 
 from magi_train.parallel.comm import broadcast_tensor
-from magi_infer.config import MODES, SPATIAL, TEMPORAL, GenerateConfig
+from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
+from magi_infer.preflight import PreflightError, engine_device, preflight, request_problems, resolve_device  # noqa: F401
+from magi_infer.request import Request
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.checkpoint.weights import load_weights
 from magi_train.model.dit import DTYPES
 from magi_train.parallel.parallelize import build_model
 from magi_train.parallel.groups import Parallel
+
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-@dataclass
-class Request:
-    prompts: List[str]
-    mode: str = "t2v"
-    num_frames: int = 96
-    seed: int = 1234
-    image: Optional[str] = None
-    prefix_video: Optional[str] = None
-    prefix_frames: Optional[int] = None
-    output: str = "out.mp4"
-
-    @staticmethod
-    def from_config(cfg: GenerateConfig) -> "Request":
-        prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else [str(p) for p in cfg.prompt]
-        return Request(prompts, cfg.mode, cfg.num_frames, cfg.seed, cfg.image, cfg.prefix_video, cfg.prefix_frames,
-                       cfg.output)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,12 +56,6 @@ class Result:
     chunk_seconds: List[float] = field(default_factory=list)  # time from start to each chunk's frames on disk
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class InferenceEngine:
     """Built on every rank of a model-parallel job (`parallel`: tp x cp x pp ranks, one request at a time).
 
@@ -80,18 +66,17 @@ class InferenceEngine:
     def __init__(self, cfg: GenerateConfig, parallel: Optional[Parallel] = None):
         self.parallel = parallel
         self.distributed = parallel is not None and parallel.world_size > 1
-        # Multi-process, `auto` is this rank's device (torchrun's LOCAL_RANK GPU with nccl, the CPU with gloo).
-        self.device = parallel.device if self.distributed and cfg.device == "auto" else resolve_device(cfg.device)
+        self.device = engine_device(cfg, parallel)
         self.is_main = parallel is None or parallel.is_main
         if self.distributed and self.device.type != parallel.device.type:
             raise ValueError(f"device={cfg.device} ({self.device.type}) does not fit the process group's backend "
                              f"(parallel.backend={cfg.parallel.backend}, tensors on {parallel.device.type}): "
                              "nccl needs device=cuda, gloo device=cpu")
-        if cfg.dtype != "auto":  # a copy: the caller's config keeps describing the preset
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype=cfg.dtype))
+        preflight(cfg, parallel)  # the config, the model's inputs and the memory, before any weight is read
+        cfg = dataclasses.replace(cfg, model=runtime_model(cfg))  # a copy: the caller's keeps describing the preset
         self.cfg = cfg
-        if cfg.ckpt.dir is None:
-            raise ValueError("ckpt.dir is required: a released MAGI-1 model directory or a checkpoint of ours")
+        if cfg.ckpt.sha256 is not None:
+            self._verify_manifest()
         state, source = load_weights(cfg.ckpt.dir, cfg.model, cfg.sampler.fp8)
         self.model = build_model(cfg.model, state, source, parallel, cfg.sampler.fp8).to(self.device).eval()
         # Every rank builds caption rows, but with pipeline parallelism only the first stage has y_embedder.
@@ -105,6 +90,21 @@ class InferenceEngine:
         self.vae = self._build_vae()
 
     # ------------------------------------------------------------------ components
+    def _verify_manifest(self) -> None:
+        """Check the released shards against ckpt.sha256 before they are read (the loader checks a SHA256SUMS
+        beside them by itself)."""
+        from magi_train.checkpoint.magi1 import MANIFEST_NAME, verify_sha256
+        from magi_train.checkpoint.variants import Variant, resolve_weight_dir
+
+        ck, mc, fp8 = self.cfg.ckpt, self.cfg.model, self.cfg.sampler.fp8
+        weight_dir, _ = resolve_weight_dir(ck.dir, Variant(distill=mc.distill, fp8=fp8),
+                                           wanted_by=f"model.distill={mc.distill}, sampler.fp8={fp8}")
+        if Path(ck.sha256).resolve() != (weight_dir / MANIFEST_NAME).resolve():
+            try:
+                verify_sha256(weight_dir, ck.sha256)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"ckpt.sha256={ck.sha256}: {e}") from e
+
     def _build_text_encoder(self):
         tc, mc = self.cfg.text, self.cfg.model
         if tc.encoder == "hash":
@@ -195,6 +195,7 @@ class InferenceEngine:
         if self.is_main:
             if self.cfg.text.encoder == "t5":
                 prompts = [prepare_prompt(p) for p in prompts]
+            self._warn_long_prompts(list(prompts))
             emb, emb_mask = self.text_encoder.encode(list(prompts))
             rows = build_caption_rows(emb.float().cpu(), emb_mask.float().cpu(), special_tokens=self.special_tokens,
                                       null_caption_embedding=self.null_caption, infer_chunk_num=num_chunks,
@@ -206,16 +207,26 @@ class InferenceEngine:
             y, mask = (broadcast_tensor(v, group, 0, self.device) for v in (y, mask))
         return Captions(y, mask)
 
+    def _warn_long_prompts(self, prompts: List[str]) -> None:
+        """The released pipeline cuts a long prompt without a word; we cut it the same way but say so."""
+        tc, mc = self.cfg.text, self.cfg.model
+        specials = len(self._caption_options().keys())
+        limit = min(self.text_encoder.max_length, mc.caption_max_length - specials)
+        what = "T5 tokens, EOS included" if tc.encoder == "t5" else "words (hash encoder)"
+        limits = (f"text.max_length={tc.max_length}, " if tc.encoder == "t5" else "") + \
+            f"model.caption_max_length={mc.caption_max_length} less {specials} special tokens"
+        for i, count in enumerate(self.text_encoder.token_counts(prompts)):
+            if count > limit:
+                logger.warning("prompt %d has %d %s; only the first %d condition the video, the rest is cut (%s)",
+                               i, count, what, limit, limits)
+
     # ------------------------------------------------------------------ generation
     def generate(self, req: Request, output: Optional[str] = None) -> Result:
         from magi_train.data.video_io import StreamingMp4Writer
 
-        if req.mode not in MODES:
-            raise ValueError(f"mode={req.mode!r} is not one of {list(MODES)}")
-        if req.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {req.num_frames}")
-        if not req.prompts:
-            raise ValueError("prompt is empty: give a string or a list of strings (one per chunk)")
+        errors = request_problems(self.cfg, req, self.is_main, output)  # before any sampling
+        if errors:
+            raise PreflightError("cannot generate:\n  " + "\n  ".join(errors))
         start = time.perf_counter()
         cw = self.cfg.model.chunk_width
         h, w = self._latent_size()
@@ -242,7 +253,8 @@ class InferenceEngine:
             bar.set_postfix(chunks=f"{done_chunks}/{num_chunks - P // cw}")
 
         # Only rank 0 writes; the other ranks take part in the sampling and the decode (a collective).
-        output_file = StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf) if self.is_main else nullcontext()
+        output_file = (StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf, overwrite=req.overwrite)
+                       if self.is_main else nullcontext())
         with output_file as writer:
             for chunk in self.sampler.sample(noise, captions, prefix, on_step=on_step):
                 latent = chunk.latent.clone()

@@ -5,8 +5,13 @@
     ... mode=i2v image=cat.png          ... mode=v2v prefix_video=clip.mp4 num_frames=48
     ... prompt='[a calm sea, a storm rises, lightning strikes]'        (one prompt per chunk)
 
-Every runtime knob is a Hydra override (conf/generate.yaml, magi_infer/config.py). The video is written
-chunk by chunk to `<output>.partial` (playable while it grows) and renamed to `output` when complete.
+Every runtime knob is a Hydra override (conf/generate.yaml, magi_infer/config.py). Before anything is built
+(magi_infer/preflight.py) the config, the model's input directories, the output path, the prompts, the image or
+prefix video and the memory estimate are checked, and every problem is reported at once. The video is written
+chunk by chunk to a new temporary file beside `output`, `.<output name>.<random>.partial` (logged; playable while
+it grows), and published as `output` when complete. An existing `output` is never replaced unless
+`overwrite=true`; if one appears while generating, the complete video stays in the temporary file and the
+error names it.
 
 Several GPUs serve one request together (same video as one process):
 
@@ -30,22 +35,26 @@ from omegaconf import DictConfig  # noqa: E402
 
 from magi_infer.config import register_generate_config, to_generate_config  # noqa: E402
 from magi_infer.engine import InferenceEngine, Request  # noqa: E402
+from magi_infer.preflight import preflight  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
 
 
 def run(cfg: DictConfig):
     gen_cfg = to_generate_config(cfg)
+    request = Request.from_config(gen_cfg)
+    # The process group first (cheap): it says which rank writes the output and which GPU this rank measures.
     parallel = init_parallel(gen_cfg.parallel)
     try:
         if parallel.dp > 1:
             raise ValueError(f"{parallel.world_size} processes with parallel.tp x parallel.cp x parallel.pp = "
                              f"{parallel.tp} x {parallel.cp} x {parallel.pp} leave parallel.dp={parallel.dp}: inference "
                              "runs one request on all ranks; start exactly tp x cp x pp processes")
+        preflight(gen_cfg, parallel, request)  # every check of config, inputs, output and memory, before the engine
         engine = InferenceEngine(gen_cfg, parallel=parallel)
         if parallel.is_main:
             print(f"loaded {engine.source} (model={gen_cfg.model.name}, cfg_number={gen_cfg.sampler.cfg_number}, "
                   f"{gen_cfg.sampler.num_steps} steps/chunk, fp8={gen_cfg.sampler.fp8}) on {engine.device}", flush=True)
-        result = engine.generate(Request.from_config(gen_cfg))
+        result = engine.generate(request)
         if parallel.is_main:
             print(f"wrote {result.output}: {result.frames} frames {gen_cfg.video.width}x{gen_cfg.video.height} at "
                   f"{gen_cfg.video.fps} fps, {result.chunks} chunks, {result.model_calls} sampler steps, "

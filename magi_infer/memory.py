@@ -9,16 +9,27 @@
   values the call attends over. Kernels' own workspaces are not counted.
 * T5-XXL encoder (fp32, 4.76e9 parameters) and the ViT VAE are separate rows: T5 runs on the CPU for the
   released 4.5B configs and on the GPU for 24B.
+
+`generation_rows` turns one generate config into rows per memory pool (the DiT's device, host memory) and phase
+(while the weights load: the whole state dict as read plus this rank's model built on the CPU; while sampling),
+with this rank's share under tp / cp / pp. `memory_problem` compares each pool's peak with what is free
+(`torch.cuda.mem_get_info`, or MemAvailable of /proc/meminfo) and says what does not fit and which settings
+reduce it. The rows are an estimate: allocator slack, kernels' workspaces and the VAE's decode activations
+are not counted, so a generation that passes can still run short by a little, never by the large amounts
+(a whole KV cache, a model too big for the device) the check exists for.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Dict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
 from magi_train.config.schema import ModelConfig
 from magi_train.model.dit import DTYPES, build_dit, module_dtype_plan
 
@@ -63,8 +74,10 @@ def tokens(cfg: ModelConfig, height: int, width: int, latent_frames: int) -> int
     return latent_frames // cfg.t_patch_size * (height // 8 // cfg.patch_size) * (width // 8 // cfg.patch_size)
 
 
-def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window: int, fp8: bool) -> MemoryEstimate:
-    """Bytes of one generation; guidance passes run one after another, so cfg_number does not change the peak."""
+def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window: int, fp8: bool,
+             released_text_and_vae: bool = True) -> MemoryEstimate:
+    """Bytes of one generation; guidance passes run one after another, so cfg_number does not change the peak.
+    `released_text_and_vae=False` leaves the t5 and vae fields 0 (counting them imports transformers)."""
     itemsize = DTYPES[cfg.params_dtype].itemsize
     latents = math.ceil(math.ceil(num_frames / 4) / cfg.chunk_width) * cfg.chunk_width
     video_tokens = tokens(cfg, height, width, latents)
@@ -76,7 +89,8 @@ def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window:
     # the whole attended range (cache + call).
     act = call_tokens * (4 * cfg.hidden_size * 4 + widest * itemsize + 3 * cfg.num_attention_heads * cfg.kv_channels * itemsize)
     act += (window + 1 + window) * chunk_tokens * cfg.num_query_groups * 2 * cfg.kv_channels * itemsize
-    return MemoryEstimate(dit_weight_bytes(cfg, fp8), kv, int(act), 4 * t5_xxl_encoder_params(), 2 * vae_params())
+    t5, vae = (4 * t5_xxl_encoder_params(), 2 * vae_params()) if released_text_and_vae else (0, 0)
+    return MemoryEstimate(dit_weight_bytes(cfg, fp8), kv, int(act), t5, vae)
 
 
 def t5_xxl_encoder_params() -> int:
@@ -93,8 +107,149 @@ def measured_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def vae_params() -> int:
+def vae_params(vae_dir: Optional[str] = None) -> int:
+    """Parameters of the ViT VAE in `vae_dir` (its config.json's ddconfig), else of the released one."""
     from magi_train.model.vae import ViTVAE
 
+    ddconfig = RELEASED_VAE_DDCONFIG
+    if vae_dir is not None:
+        try:
+            ddconfig = json.loads((Path(vae_dir) / "config.json").read_text())["ddconfig"]
+        except (OSError, ValueError, KeyError, TypeError):  # the engine reports a broken VAE directory itself
+            pass
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in ViTVAE(ddconfig).parameters())
+    except (TypeError, ValueError, KeyError):
+        with torch.device("meta"):
+            return sum(p.numel() for p in ViTVAE(RELEASED_VAE_DDCONFIG).parameters())
+
+
+# ---------------------------------------------------------------------------- one generation, per pool
+
+GIB = 2**30
+DEVICE, HOST = "device", "host"
+LOAD, RUN = "loading the weights", "sampling"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    nbytes: int
+    pool: str  # DEVICE (where the DiT runs; the same memory as HOST on a CPU) or HOST
+    phases: Tuple[str, ...]  # when it is held: LOAD and/or RUN
+
+
+def peak(rows: List[Row], pool: str) -> Tuple[int, str]:
+    """(bytes, phase) of the pool's fullest phase."""
+    return max(((sum(r.nbytes for r in rows if r.pool == pool and phase in r.phases), phase) for phase in (LOAD, RUN)),
+               key=lambda t: t[0])
+
+
+def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True) -> List[Row]:
+    """This rank's memory for `cfg` (rank 0 also runs T5), pooled by where it lives. On a CPU device every row
+    is host memory."""
+    mc, s, p, v = runtime_model(cfg), cfg.sampler, cfg.parallel, cfg.video
+    cuda = device_type == "cuda"
+    frames = cfg.num_frames + ((cfg.prefix_frames or 0) if cfg.mode == "v2v" else 0)
+    est = estimate(mc, v.height, v.width, frames, s.window_size, s.fp8, released_text_and_vae=False)
+    itemsize = DTYPES[mc.params_dtype].itemsize
+    chunks = math.ceil(math.ceil(frames / TEMPORAL) / mc.chunk_width)
+    latent_frames = chunks * mc.chunk_width
+    channels = mc.in_channels // (2 if mc.half_channel_vae else 1)
+    latent_px = (v.height // SPATIAL) * (v.width // SPATIAL)
+    kv_share = p.pp * min(p.tp * p.cp, mc.num_query_groups)  # heads split over tp x cp, replicated past the groups
+    video_tokens = tokens(mc, v.height, v.width, latent_frames)
+    rows = [
+        Row(f"DiT weights ({mc.params_dtype}{', fp8 linears' if s.fp8 else ''}; this rank's share of "
+            f"tp={p.tp} x pp={p.pp})", est.weights // (p.tp * p.pp), DEVICE, (LOAD, RUN) if not cuda else (RUN,)),
+        Row("the whole state dict as read from ckpt.dir (every rank reads all of it)", est.weights, HOST, (LOAD,)),
+    ]
+    if cuda:
+        rows.append(Row("this rank's model, built on the CPU before it moves to the GPU", est.weights // (p.tp * p.pp),
+                        HOST, (LOAD,)))
+    if s.kv_cache:
+        rows.append(Row(f"KV cache ({mc.params_dtype}, {video_tokens} tokens x {mc.num_layers} layers; this rank's "
+                        f"share: 1/{kv_share})", est.kv_cache // kv_share, HOST if s.kv_offload else DEVICE, (RUN,)))
+    rows += [
+        Row(f"activations of the largest DiT call ({s.window_size}-chunk window; 1/{p.tp * p.cp} of it)",
+            est.activations // (p.tp * p.cp), DEVICE, (RUN,)),
+        Row(f"latents, noise and sampler state (fp32, {latent_frames} latent frames)",
+            2 * channels * latent_frames * latent_px * 4, DEVICE, (RUN,)),
+        Row(f"caption rows (fp32, {chunks} chunks x {mc.caption_max_length} tokens)",
+            2 * chunks * mc.caption_max_length * mc.caption_channels * 4, DEVICE, (RUN,)),
+    ]
+    if is_main and cfg.text.encoder == "t5":
+        on_gpu = cuda and str(cfg.text.device).startswith("cuda")
+        rows.append(Row(f"T5 encoder (fp32, on text.device={cfg.text.device})", 4 * t5_encoder_params(cfg.text.t5_dir),
+                        DEVICE if on_gpu else HOST, (RUN,)))
+    if cfg.vae.kind == "vit":
+        vae_itemsize = (2 if cuda else 4) if cfg.vae.dtype == "auto" else DTYPES[cfg.vae.dtype].itemsize
+        rows.append(Row(f"VAE weights ({'bfloat16' if vae_itemsize == 2 else 'float32'})",
+                        vae_itemsize * vae_params(cfg.vae.dir), DEVICE, (RUN,)))
+    if not cuda:
+        rows = [Row(r.name, r.nbytes, HOST, r.phases) for r in rows]
+    return rows
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of `device` (CUDA: mem_get_info), or of the host (MemAvailable); None if it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_problem(cfg: GenerateConfig, device: torch.device, is_main: bool = True) -> Optional[str]:
+    """None when the generation fits in what `device` and the host have free; else what does not, in GiB."""
+    rows = generation_rows(cfg, device.type, is_main)
+    pools = [(DEVICE, device, str(device))] if device.type == "cuda" else []
+    pools.append((HOST, torch.device("cpu"), "host memory"))
+    short = []
+    for pool, where, label in pools:
+        need, phase = peak(rows, pool)
+        have = available_bytes(where)
+        if have is None or need <= have:
+            continue
+        lines = [f"  {label}: {need / GIB:.2f} GiB needed while {phase}, {have / GIB:.2f} GiB free"]
+        lines += [f"    {r.nbytes / GIB:10.2f} GiB  {r.name}" for r in rows if r.pool == pool and phase in r.phases]
+        short.append("\n".join(lines))
+    if not short:
+        return None
+    return ("this generation does not fit in memory (an estimate; check_memory=false skips the check):\n"
+            + "\n".join(short) + "\n  reduce it with: " + ", ".join(_knobs(cfg, device)))
+
+
+def _knobs(cfg: GenerateConfig, device: torch.device) -> List[str]:
+    mc, v = runtime_model(cfg), cfg.video
+    knobs = [f"num_frames (now {cfg.num_frames})", f"video.height / video.width (now {v.height}x{v.width})",
+             f"more processes: parallel.cp / parallel.pp / parallel.tp (now {cfg.parallel.cp} / {cfg.parallel.pp} / "
+             f"{cfg.parallel.tp})"]
+    if DTYPES[mc.params_dtype].itemsize == 4:
+        knobs.append("dtype=bfloat16 (now float32)")
+    if device.type == "cuda" and cfg.sampler.kv_cache and not cfg.sampler.kv_offload:
+        knobs.append("sampler.kv_offload=true (the KV cache in host memory)")
+    if device.type == "cuda" and cfg.text.encoder == "t5" and str(cfg.text.device).startswith("cuda"):
+        knobs.append("text.device=cpu (T5 off the GPU)")
+    return knobs
+
+
+def t5_encoder_params(t5_dir: Optional[str] = None) -> int:
+    """Parameters of the T5 encoder in `t5_dir` (its config.json, counted on the meta device); the released
+    t5-v1_1-xxl when there is none to read."""
+    from transformers import T5Config, T5EncoderModel
+
+    from magi_train.model.text.t5 import resolve_t5_directory
+
+    try:
+        config = T5Config.from_pretrained(resolve_t5_directory(t5_dir), local_files_only=True)
+    except (TypeError, OSError, ValueError):  # None, absent or unreadable: the engine reports that itself
+        return t5_xxl_encoder_params()
     with torch.device("meta"):
-        return sum(p.numel() for p in ViTVAE(RELEASED_VAE_DDCONFIG).parameters())
+        return sum(p.numel() for p in T5EncoderModel(config).parameters())
