@@ -100,13 +100,14 @@ class Trainer:
 
     def _build(self, callbacks: Optional[Sequence[StepCallback]], objective: Optional[Objective]) -> None:
         cfg, p, tc, cp_impl = self.cfg, self.parallel, self.cfg.trainer, self.cp_impl
+        # One writer: a writable manager tidies interrupted saves when it opens, which must not race a save.
+        self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS_DIR, tc.keep_last, read_only=not p.is_main)
+        # Chosen (and its config checked) before the model is built: a resume that cannot work fails at once.
+        self.resumed_from = resume_from = self._agree_resume(tc.resume)
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
         self.callbacks = list(build_callbacks(cfg) if callbacks is None else callbacks)
-
-        # One writer: a writable manager tidies interrupted saves when it opens, which must not race a save.
-        self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS_DIR, tc.keep_last, read_only=not p.is_main)
         self.packed = cfg.data.kind == "webdataset"
         self.last_tokens = self.last_samples = self.last_flops = 0  # of the last step, over every rank
         self.timer = StepTimer(p.device, tc.step_timers)
@@ -116,7 +117,6 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0  # non-finite steps: in all, and in a row
         self.step = 0
         self.saved_step: Optional[int] = None  # step of the last checkpoint this run wrote or resumed from
-        self.resumed_from = resume_from = self._agree_resume(tc.resume)
         # A fresh distillation run starts its student as the teacher; a resumed one keeps its own weights.
         self.objective = objective or build_objective(cfg, p, cp_impl, self.full_shapes, self.models,
                                                       self.callbacks, fresh=resume_from is None)

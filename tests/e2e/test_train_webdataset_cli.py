@@ -212,3 +212,7 @@ def test_train_cli_on_prepared_shards_validates_samples_checkpoints_and_resumes(
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert (out / "checkpoints" / "step_00000006" / "trainer.json").is_file()
+    # The resumed run logged into the same wandb run: both offline runs carry the id kept in the output dir.
+    run_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), (run_id, runs)
