@@ -50,11 +50,11 @@ def main() -> None:
 
     N = args.at_step
     if args.pause in ("checkpoint-data", "checkpoint-marker"):
-        import torch.distributed.checkpoint.filesystem as dcp_fs
+        import magi_train.checkpoint.tensorfile as tensorfile
 
         saving = {"step": None, "items": 0}
-        original_save, original_digest, original_item = (trainer_mod.save_train_state, distributed.file_digest,
-                                                         dcp_fs._write_item)
+        original_save, original_digest, original_data = (trainer_mod.save_train_state, distributed.file_digest,
+                                                         tensorfile._data)
 
         def save(manager, step, *a, **kw):
             saving["step"] = step
@@ -65,16 +65,15 @@ def main() -> None:
                 _hold(args.ready)
             return original_digest(path)
 
-        def write_item(*a, **kw):
-            out = original_item(*a, **kw)
+        def tensor_bytes(tensor):
+            # Asked for a tensor's bytes while writing a piece file: its header and the tensors before
+            # were written (os.write, unbuffered); the rest never will be.
             saving["items"] += 1
             if saving["step"] == N and args.pause == "checkpoint-data" and saving["items"] >= 3:
-                stream = kw.get("stream", a[1] if len(a) > 1 else None)
-                stream.flush()  # what was written so far reaches the file; the rest never will
                 _hold(args.ready)
-            return out
+            return original_data(tensor)
 
-        trainer_mod.save_train_state, distributed.file_digest, dcp_fs._write_item = save, digest, write_item
+        trainer_mod.save_train_state, distributed.file_digest, tensorfile._data = save, digest, tensor_bytes
     elif args.pause == "step" or args.crash == "step":
         original_fb = trainer_mod.Trainer.forward_backward
 
