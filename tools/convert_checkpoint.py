@@ -44,7 +44,8 @@ from magi_train.checkpoint.manager import MARKER_NAME, CheckpointManager
 from magi_train.checkpoint.manager import find_checkpoint as find_our_checkpoint  # read-only lookup
 from magi_train.checkpoint.variants import RELEASED_VARIANTS, Variant
 from magi_train.checkpoint.variants import resolve_weight_dir as resolve_released_dir
-from magi_train.checkpoint.weights import MODEL_FILE, check_full_state_dict, read_our_model_state, read_our_trainer_state
+from magi_train.checkpoint.weights import (MODEL_FILE, check_full_state_dict, read_our_model_state,
+                                           read_our_trainer_state)
 from magi_train.config.compose import CONF_DIR, config_to_dict, load_model_preset, model_preset_names
 from magi_train.config.released import load_released_config
 from magi_train.config.schema import ModelConfig

@@ -210,7 +210,8 @@ def test_plan_writes_replicas_once_and_checks_the_tiling():
         sharded.plan([[box("w", (4, 3), (0, 0), (3, 3))], [box("w", (4, 3), (2, 0), (2, 3))]])
     with pytest.raises(ValueError, match=r"w has pieces covering 6 of its 12 elements \(a hole\)"):
         sharded.plan([[box("w", (4, 3), (0, 0), (2, 3))]])
-    with pytest.raises(ValueError, match=r"w: rank 1 holds it as \(4, 3\) bfloat16, an earlier rank as \(4, 3\) float32"):
+    with pytest.raises(ValueError, match=r"w: rank 1 holds it as \(4, 3\) bfloat16, an earlier rank as "
+                                         r"\(4, 3\) float32"):
         sharded.plan([[box("w", (4, 3), (0, 0), (2, 3))], [box("w", (4, 3), (2, 0), (2, 3), "bfloat16")]])
 
 

@@ -112,7 +112,8 @@ def genuine(cfg, parallel, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_no_pickle", REPO / "tools" / "convert_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_no_pickle",
+                                                  REPO / "tools" / "convert_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
