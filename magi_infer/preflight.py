@@ -82,24 +82,39 @@ def config_problems(cfg: GenerateConfig, parallel: Optional[Parallel] = None) ->
 
 
 def _checkpoint_problems(cfg: GenerateConfig) -> List[str]:
-    ckpt = cfg.ckpt
+    """ckpt.dir is a checkpoint of ours or holds the released variant the preset wants (names only, nothing read
+    but directory listings and markers); ckpt.sha256 is a readable manifest and applies."""
+    from magi_train.checkpoint.magi1 import Manifest
+    from magi_train.checkpoint.manager import MARKER_NAME, find_checkpoint
+    from magi_train.checkpoint.variants import Variant, resolve_weight_dir
+
+    ckpt, mc, fp8 = cfg.ckpt, cfg.model, cfg.sampler.fp8
     if ckpt.dir is None:
         return ["ckpt.dir is required: a released MAGI-1 model directory or a checkpoint of ours"]
     if not Path(ckpt.dir).is_dir():
         return [f"ckpt.dir={ckpt.dir} is not a directory" + ("" if Path(ckpt.dir).exists() else " (it does not exist)")]
-    if ckpt.sha256 is None:
-        return []
-    from magi_train.checkpoint.magi1 import Manifest
-    from magi_train.checkpoint.manager import find_checkpoint
-
     if find_checkpoint(ckpt.dir) is not None:
-        return [f"ckpt.sha256={ckpt.sha256}: manifests check released weight directories; ckpt.dir={ckpt.dir} is a "
-                "checkpoint of our trainer (its complete.json carries its own checks); unset ckpt.sha256"]
+        if ckpt.sha256 is not None:
+            return [f"ckpt.sha256={ckpt.sha256}: manifests check released weight directories; ckpt.dir={ckpt.dir} is "
+                    "a checkpoint of our trainer (its complete.json carries its own checks); unset ckpt.sha256"]
+        return []  # its model config is compared with the preset when it is opened (checkpoint/weights.py)
+    # The same resolution load_weights makes, so a wrong variant is named now rather than after T5 and the VAE.
+    wanted = Variant(distill=mc.distill, fp8=fp8)
     try:
-        Manifest.read(ckpt.sha256)
+        _, held = resolve_weight_dir(ckpt.dir, wanted, wanted_by=f"model.distill={mc.distill}, sampler.fp8={fp8}",
+                                     missing_note=f", and it is not a checkpoint of ours (no {MARKER_NAME})")
     except (OSError, ValueError) as e:
-        return [f"ckpt.sha256: {e}"]
-    return []
+        return [str(e)]
+    errors = []
+    if held is None:
+        errors.append(f"ckpt.dir={ckpt.dir}: the weight directory's name does not say which variant it holds; "
+                      f"released weights for model={mc.name} live in {wanted.dirname}/")
+    if ckpt.sha256 is not None:
+        try:
+            Manifest.read(ckpt.sha256)
+        except (OSError, ValueError) as e:
+            errors.append(f"ckpt.sha256: {e}")
+    return errors
 
 
 def _text_problems(cfg: GenerateConfig) -> List[str]:

@@ -38,17 +38,45 @@ def test_generate_writes_the_requested_video(trained, tmp_path):
     assert "wrote" in run.stdout and "2 chunks" in run.stdout
     info = probe_video(out)
     assert (info.frames, info.width, info.height, info.fps, info.codec) == (30, 64, 64, 12.0, "h264")
-    assert not out.with_name(out.name + ".partial").exists()
+    assert f"writing {tmp_path}/.demo.mp4." in run.stdout  # the live preview's name is said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.mp4"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_an_existing_output_is_kept_unless_overwrite_is_set(trained, tmp_path):
+    out = tmp_path / "taken.mp4"
+    out.write_bytes(b"an earlier video")
+    args = ("model=tiny", f"ckpt.dir={trained}", "num_frames=8", f"output={out}", "prompt=a red blob", "progress=false")
+    run = launch("magi_infer/generate.py", *args, "prompt=' '")
+    assert run.returncode != 0
+    # Every problem of the request at once, before any model is built: nothing was loaded, nothing written.
+    assert f"output={out}: {out} already exists" in run.stderr and "overwrite=true" in run.stderr
+    assert "prompt=' ' is empty" in run.stderr
+    assert "loaded" not in run.stdout and out.read_bytes() == b"an earlier video"
+    run = launch("magi_infer/generate.py", *args, "overwrite=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert probe_video(out).frames == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
 
 
 @pytest.mark.slow
 def test_preset_that_does_not_fit_the_checkpoint_fails_at_startup(trained, tmp_path):
     out = tmp_path / "never.mp4"
+    # T5 and VAE directories that pass the start-up checks but hold nothing loadable: the mismatch must be found
+    # before either is loaded. (check_memory=false: a 4.5B model may not fit this machine, which is not the point.)
+    t5, vae = tmp_path / "t5", tmp_path / "vae"
+    for d, names in ((t5, ["config.json"]), (vae, ["config.json", "diffusion_pytorch_model.safetensors"])):
+        d.mkdir()
+        for name in names:
+            (d / name).write_text("not loadable")
     run = launch("magi_infer/generate.py", "model=magi1_4.5b", f"ckpt.dir={trained}", f"output={out}", "prompt=x",
-                 "text.t5_dir=/nonexistent", "vae.dir=/nonexistent")
+                 f"text.t5_dir={t5}", f"vae.dir={vae}", "check_memory=false")
     assert run.returncode != 0
     assert "another model config than model=magi1_4.5b" in run.stderr and "hidden_size" in run.stderr
     assert not out.exists()
+    # Without them, the start-up checks name both directories before any weight is read.
+    run = launch("magi_infer/generate.py", "model=magi1_4.5b", f"ckpt.dir={trained}", f"output={out}", "prompt=x",
+                 "text.t5_dir=/nonexistent", "vae.dir=/nonexistent", "check_memory=false")
+    assert run.returncode != 0 and "text.t5_dir=/nonexistent" in run.stderr and "vae.dir=/nonexistent" in run.stderr
 
 
 @pytest.mark.slow

@@ -135,6 +135,9 @@ def test_checkpoint_and_manifest_inputs(run, ckpt, tmp_path):
     message = fails(run, *overrides(ckpt, tmp_path / "o.mp4", f"ckpt.sha256={tmp_path / 'w.sha256'}"))
     assert f"ckpt.sha256: sha256 manifest {tmp_path / 'w.sha256'} does not exist" in message
     assert f"ckpt.dir={tmp_path / 'gone'} is not a directory" in fails(run, *overrides(tmp_path / "gone", tmp_path / "o.mp4"))
+    # The variant is resolved by name up front: base weights are never sampled as a distilled model.
+    message = fails(run, *overrides(ckpt, tmp_path / "o.mp4", "model.distill=true", "sampler.cfg_number=1"))
+    assert f"ckpt.dir={ckpt} has no inference_weight.distill/" in message and "inference_weight -> model=<size>" in message
 
 
 # ---------------------------------------------------------------------------- prompts
