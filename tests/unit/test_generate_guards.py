@@ -257,6 +257,23 @@ def test_generate_overwrites_only_when_asked_and_warns_about_long_prompts(engine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.mp4"]
 
 
+def test_an_output_that_appears_while_generating_is_not_replaced(engine, tmp_path, monkeypatch):
+    out = tmp_path / "race.mp4"
+    decode = engine.vae.decode_latents
+
+    def another_run_publishes_first(latent):
+        if not out.exists():
+            out.write_bytes(b"the other run's video")
+        return decode(latent)
+
+    monkeypatch.setattr(engine.vae, "decode_latents", another_run_publishes_first)
+    with pytest.raises(FileExistsError, match=r"race.mp4 appeared .*kept at .*\.race\.mp4\..*\.partial"):
+        engine.generate(Request(["a red blob"], num_frames=8, output=str(out)))
+    assert out.read_bytes() == b"the other run's video"
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert len(kept) == 1 and probe_video(kept[0]).frames == 8  # this run's complete video, under its temp name
+
+
 # ---------------------------------------------------------------------------- the v2v prefix
 
 
