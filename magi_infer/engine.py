@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from magi_train.parallel.comm import broadcast_tensor
 from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
-from magi_infer.preflight import PreflightError, engine_device, preflight, request_problems, resolve_device  # noqa: F401
+from magi_infer.preflight import PreflightError, engine_device, preflight, request_problems
 from magi_infer.request import Request
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.checkpoint.weights import load_weights

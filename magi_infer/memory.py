@@ -153,7 +153,6 @@ def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True)
     cuda = device_type == "cuda"
     frames = cfg.num_frames + ((cfg.prefix_frames or 0) if cfg.mode == "v2v" else 0)
     est = estimate(mc, v.height, v.width, frames, s.window_size, s.fp8, released_text_and_vae=False)
-    itemsize = DTYPES[mc.params_dtype].itemsize
     chunks = math.ceil(math.ceil(frames / TEMPORAL) / mc.chunk_width)
     latent_frames = chunks * mc.chunk_width
     channels = mc.in_channels // (2 if mc.half_channel_vae else 1)

@@ -146,9 +146,11 @@ def _vae_problems(cfg: GenerateConfig) -> List[str]:
         return []
     if vc.dir is None:
         return ["vae.dir is required for vae.kind=vit (diffusers-style directory of the released VAE)"]
-    missing = [name for name in ("config.json", "diffusion_pytorch_model.safetensors") if not (Path(vc.dir) / name).is_file()]
+    files = ("config.json", "diffusion_pytorch_model.safetensors")
+    missing = [name for name in files if not (Path(vc.dir) / name).is_file()]
     if missing:
-        return [f"vae.dir={vc.dir} lacks {' and '.join(missing)}" + ("" if Path(vc.dir).is_dir() else " (no such directory)")]
+        where = "" if Path(vc.dir).is_dir() else " (no such directory)"
+        return [f"vae.dir={vc.dir} lacks {' and '.join(missing)}{where}"]
     return []
 
 
