@@ -138,12 +138,15 @@ class Row:
     nbytes: int
     pool: str  # DEVICE (where the DiT runs; the same memory as HOST on a CPU) or HOST
     phases: Tuple[str, ...]  # when it is held: LOAD and/or RUN
+    per_rank: bool = True  # every rank holds one (False: one for the whole job, T5 on rank 0)
 
 
-def peak(rows: List[Row], pool: str) -> Tuple[int, str]:
-    """(bytes, phase) of the pool's fullest phase."""
-    return max(((sum(r.nbytes for r in rows if r.pool == pool and phase in r.phases), phase) for phase in (LOAD, RUN)),
-               key=lambda t: t[0])
+def peak(rows: List[Row], pool: str, ranks: int = 1) -> Tuple[int, str]:
+    """(bytes, phase) of the pool's fullest phase, with `ranks` processes drawing on it."""
+    def total(phase: str) -> int:
+        return sum(r.nbytes * (ranks if r.per_rank else 1) for r in rows if r.pool == pool and phase in r.phases)
+
+    return max(((total(phase), phase) for phase in (LOAD, RUN)), key=lambda t: t[0])
 
 
 def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True) -> List[Row]:
@@ -178,46 +181,46 @@ def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True)
         Row(f"caption rows (fp32, {chunks} chunks x {mc.caption_max_length} tokens)",
             2 * chunks * mc.caption_max_length * mc.caption_channels * 4, DEVICE, (RUN,)),
     ]
-    if is_main and cfg.text.encoder == "t5":
-        on_gpu = cuda and str(cfg.text.device).startswith("cuda")
-        rows.append(Row(f"T5 encoder (fp32, on text.device={cfg.text.device})", 4 * t5_encoder_params(cfg.text.t5_dir),
-                        DEVICE if on_gpu else HOST, (RUN,)))
+    on_gpu = cuda and str(cfg.text.device).startswith("cuda")
+    # Rank 0's T5 on the GPU weighs on rank 0 only; in host memory on the host it shares with the other ranks.
+    if cfg.text.encoder == "t5" and (is_main or not on_gpu):
+        rows.append(Row(f"T5 encoder (fp32, on text.device={cfg.text.device}; rank 0 only)",
+                        4 * t5_encoder_params(cfg.text.t5_dir), DEVICE if on_gpu else HOST, (RUN,), per_rank=False))
     if cfg.vae.kind == "vit":
         vae_itemsize = (2 if cuda else 4) if cfg.vae.dtype == "auto" else DTYPES[cfg.vae.dtype].itemsize
         rows.append(Row(f"VAE weights ({'bfloat16' if vae_itemsize == 2 else 'float32'})",
                         vae_itemsize * vae_params(cfg.vae.dir), DEVICE, (RUN,)))
     if not cuda:
-        rows = [Row(r.name, r.nbytes, HOST, r.phases) for r in rows]
+        rows = [Row(r.name, r.nbytes, HOST, r.phases, r.per_rank) for r in rows]
     return rows
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
     """Free memory of `device` (CUDA: mem_get_info), or of the host (MemAvailable); None if it cannot be read."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from magi_train.observability.memory_check import available_memory  # the one reader, shared with training
+
+    available = available_memory(device)
+    return None if available is None else available.bytes
 
 
-def memory_problem(cfg: GenerateConfig, device: torch.device, is_main: bool = True) -> Optional[str]:
-    """None when the generation fits in what `device` and the host have free; else what does not, in GiB."""
+def memory_problem(cfg: GenerateConfig, device: torch.device, is_main: bool = True,
+                   ranks_on_host: int = 1) -> Optional[str]:
+    """None when the generation fits in what `device` and the host have free; else what does not, in GiB.
+
+    `ranks_on_host`: processes of the job on this host, each holding its own rows of host memory."""
     rows = generation_rows(cfg, device.type, is_main)
-    pools = [(DEVICE, device, str(device))] if device.type == "cuda" else []
-    pools.append((HOST, torch.device("cpu"), "host memory"))
+    pools = [(DEVICE, device, str(device), 1)] if device.type == "cuda" else []
+    pools.append((HOST, torch.device("cpu"), "host memory", ranks_on_host))
     short = []
-    for pool, where, label in pools:
-        need, phase = peak(rows, pool)
+    for pool, where, label, ranks in pools:
+        need, phase = peak(rows, pool, ranks)
         have = available_bytes(where)
         if have is None or need <= have:
             continue
-        lines = [f"  {label}: {need / GIB:.2f} GiB needed while {phase}, {have / GIB:.2f} GiB free"]
-        lines += [f"    {r.nbytes / GIB:10.2f} GiB  {r.name}" for r in rows if r.pool == pool and phase in r.phases]
+        shared = f" ({ranks} ranks on this host, each holding the rows marked x{ranks})" if ranks > 1 else ""
+        lines = [f"  {label}: {need / GIB:.2f} GiB needed while {phase}{shared}, {have / GIB:.2f} GiB free"]
+        lines += [f"    {r.nbytes / GIB:10.2f} GiB{f' x{ranks}' if ranks > 1 and r.per_rank else ''}  {r.name}"
+                  for r in rows if r.pool == pool and phase in r.phases]
         short.append("\n".join(lines))
     if not short:
         return None

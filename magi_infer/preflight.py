@@ -62,9 +62,20 @@ def preflight(cfg: GenerateConfig, parallel: Optional[Parallel] = None, request:
     if cfg.check_memory:
         from magi_infer.memory import memory_problem
 
-        problem = memory_problem(cfg, engine_device(cfg, parallel), is_main)
+        device = engine_device(cfg, parallel)
+        problem = memory_problem(cfg, device, is_main, ranks_on_host(parallel, device))
         if problem is not None:
             raise PreflightError(problem)
+
+
+def ranks_on_host(parallel: Optional[Parallel], device: torch.device) -> int:
+    """Processes of the job drawing on this host's memory: one per local GPU in use with CUDA; every rank of a
+    CPU (gloo) job, which runs on one host."""
+    if parallel is None or parallel.world_size == 1:
+        return 1
+    if device.type == "cuda":
+        return max(1, min(parallel.world_size, torch.cuda.device_count()))
+    return parallel.world_size
 
 
 # ---------------------------------------------------------------------------- the model's inputs

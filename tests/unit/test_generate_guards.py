@@ -194,6 +194,16 @@ def test_the_estimate_counts_this_ranks_share(ckpt, tmp_path):
     assert {r.name.split(" (")[0]: r for r in memory_module.generation_rows(offload, "cuda")}["KV cache"].pool == "host"
 
 
+def test_ranks_sharing_the_host_each_count_their_host_memory(ckpt, tmp_path, monkeypatch):
+    cfg = typed(*overrides(ckpt, tmp_path / "o.mp4", "num_frames=960"))
+    one_rank, _ = memory_module.peak(memory_module.generation_rows(cfg, "cpu"), memory_module.HOST)
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: int(one_rank * 1.5))
+    preflight(cfg)  # one process fits
+    four = SimpleNamespace(world_size=4, is_main=True, device=torch.device("cpu"))  # a 4-rank gloo job
+    with pytest.raises(PreflightError, match=r"host memory: .* GiB needed while .* \(4 ranks on this host"):
+        preflight(cfg, four)
+
+
 # ---------------------------------------------------------------------------- the engine (API users)
 
 
