@@ -101,6 +101,7 @@ def test_a_second_trainer_fails_at_once_naming_the_running_one(tmp_path):
 def test_a_worker_exits_when_its_torchrun_agent_is_killed_and_the_relaunch_resumes(tmp_path):
     out, log = tmp_path / "run", tmp_path / "killed.log"
     agent = start(torchrun_train(out, "trainer.max_steps=100000", "trainer.save_every=2"), log)
+    worker = None
     try:
         wait_for(lambda: latest_step(out) >= 2 and holder(out).get("pid"), "a checkpoint", agent, log)
         worker = holder(out)["pid"]
@@ -114,6 +115,8 @@ def test_a_worker_exits_when_its_torchrun_agent_is_killed_and_the_relaunch_resum
     finally:
         if agent.poll() is None:
             agent.kill()
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)  # the test failed: leave no orphan training behind
     assert f"torchrun agent, pid {agent.pid}) is gone" in log.read_text(), log.read_text()[-3000:]
 
     last = latest_step(out)
