@@ -118,8 +118,8 @@ class StreamingMp4Writer:
     complete video. If the run dies, or the `with` block raises, `path` is left untouched and the temporary
     file keeps the frames written so far.
 
-    `overwrite` defaults to True for callers that regenerate their own outputs (validation videos);
-    magi_infer/generate.py passes its `overwrite` field (default false). Either way `path` is checked up front
+    `overwrite` defaults to False: an existing `path` is an error; callers that regenerate their own outputs
+    (validation videos of a resumed run) pass True, magi_infer/generate.py its `overwrite` field. Either way `path` is checked up front
     (`output_path_problems`): a directory, a missing parent or an unknown extension is an error at once.
 
     `low_latency` (default) uses x264's `zerolatency` tune: no lookahead, no B-frames and sliced threads, so each
@@ -137,7 +137,7 @@ class StreamingMp4Writer:
         crf: int | None = None,
         *,
         low_latency: bool = True,
-        overwrite: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(

@@ -39,8 +39,8 @@ def decoded_indices(video: torch.Tensor) -> list[int]:
     return [round(frame.float().mean().item() / LEVEL) for frame in video]
 
 
-def write_clip(path: Path, frames: np.ndarray, fps: float, crf: int | None = None) -> Path:
-    with StreamingMp4Writer(path, W, H, fps, crf=crf) as writer:
+def write_clip(path: Path, frames: np.ndarray, fps: float, crf: int | None = None, overwrite: bool = False) -> Path:
+    with StreamingMp4Writer(path, W, H, fps, crf=crf, overwrite=overwrite) as writer:
         writer.write(frames)
     return path
 
@@ -159,7 +159,7 @@ def test_error_keeps_an_older_file_at_the_final_path(tmp_path: Path) -> None:
     path = tmp_path / "old.mp4"
     path.write_bytes(b"previous result")
     with pytest.raises(KeyboardInterrupt):
-        with StreamingMp4Writer(path, W, H, 24) as writer:
+        with StreamingMp4Writer(path, W, H, 24, overwrite=True) as writer:
             writer.write(moving_square(3))
             raise KeyboardInterrupt
     assert path.read_bytes() == b"previous result"
@@ -224,7 +224,7 @@ def test_an_existing_file_is_kept_without_overwrite(tmp_path: Path) -> None:
     assert path.read_bytes() == b"someone's video" and leftovers(tmp_path) == []
     old = os.umask(0o022)
     try:  # the temporary file is created private (0600); the published video gets the usual mode
-        write_clip(path, moving_square(2), 24)  # overwrite=True, the writer's default
+        write_clip(path, moving_square(2), 24, overwrite=True)
     finally:
         os.umask(old)
     assert probe_video(path).frames == 2 and stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -172,5 +172,6 @@ def _sample_one(sampler: StaircaseSampler, noise: torch.Tensor, captions: Captio
                 continue
             frames = to_uint8_frames(decode(chunk.latent))
             if writer is None:
-                writer = stack.enter_context(StreamingMp4Writer(path, frames.shape[2], frames.shape[1], fps))
+                writer = stack.enter_context(StreamingMp4Writer(path, frames.shape[2], frames.shape[1], fps,
+                                                                overwrite=True))
             writer.write(frames)
