@@ -251,6 +251,9 @@ class TrainerConfig:
     allow_config_change: List[str] = field(default_factory=list)
     # Under torchrun: a worker whose launcher (the torchrun agent) died exits instead of training on as an orphan.
     exit_with_launcher: bool = True
+    # Before the model is built: the memory estimate of the most loaded rank (observability/memory_check.py)
+    # against the device's free memory; a run that cannot fit stops naming the knobs. false skips the check.
+    check_memory: bool = True
     # Steps whose loss or gradient norm is NaN/inf are skipped (no update; counted and logged as
     # skipped_steps); more than this many in a row stop the run. 0 stops at the first.
     max_bad_steps: int = 3

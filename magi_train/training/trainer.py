@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from magi_train.checkpoint.weights import load_into, read_our_trainer_state
 from magi_train.config.schema import TrainConfig
 from magi_train.config.validate import check_train_layout
 from magi_train.model import magi_attention
+from magi_train.observability.memory_check import check_train_memory
 from magi_train.observability.metrics import MetricsLogger
 from magi_train.observability.step_timer import StepTimer
 from magi_train.observability.throughput import peak_flops_per_device, throughput_record
@@ -59,7 +61,7 @@ T = TypeVar("T")
 def _portable(error: Exception) -> Exception:
     """`error` if it survives pickling (the broadcast to the other ranks), else a RuntimeError with its text."""
     try:
-        pickle.loads(pickle.dumps(error))
+        pickle.loads(pickle.dumps(error))  # pickle-safe: our own in-memory exception, never a file
         return error
     except Exception:  # noqa: BLE001 - any failure to round-trip means: send the text
         return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
@@ -104,6 +106,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS_DIR, tc.keep_last, read_only=not p.is_main)
         # Chosen (and its config checked) before the model is built: a resume that cannot work fails at once.
         self.resumed_from = resume_from = self._agree_resume(tc.resume)
+        if tc.check_memory:
+            self._check_memory()
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
@@ -131,6 +135,19 @@ class Trainer:
             self.load(resume_from)
         for callback in self.callbacks:
             callback.start(self.models)  # e.g. the EMA: from the weights unless the checkpoint held it
+
+    def _check_memory(self) -> None:
+        """Refuse a run whose estimate exceeds the device's free memory, before anything is allocated."""
+        p = self.parallel
+        sharing = 1
+        if p.device.type == "cpu" and p.world_size > 1:
+            # Every rank of this host draws on the same RAM (one host name gathered per rank, once per run).
+            hosts: List[object] = [None] * p.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            sharing = hosts.count(socket.gethostname())
+        problem = check_train_memory(self.cfg, p.tp, p.cp, p.pp, p.dp, p.device, sharing)
+        if problem is not None:
+            raise MemoryError(problem)
 
     # ------------------------------------------------------------------ the run directory
     def _agree(self, fn: Callable[[], T]) -> T:

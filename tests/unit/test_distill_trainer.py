@@ -213,6 +213,7 @@ def test_packed_targets_equal_the_per_sample_formulas(packed_setup, parallel):
     from magi_train.data.loader import WebDatasetLoader
 
     trainer = Trainer(packed_setup, parallel)
+    trainer.close()  # no training: the run directory is released for the next test's trainer
     seq = next(iter(WebDatasetLoader(trainer.cfg.data, trainer.cfg.model, 0, 1)))
     assert len(seq.samples) >= 2
     teacher, student = trainer.objective.teacher, trainer.model

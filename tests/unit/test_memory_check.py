@@ -49,3 +49,26 @@ def test_ranks_sharing_one_host_add_up(tmp_path):
     budget = Available(int(per_rank * 3.5), "budget")
     assert check_train_memory(cfg, 1, 1, 1, 1, CPU, ranks_sharing_device=3, available=budget) is None
     assert "x 4 ranks on this host" in check_train_memory(cfg, 1, 1, 1, 1, CPU, ranks_sharing_device=4, available=budget)
+
+
+def test_the_trainer_refuses_before_building_the_model(tmp_path, monkeypatch):
+    import pytest
+
+    from magi_train.config.schema import TrainConfig
+    from magi_train.observability import memory_check
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training import trainer as trainer_module
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model must not be built when the memory check fails")
+
+    monkeypatch.setattr(memory_check, "available_memory", lambda device: Available(2**20, "test budget"))
+    monkeypatch.setattr(trainer_module, "build_train_stages", must_not_build)
+    parallel = init_parallel(TrainConfig().parallel)
+    cfg = tiny_train_config(tmp_path)
+    with pytest.raises(MemoryError, match=r"but the test budget is 0.00 GiB"):
+        trainer_module.Trainer(cfg, parallel)
+    # trainer.check_memory=false skips it (and then the model is built)
+    cfg.trainer.check_memory = False
+    with pytest.raises(AssertionError, match="must not be built"):
+        trainer_module.Trainer(cfg, parallel)
