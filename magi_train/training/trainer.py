@@ -11,32 +11,30 @@ rank, a skipped step if either is non-finite, else clip, optimizer step, callbac
 global batch's noisy frames of |DiT(x_t, ...) - target|^2 / their element count. Checkpoints hold the loader's
 position (data.kind=webdataset), so a resumed run reads exactly the unseen samples.
 
-One run per trainer.output_dir (training/run_dir.py): rank 0 locks it before writing anything there, a new run
-refuses one that holds another run, a resume takes the newest checkpoint that verifies on every rank and keeps
-the model, data order and seed it was trained with (training/resume_config.py).
+Before anything is built (training/startup.py): rank 0 locks trainer.output_dir (training/run_dir.py) and a new
+run refuses one that holds another run; a resume takes the newest checkpoint that verifies on every rank and
+keeps the model, data order and seed it was trained with (training/resume_config.py); the memory estimate must
+fit the device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import pickle
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, load_train_state, save_train_state
-from magi_train.checkpoint.manager import CheckpointManager, CorruptCheckpointError, verify_checkpoint
-from magi_train.checkpoint.weights import load_into, read_our_trainer_state
+from magi_train.checkpoint.manager import CheckpointManager
+from magi_train.checkpoint.weights import load_into
 from magi_train.config.schema import TrainConfig
 from magi_train.config.validate import check_train_layout
 from magi_train.model import magi_attention
-from magi_train.observability.memory_check import check_train_memory
 from magi_train.observability.metrics import MetricsLogger
 from magi_train.observability.step_timer import StepTimer
 from magi_train.observability.throughput import peak_flops_per_device, throughput_record
@@ -51,21 +49,9 @@ from magi_train.training.ema import StepCallback
 from magi_train.training.evaluation.held_out import VIDEO_FPS, HeldOut
 from magi_train.training.objectives import Objective, build_callbacks, build_objective
 from magi_train.training.optim import lr_at, set_lr
-from magi_train.training.resume_config import check_resume_config
-from magi_train.training.run_dir import CHECKPOINTS_DIR, LauncherWatch, RunDirLock, start_fresh
+from magi_train.training.run_dir import CHECKPOINTS_DIR
+from magi_train.training.startup import RunDirectory, check_memory, choose_resume
 from magi_train.training.stop import StopRequest
-
-T = TypeVar("T")
-
-
-def _portable(error: Exception) -> Exception:
-    """`error` if it survives pickling (the broadcast to the other ranks), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(error))  # pickle-safe: our own in-memory exception, never a file
-        return error
-    except Exception:  # noqa: BLE001 - any failure to round-trip means: send the text
-        return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
-
 
 def weighted_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """sum(|pred - target|^2 * w) with target = [target | w] along channels (w already divided by the count)."""
@@ -89,11 +75,8 @@ class Trainer:
         self.global_batch = check_train_layout(cfg, p.dp, self.cp_impl)
         self.num_micro = self.global_batch // (d.micro_batch_size * p.dp)
         self.out_dir = Path(tc.output_dir)
-        self._lock = RunDirLock(self.out_dir)  # only global rank 0 takes it
-        self._locked = False  # the same on every rank: whether rank 0 holds the directory for this trainer
-        self._watch = LauncherWatch(f"trainer.output_dir {self.out_dir} is released for a relaunch "
-                                    f"(trainer.resume=auto continues from its newest checkpoint)")
-        self._open(new_run=True)
+        self.run_dir = RunDirectory(cfg, p)
+        self.run_dir.open(new_run=True)
         try:
             self._build(callbacks, objective)
         except BaseException:
@@ -105,9 +88,9 @@ class Trainer:
         # One writer: a writable manager tidies interrupted saves when it opens, which must not race a save.
         self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS_DIR, tc.keep_last, read_only=not p.is_main)
         # Chosen (and its config checked) before the model is built: a resume that cannot work fails at once.
-        self.resumed_from = resume_from = self._agree_resume(tc.resume)
+        self.resumed_from = resume_from = choose_resume(cfg, p, self.checkpoints, self.global_batch)
         if tc.check_memory:
-            self._check_memory()
+            check_memory(cfg, p)
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
@@ -136,133 +119,16 @@ class Trainer:
         for callback in self.callbacks:
             callback.start(self.models)  # e.g. the EMA: from the weights unless the checkpoint held it
 
-    def _check_memory(self) -> None:
-        """Refuse a run whose estimate exceeds the device's free memory, before anything is allocated."""
-        p = self.parallel
-        sharing = 1
-        if p.device.type == "cpu" and p.world_size > 1:
-            # Every rank of this host draws on the same RAM (one host name gathered per rank, once per run).
-            hosts: List[object] = [None] * p.world_size
-            dist.all_gather_object(hosts, socket.gethostname())
-            sharing = hosts.count(socket.gethostname())
-        problem = check_train_memory(self.cfg, p.tp, p.cp, p.pp, p.dp, p.device, sharing)
-        if problem is not None:
-            raise MemoryError(problem)
-
-    # ------------------------------------------------------------------ the run directory
-    def _agree(self, fn: Callable[[], T]) -> T:
-        """`fn()` run on global rank 0 and its result on every rank; its exception is raised on every rank (so
-        that no rank waits on a collective that the others have left)."""
-        box: List[object] = [None]
-        error: Optional[BaseException] = None
-        if self.parallel.is_main:
-            try:
-                box[0] = ("ok", fn())
-            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-                error = e
-                box[0] = ("error", _portable(e))
-        if self.parallel.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        if error is not None:
-            raise error
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return value
-
-    def _open(self, new_run: bool = False) -> None:
-        """Take trainer.output_dir (collective): rank 0 locks it and, for a run from scratch, checks that it
-        holds no other run (or removes it with trainer.overwrite=true); under torchrun, watch the launcher."""
-        tc = self.cfg.trainer
-
-        def take() -> List[str]:
-            lines = [line for line in [self._lock.acquire()] if line]
-            try:
-                if new_run and tc.resume == "none":
-                    lines += start_fresh(self.out_dir, tc.overwrite)
-            except BaseException:
-                self._lock.release()
-                raise
-            return lines
-
-        for line in self._agree(take):
-            print(line, flush=True)
-        self._locked = True
-        if tc.exit_with_launcher and LauncherWatch.under_torchrun():
-            self._watch.start()
-
     def close(self) -> None:
         """Release trainer.output_dir (and stop watching the launcher); `fit` does this when it returns.
         A later `fit` or `save` takes the directory again."""
-        self._watch.stop()
-        self._lock.release()
-        self._locked = False
+        self.run_dir.close()
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _agree_resume(self, spec: str) -> Optional[Path]:
-        """The checkpoint to resume from, the same on every rank. Rank 0 lists the candidates (its manager has
-        just tidied interrupted saves): for `auto` every step_* directory, newest first, with why it is not
-        complete; every rank then checks its share of the sha256s of one candidate after the other, and the
-        newest that verifies everywhere is taken. Each one skipped prints why; when checkpoints exist and none
-        verifies the run stops, naming each: it never starts from scratch over broken checkpoints. An explicit
-        path is verified the same way and raises when it fails. The saved config is then checked against this
-        run's (training/resume_config.py)."""
-        if spec == "none":
-            return None
-        p, tc = self.parallel, self.cfg.trainer
-        listing: List[Tuple[Path, Optional[str]]] = self._agree(lambda: self._resume_candidates(spec))
-        skipped = []
-        for path, problem in listing:
-            problem = problem or self._verify_everywhere(path)
-            if problem is None:
-                break
-            if spec != "auto":
-                raise CorruptCheckpointError(f"trainer.resume={spec}: {problem}")
-            skipped.append(f"{path.name}: {problem}")
-            if p.is_main:
-                print(f"warning: trainer.resume=auto skips {path}: {problem}", flush=True)
-        else:
-            if skipped:
-                raise CorruptCheckpointError(
-                    f"trainer.resume=auto: no checkpoint under {self.checkpoints.root} verifies, so the run does "
-                    f"not start over them from scratch:\n  " + "\n  ".join(skipped) + "\nMove the broken ones "
-                    f"aside to start anew, or set trainer.resume to a checkpoint that verifies")
-            return None
-        run_config = asdict(self.cfg)
-        for line in self._agree(lambda: check_resume_config(path, read_our_trainer_state(path), run_config,
-                                                            self.global_batch, tc.allow_config_change)):
-            print(line, flush=True)
-        return path
-
-    def _resume_candidates(self, spec: str) -> List[Tuple[Path, Optional[str]]]:
-        if spec == "auto":
-            return self.checkpoints.candidates()
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
-        if not path.is_dir():
-            raise NotADirectoryError(f"trainer.resume: checkpoint {path} is not a directory")
-        return [(path, None)]
-
-    def _verify_everywhere(self, path: Path) -> Optional[str]:
-        """Every rank hashes its share of checkpoint `path`'s files; None when all match, else the problems."""
-        p = self.parallel
-        problem = None
-        try:
-            verify_checkpoint(path, share=(p.rank, p.world_size))
-        except (OSError, ValueError) as e:
-            problem = str(e)
-        problems = [problem]
-        if p.world_size > 1:
-            problems = [None] * p.world_size
-            dist.all_gather_object(problems, problem)
-        found = list(dict.fromkeys(e for e in problems if e))
-        return "; ".join(found) if found else None
 
     @property
     def model(self):
@@ -409,8 +275,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """A checkpoint of every rank's shard (collective), resumable under any other layout."""
-        if not self._locked:
-            self._open()  # after `fit` returned: the directory is taken again before writing to it
+        if not self.run_dir.locked:
+            self.run_dir.open()  # after `fit` returned: the directory is taken again before writing to it
         # The global batch is kept as a number: with data.global_batch_size=0 it depends on the run's dp size.
         extra = {"step": self.step, "config": asdict(self.cfg), "skipped_steps": self.skipped_steps,
                  "global_batch": self.global_batch}
@@ -459,8 +325,8 @@ class Trainer:
         max_steps, so a run stopped and resumed is the same run)."""
         tc = self.cfg.trainer
         last = tc.max_steps if until is None else min(until, tc.max_steps)
-        if not self._locked:
-            self._open()
+        if not self.run_dir.locked:
+            self.run_dir.open()
         try:
             logger = MetricsLogger(tc, self.out_dir, asdict(self.cfg), self.step, enabled=self.parallel.is_main)
         except BaseException:

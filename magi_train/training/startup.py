@@ -1,0 +1,173 @@
+"""What a trainer settles before it builds a model: who owns trainer.output_dir, which checkpoint it resumes
+from, and whether the run fits in memory. Every step is collective and fails on every rank at once, so that no
+rank is left waiting in a collective the others have abandoned.
+
+    RunDirectory     rank 0's lock on output_dir (training/run_dir.py), the fresh-run check, the launcher watch
+    choose_resume    trainer.resume -> the checkpoint every rank verified, its saved config checked
+    check_memory     the memory estimate against the device's free memory (observability/memory_check.py)
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+import torch.distributed as dist
+
+from magi_train.checkpoint.manager import CheckpointManager, CorruptCheckpointError, verify_checkpoint
+from magi_train.checkpoint.weights import read_our_trainer_state
+from magi_train.config.schema import TrainConfig
+from magi_train.observability.memory_check import check_train_memory
+from magi_train.parallel.groups import Parallel
+from magi_train.training.resume_config import check_resume_config
+from magi_train.training.run_dir import LauncherWatch, RunDirLock, start_fresh
+
+T = TypeVar("T")
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (the broadcast to the other ranks), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))  # pickle-safe: our own in-memory exception, never a file
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send the text
+        return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
+
+
+def agree(parallel: Parallel, fn: Callable[[], T]) -> T:
+    """`fn()` run on global rank 0 and its result on every rank; its exception is raised on every rank."""
+    box: List[object] = [None]
+    error: Optional[BaseException] = None
+    if parallel.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            box[0] = ("error", _portable(e))
+    if parallel.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+class RunDirectory:
+    """trainer.output_dir held by one trainer: rank 0 holds the lock from `open` to `close`; under torchrun a
+    watch thread ends an orphaned worker."""
+
+    def __init__(self, cfg: TrainConfig, parallel: Parallel):
+        self.cfg, self.parallel = cfg, parallel
+        self.path = Path(cfg.trainer.output_dir)
+        self._lock = RunDirLock(self.path)  # only global rank 0 takes it
+        self.locked = False  # the same on every rank: whether rank 0 holds the directory for this trainer
+        self._watch = LauncherWatch(f"trainer.output_dir {self.path} is released for a relaunch "
+                                    f"(trainer.resume=auto continues from its newest checkpoint)")
+
+    def open(self, new_run: bool = False) -> None:
+        """Take the directory (collective): rank 0 locks it and, for a run from scratch, checks that it holds no
+        other run (or removes it with trainer.overwrite=true)."""
+        tc = self.cfg.trainer
+
+        def take() -> List[str]:
+            lines = [line for line in [self._lock.acquire()] if line]
+            try:
+                if new_run and tc.resume == "none":
+                    lines += start_fresh(self.path, tc.overwrite)
+            except BaseException:
+                self._lock.release()
+                raise
+            return lines
+
+        for line in agree(self.parallel, take):
+            print(line, flush=True)
+        self.locked = True
+        if tc.exit_with_launcher and LauncherWatch.under_torchrun():
+            self._watch.start()
+
+    def close(self) -> None:
+        self._watch.stop()
+        self._lock.release()
+        self.locked = False
+
+
+def choose_resume(cfg: TrainConfig, parallel: Parallel, checkpoints: CheckpointManager,
+                  global_batch: int) -> Optional[Path]:
+    """The checkpoint to resume from, the same on every rank. Rank 0 lists the candidates (its manager has just
+    tidied interrupted saves): for `auto` every step_* directory, newest first, with why it is not complete;
+    every rank then checks its share of the sha256s of one candidate after the other, and the newest that
+    verifies everywhere is taken. Each one skipped prints why; when checkpoints exist and none verifies the run
+    stops, naming each: it never starts from scratch over broken checkpoints. An explicit path is verified the
+    same way and raises when it fails. The saved config is then checked against this run's
+    (training/resume_config.py)."""
+    spec = cfg.trainer.resume
+    if spec == "none":
+        return None
+    listing: List[Tuple[Path, Optional[str]]] = agree(parallel, lambda: _candidates(checkpoints, spec))
+    skipped = []
+    for path, problem in listing:
+        problem = problem or _verify_everywhere(parallel, path)
+        if problem is None:
+            break
+        if spec != "auto":
+            raise CorruptCheckpointError(f"trainer.resume={spec}: {problem}")
+        skipped.append(f"{path.name}: {problem}")
+        if parallel.is_main:
+            print(f"warning: trainer.resume=auto skips {path}: {problem}", flush=True)
+    else:
+        if skipped:
+            raise CorruptCheckpointError(
+                f"trainer.resume=auto: no checkpoint under {checkpoints.root} verifies, so the run does not start "
+                f"over them from scratch:\n  " + "\n  ".join(skipped) + "\nMove the broken ones aside to start "
+                "anew, or set trainer.resume to a checkpoint that verifies")
+        return None
+    run_config = asdict(cfg)
+    for line in agree(parallel, lambda: check_resume_config(path, read_our_trainer_state(path), run_config,
+                                                            global_batch, cfg.trainer.allow_config_change)):
+        print(line, flush=True)
+    return path
+
+
+def _candidates(checkpoints: CheckpointManager, spec: str) -> List[Tuple[Path, Optional[str]]]:
+    if spec == "auto":
+        return checkpoints.candidates()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"trainer.resume: checkpoint {path} is not a directory")
+    return [(path, None)]
+
+
+def _verify_everywhere(parallel: Parallel, path: Path) -> Optional[str]:
+    """Every rank hashes its share of checkpoint `path`'s files; None when all match, else the problems."""
+    problem = None
+    try:
+        verify_checkpoint(path, share=(parallel.rank, parallel.world_size))
+    except (OSError, ValueError) as e:
+        problem = str(e)
+    problems = [problem]
+    if parallel.world_size > 1:
+        problems = [None] * parallel.world_size
+        dist.all_gather_object(problems, problem)
+    found = list(dict.fromkeys(e for e in problems if e))
+    return "; ".join(found) if found else None
+
+
+def check_memory(cfg: TrainConfig, parallel: Parallel) -> None:
+    """Refuse a run whose estimate exceeds the device's free memory, before anything is allocated."""
+    p = parallel
+    sharing = 1
+    if p.device.type == "cpu" and p.world_size > 1:
+        # Every rank of this host draws on the same RAM (one host name gathered per rank, once per run).
+        hosts: List[object] = [None] * p.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        sharing = hosts.count(socket.gethostname())
+    problem = check_train_memory(cfg, p.tp, p.cp, p.pp, p.dp, p.device, sharing)
+    if problem is not None:
+        raise MemoryError(problem)
