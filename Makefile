@@ -26,9 +26,10 @@ demo: venv
 		ckpt.dir=runs/tiny/checkpoints num_frames=72 output=runs/tiny/demo.mp4 overwrite=true \
 		prompt='[a red blob moves right on the left, the red blob moves right in the center, the red blob moves down on the right]'
 
-# The whole suite: fast unit tests plus the slow end-to-end tests.
+# The whole suite: fast unit tests plus the slow end-to-end tests, on two pytest workers (each test file on
+# one worker: module fixtures such as the Slurm cluster are built once).
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Single-process unit tests only (a few minutes): no end-to-end programs, no multi-rank runs.
 test-fast: venv
