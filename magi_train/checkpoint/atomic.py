@@ -28,6 +28,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_text(path: Path, text: str, tmp_name: str | None = None) -> None:
+    """`path` holds either its old or its new content, whatever happens: written to `tmp_name` beside it
+    (default `.<name>.<pid>.tmp`), fsynced, renamed over it, and the rename made durable."""
+    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def replace_dir(tmp: Path, final: Path, aside_prefix: str) -> Path:
     """Rename the complete directory `tmp` to `final`. An existing `final` is first moved aside (to a
     name starting with `aside_prefix`, beside it) and deleted only after the rename succeeded, so at every

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from tqdm.auto import tqdm
 
-from magi_train.checkpoint.atomic import fsync_dir
+from magi_train.checkpoint.atomic import replace_text
 from magi_train.config.schema import TrainerConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -56,17 +56,6 @@ def resolve_wandb_mode(cfg: WandbConfig) -> str:
     return cfg.mode
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """`path` holds either its old or its new content, whatever happens (temp file, fsync, os.replace)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def rewind_metrics(path: Path, step: int) -> Tuple[int, bool]:
     """Cut metrics file `path` back to the records a run starting at `step` does not log again: those of steps
     <= `step` (none when `step` is 0: a run from step 0 logs its step-0 evaluation again). Rewritten atomically
@@ -97,7 +86,7 @@ def rewind_metrics(path: Path, step: int) -> Tuple[int, bool]:
         else:
             dropped += 1
     if dropped:
-        _write_atomically(path, "".join(kept))
+        replace_text(path, "".join(kept))
     return dropped, partial
 
 
@@ -120,7 +109,7 @@ def wandb_run_id(out_dir: Path, continuing: bool) -> Tuple[str, bool]:
                              f"log the resumed run as a new wandb run") from None
         return run_id, True
     run_id = _new_wandb_id()
-    _write_atomically(path, json.dumps({"id": run_id}) + "\n")
+    replace_text(path, json.dumps({"id": run_id}) + "\n")
     return run_id, False
 
 

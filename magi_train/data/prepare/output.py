@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from magi_train.checkpoint.atomic import fsync_dir
+from magi_train.checkpoint.atomic import fsync_dir, replace_text
 from magi_train.data.prepare.records import Encoded, PrepareError
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -18,16 +18,6 @@ SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
 PARTIAL_SUFFIX = ".partial"
 MANIFEST_NAME = "manifest.jsonl"
 SETTINGS_NAME = "prepare.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class Manifest:
@@ -83,7 +73,7 @@ class Manifest:
                 raise PrepareError(f"--resume with other settings than {settings_path} records ({detail}): a dataset "
                                    f"must be prepared one way; use a new output folder")
         else:
-            _write_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
+            replace_text(settings_path, json.dumps(settings, indent=2) + "\n", settings_path.name + PARTIAL_SUFFIX)
 
         for partial in partials:  # an interrupted shard: its inputs are not in the manifest and are redone
             partial.unlink()
@@ -103,7 +93,8 @@ class Manifest:
                                f"or the manifest was edited); move them away, then resume")
         manifest = cls(out, kept)
         if kept != entries or not manifest_path.exists():
-            _write_atomic(manifest_path, "".join(json.dumps(e) + "\n" for e in kept))
+            replace_text(manifest_path, "".join(json.dumps(e) + "\n" for e in kept),
+                         manifest_path.name + PARTIAL_SUFFIX)
         return manifest, notes
 
     @staticmethod
