@@ -29,9 +29,12 @@ T = TypeVar("T")
 
 
 def _portable(error: Exception) -> Exception:
-    """`error` if it survives pickling (the broadcast to the other ranks), else a RuntimeError with its text."""
+    """`error` if the other ranks can rebuild it from the broadcast, else a RuntimeError with its text. An
+    exception travels as its class and its args (how pickle rebuilds one), so it must serialise and its class
+    must accept its own args; checked by building it again here, without unpickling anything."""
     try:
-        pickle.loads(pickle.dumps(error))  # pickle-safe: our own in-memory exception, never a file
+        pickle.dumps(error)
+        type(error)(*error.args)
         return error
     except Exception:  # noqa: BLE001 - any failure to round-trip means: send the text
         return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
