@@ -27,9 +27,10 @@ demo: venv
 		prompt='[a red blob moves right on the left, the red blob moves right in the center, the red blob moves down on the right]'
 
 # The whole suite: fast unit tests plus the slow end-to-end tests, on two pytest workers (each test file on
-# one worker: module fixtures such as the Slurm cluster are built once).
+# one worker: module fixtures such as the Slurm cluster are built once), handed out in the order that
+# tests/conftest.py sorts them (longest first), not by number of tests.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # Single-process unit tests only (a few minutes): no end-to-end programs, no multi-rank runs.
 test-fast: venv
