@@ -307,7 +307,5 @@ def test_generate_cli_with_context_parallel_writes_the_one_process_video(release
     a, b = (read_video(d / "video.mp4", 12, 64, 64) for d in (one, two))
     assert a.shape == b.shape == (30, 64, 64, 3)
     assert torch.equal(a, b), f"max |difference| {(a.int() - b.int()).abs().max().item()}"
-
-    bad = _generate(2, two / "never.mp4", ckpt, "parallel.tp=3")
-    assert bad.returncode != 0 and "parallel.tp (3)" in bad.stderr
-    assert not (two / "never.mp4").exists()
+    # A layout that does not fit is refused by validate_generate (test_misconfigured_layouts_fail_naming_the_field);
+    # a multi-rank program failing at start-up is shown by tests/e2e/test_train_cli.py's world-size test.

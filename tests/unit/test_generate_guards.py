@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 import magi_infer.engine as engine_module
 import magi_infer.generate as generate_module
@@ -117,6 +118,23 @@ def test_several_problems_are_reported_at_once(run, ckpt, tmp_path):
 ])
 def test_config_errors_come_before_the_engine(run, ckpt, tmp_path, extra, expected):
     assert expected in fails(run, *overrides(ckpt, tmp_path / "o.mp4", *extra))
+
+
+def test_bad_overrides_fail_with_the_key(run, ckpt, tmp_path):
+    # A key the config does not have: Hydra refuses it while composing, naming it.
+    with pytest.raises(ConfigCompositionException, match="num_stepz"):
+        run(*overrides(ckpt, tmp_path / "o.mp4", "sampler.num_stepz=3"))
+    # A value that does not fit the model: the base tiny preset samples with three-pass guidance.
+    assert "sampler.cfg_number=1 does not fit model=tiny" in fails(run, *overrides(ckpt, tmp_path / "o.mp4",
+                                                                                  "sampler.cfg_number=1"))
+
+
+def test_missing_text_and_vae_dirs_of_a_released_preset_are_both_named(run, ckpt, tmp_path):
+    # model=magi1_4.5b needs the T5 encoder and the VAE: both missing directories in one report, before any model.
+    # (check_memory=false: whether a 4.5B model fits this machine is not the point.)
+    message = fails(run, "model=magi1_4.5b", f"ckpt.dir={ckpt}", f"output={tmp_path / 'o.mp4'}", "prompt=x",
+                    "text.t5_dir=/nonexistent", "vae.dir=/nonexistent", "check_memory=false")
+    assert "text.t5_dir=/nonexistent" in message and "vae.dir=/nonexistent" in message
 
 
 def test_missing_or_undecodable_conditioning_inputs(run, ckpt, tmp_path):
