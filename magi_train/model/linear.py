@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 from torch import nn
+
+from magi_train.mcore import ModelParallelConfig, linear_with_grad_accumulation_and_async_allreduce
 
 
 def cast_for_compute(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]

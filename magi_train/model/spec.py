@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from magi_train.mcore import ModelParallelConfig
 from magi_train.model.attention import ATTENTION_BACKENDS
 from magi_train.model.linear import CaptionKVLinear, Linear
 from magi_train.model.norms import LayerNorm1p, plain_layer_norm

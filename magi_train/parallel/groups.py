@@ -15,10 +15,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from megatron.core.hyper_comm_grid import HyperCommGrid
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from magi_train.config.schema import ParallelConfig
+from magi_train.mcore import HyperCommGrid, ProcessGroupCollection
 
 
 @dataclass

@@ -27,7 +27,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from magi_train.config.schema import ParallelConfig
 from magi_train.model.attention import AttnRanges, block_causal_ranges, row_block_causal_ranges
@@ -154,6 +153,10 @@ def _boundary_tensors(stage: DiTStage, device):
 def build_schedule(models: Sequence[VideoDiT], stage_ids: Sequence[int], parallel_cfg: ParallelConfig, pp_group,
                    shape: MicroBatchShape, num_microbatches: int, loss_fn, device):
     """The engine's schedule over this rank's stages (one, or vpp of them)."""
+    # Imported here, where pipeline training starts: torch.distributed.pipelining imports torch._dynamo (about
+    # 1 s of start-up that every other run, and every inference run, would pay for nothing).
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
     num_stages = parallel_cfg.pp * parallel_cfg.vpp
     stages = []
     for model, sid in zip(models, stage_ids):

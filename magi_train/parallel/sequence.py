@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import all_to_all
+
+from magi_train.mcore import all_to_all
 
 
 @dataclass(frozen=True)

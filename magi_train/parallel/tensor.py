@@ -8,11 +8,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 
+from magi_train.mcore import ColumnParallelLinear, ModelParallelConfig, RowParallelLinear, copy_to_tensor_model_parallel_region
 from magi_train.model.linear import XATTN_KV_ROW_BLOCKS, blocked_product, cast_for_compute
 
 

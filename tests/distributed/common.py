@@ -42,7 +42,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def single_process_parallel():
     """A `Parallel` of this rank alone (every size 1): the oracle trainer inside a multi-rank test."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    from magi_train.mcore import ProcessGroupCollection
 
     from magi_train.parallel.groups import Parallel
 

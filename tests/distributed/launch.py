@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 # Imported once by the forkserver (the first run_ranks in a pytest process starts it); a module that fails to
 # import is skipped by multiprocessing and then imported by each rank as before.
-PRELOAD = ["torch", "torch.distributed", "megatron.core", "magi_train.training.trainer", "magi_infer.engine",
+PRELOAD = ["torch", "torch.distributed", "magi_train.mcore", "magi_train.training.trainer", "magi_infer.engine",
            "tests.distributed.common"]
 
 

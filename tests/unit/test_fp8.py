@@ -153,7 +153,7 @@ def test_two_layer_model_has_nothing_to_quantise(single_process_group):
 
 
 def test_tensor_parallel_conversion_raises(single_process_group):
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    from magi_train.mcore import ProcessGroupCollection
 
     from magi_train.model.dit import meta_dit
     from magi_train.parallel.groups import Parallel

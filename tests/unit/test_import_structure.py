@@ -147,3 +147,19 @@ def test_no_source_file_over_600_lines():
             if lines > 600:
                 too_long.append(f"{path.relative_to(ROOT)}: {lines} lines")
     assert not too_long, "files over 600 lines:\n" + "\n".join(too_long)
+
+
+def test_megatron_enters_only_through_mcore():
+    # magi_train/mcore.py imports megatron-core with its torch.compile decorations deferred (half of a process's
+    # start-up otherwise); a module that imported megatron directly, first, would undo that for the process.
+    bad = []
+    for folder in (*PACKAGES, "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "magi_train" / "mcore.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                        if n == "megatron" or n.startswith("megatron.")]
+    assert not bad, "import megatron-core names from magi_train.mcore:\n" + "\n".join(bad)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
 
+from magi_train.mcore import ProcessGroupCollection
 from magi_train.model.dit import build_dit, full_shapes, meta_dit
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.parallelize import check_invariants, parallelize_dit

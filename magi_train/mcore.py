@@ -1,0 +1,72 @@
+"""The one place megatron-core enters: every module takes the megatron names it uses from here.
+
+megatron-core decorates its fused kernels (bias-GeLU, SwiGLU, ...) with `torch.compile` when its modules are
+imported. `torch.compile(fn)` does nothing until `fn` is first called, but merely decorating imports
+torch._dynamo and torch._inductor: about 4 s of CPU, almost half of every training or inference process's
+start-up, paid by each rank and each test program. We use none of those kernels (our layers call megatron's
+linear layers and communication ops), so megatron is imported here with `torch.compile` standing in as a
+decorator that makes the same call on the function's first use instead. `torch.compile` itself is restored
+before this module finishes; anything that calls one of megatron's compiled functions gets it compiled then,
+exactly as it would have been.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+
+import torch
+
+
+def _compile_on_first_call(compile_fn):
+    """A stand-in for `torch.compile` (either `torch.compile(fn, **kw)` or `@torch.compile(**kw)`) that calls
+    `compile_fn(fn, **kw)` when the returned function is first called."""
+
+    def deferred(model=None, **kwargs):
+        if model is None:
+            return lambda fn: deferred(fn, **kwargs)
+        lock = threading.Lock()
+        compiled = []
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            if not compiled:
+                with lock:
+                    if not compiled:
+                        compiled.append(compile_fn(model, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return call
+
+    return deferred
+
+
+def _import_megatron():
+    real = torch.compile
+    torch.compile = _compile_on_first_call(real)
+    try:
+        # megatron.core's __init__ imports tensor_parallel, the fusions and parallel_state; the other two are what
+        # it leaves out of the modules below.
+        for name in ("megatron.core", "megatron.core.hyper_comm_grid", "megatron.core.process_groups_config"):
+            importlib.import_module(name)
+    finally:
+        torch.compile = real
+
+
+_import_megatron()
+
+from megatron.core.hyper_comm_grid import HyperCommGrid  # noqa: E402
+from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
+                                                  linear_with_grad_accumulation_and_async_allreduce)
+from megatron.core.tensor_parallel.mappings import (all_to_all, copy_to_tensor_model_parallel_region,  # noqa: E402
+                                                    gather_from_sequence_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region,
+                                                    reduce_scatter_to_sequence_parallel_region)
+
+__all__ = ["ColumnParallelLinear", "HyperCommGrid", "ModelParallelConfig", "ProcessGroupCollection", "RowParallelLinear",
+           "all_to_all", "copy_to_tensor_model_parallel_region", "gather_from_sequence_parallel_region",
+           "linear_with_grad_accumulation_and_async_allreduce", "reduce_from_tensor_model_parallel_region",
+           "reduce_scatter_to_sequence_parallel_region"]

@@ -1,0 +1,47 @@
+"""megatron-core is imported without paying for torch.compile's machinery (magi_train/mcore.py), and what it
+compiles still compiles, on first use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from magi_train.mcore import _compile_on_first_call
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_entry_points_start_without_torch_dynamo():
+    # One fresh interpreter (the pytest process has imported everything by now): both programs' imports.
+    code = ("import sys, magi_train.train, magi_infer.generate, megatron.core.jit as jit, torch;"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules));"
+            "print(torch.compile.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded, compile_module = done.stdout.split("\n")[:2]
+    assert loaded == "[]", f"start-up imported {loaded}"
+    assert compile_module == "torch", "torch.compile was not restored after importing megatron-core"
+
+
+def test_a_deferred_function_is_compiled_once_on_first_call_with_its_arguments():
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append((fn.__name__, kwargs))
+        return lambda *a: ("compiled", fn(*a))
+
+    deferred = _compile_on_first_call(fake_compile)
+
+    @deferred
+    def double(x):
+        return 2 * x
+
+    @deferred(dynamic=False)
+    def triple(x):
+        return 3 * x
+
+    assert calls == [] and double.__name__ == "double"  # nothing compiled by decorating
+    assert double(2) == ("compiled", 4) and double(3) == ("compiled", 6)
+    assert triple(1) == ("compiled", 3)
+    assert calls == [("double", {}), ("triple", {"dynamic": False})]
