@@ -2,12 +2,12 @@
 
 megatron-core decorates its fused kernels (bias-GeLU, SwiGLU, ...) with `torch.compile` when its modules are
 imported. `torch.compile(fn)` does nothing until `fn` is first called, but merely decorating imports
-torch._dynamo and torch._inductor: about 4 s of CPU, almost half of every training or inference process's
-start-up, paid by each rank and each test program. We use none of those kernels (our layers call megatron's
-linear layers and communication ops), so megatron is imported here with `torch.compile` standing in as a
-decorator that makes the same call on the function's first use instead. `torch.compile` itself is restored
-before this module finishes; anything that calls one of megatron's compiled functions gets it compiled then,
-exactly as it would have been.
+torch._dynamo and torch._inductor, paid by each rank and each test program: importing magi_train.train took
+9.2 s of CPU with it and takes 6.2 s without (2-core CI machine). We use none of those kernels (our layers call
+megatron's linear layers and communication ops), so megatron is imported here with `torch.compile` standing in
+as a decorator that makes the same call on the function's first use instead. `torch.compile` itself is
+restored before this module finishes; anything that calls one of megatron's compiled functions gets it
+compiled then, exactly as it would have been.
 """
 
 from __future__ import annotations
