@@ -32,9 +32,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
-# Single-process unit tests only (a few minutes): no end-to-end programs, no multi-rank runs.
+# Single-process unit tests only (under 3 minutes): no end-to-end programs, no multi-rank runs; two workers.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not multirank" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not multirank" tests
 
 clean:
 	rm -rf $(VENV) outputs runs wandb .pytest_cache

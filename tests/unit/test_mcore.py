@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from magi_train.mcore import _compile_on_first_call
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a fresh interpreter importing both programs: ~6 s
 def test_the_entry_points_start_without_torch_dynamo():
     # One fresh interpreter (the pytest process has imported everything by now): both programs' imports.
     code = ("import sys, magi_train.train, magi_infer.generate, megatron.core.jit as jit, torch;"
