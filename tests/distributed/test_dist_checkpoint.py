@@ -12,7 +12,7 @@ its dtype, and bad prefixes or sets that do not match the model fail naming the 
 The reference is a TP=1 model with an unsharded AdamW: every layout initialises the same full weights
 (layout-independent init) and takes one AdamW step with the same full-size random gradients, and AdamW is
 elementwise, so every layout's state is the reference's, sliced (checked for the saving layout itself,
-so "equals the reference" means "equals what was saved"). One 4-rank spawn: process start-up dominates.
+so "equals the reference" means "equals what was saved"). All of it runs in one 4-rank launch.
 """
 
 from __future__ import annotations
