@@ -301,13 +301,20 @@ class CheckpointManager:
             return None
         if spec == "auto":
             return self.latest()
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-        if not path.is_dir():
-            raise NotADirectoryError(f"resume checkpoint {path} is not a directory")
+        path = checkpoint_dir(spec, "resume checkpoint")
         _verify(path, check_hashes=False)
         return path
+
+
+def checkpoint_dir(spec: str, what: str) -> Path:
+    """`spec` (a user-given checkpoint path, ~ expanded) if it is an existing directory, else the error that
+    says which, starting with `what` (how the caller names the setting)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is not a directory")
+    return path
 
 
 class PickleCheckpointError(ValueError):

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch.distributed as dist
 
-from magi_train.checkpoint.manager import CheckpointManager, CorruptCheckpointError, verify_checkpoint
+from magi_train.checkpoint.manager import CheckpointManager, CorruptCheckpointError, checkpoint_dir, verify_checkpoint
 from magi_train.checkpoint.weights import read_our_trainer_state
 from magi_train.config.schema import TrainConfig
 from magi_train.observability.memory_check import check_train_memory
@@ -139,12 +139,7 @@ def choose_resume(cfg: TrainConfig, parallel: Parallel, checkpoints: CheckpointM
 def _candidates(checkpoints: CheckpointManager, spec: str) -> List[Tuple[Path, Optional[str]]]:
     if spec == "auto":
         return checkpoints.candidates()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"trainer.resume: checkpoint {path} is not a directory")
-    return [(path, None)]
+    return [(checkpoint_dir(spec, "trainer.resume: checkpoint"), None)]
 
 
 def _verify_everywhere(parallel: Parallel, path: Path) -> Optional[str]:
