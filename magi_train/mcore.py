@@ -8,12 +8,19 @@ megatron's linear layers and communication ops), so megatron is imported here wi
 as a decorator that makes the same call on the function's first use instead. `torch.compile` itself is
 restored before this module finishes; anything that calls one of megatron's compiled functions gets it
 compiled then, exactly as it would have been.
+
+megatron-core also imports wandb at import time, if it is installed, for two things we never use (its Timers'
+wandb writer and its dynamic inference engine's logging): 0.7-0.8 s of CPU per process. While megatron is
+imported, `wandb` is marked unimportable so those modules take their own "wandb not installed" branch; the mark
+is removed afterwards, so our metrics writer (observability/metrics.py) imports the real wandb when a run asks
+for it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import threading
 
 import torch
@@ -45,6 +52,10 @@ def _compile_on_first_call(compile_fn):
 def _import_megatron():
     real = torch.compile
     torch.compile = _compile_on_first_call(real)
+    # A None entry in sys.modules makes `import wandb` raise ImportError (only if wandb is not already imported).
+    hide_wandb = "wandb" not in sys.modules
+    if hide_wandb:
+        sys.modules["wandb"] = None
     try:
         # megatron.core's __init__ imports tensor_parallel, the fusions and parallel_state; the other two are what
         # it leaves out of the modules below.
@@ -52,6 +63,8 @@ def _import_megatron():
             importlib.import_module(name)
     finally:
         torch.compile = real
+        if hide_wandb and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
 
 
 _import_megatron()

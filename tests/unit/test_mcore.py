@@ -1,5 +1,5 @@
-"""megatron-core is imported without paying for torch.compile's machinery (magi_train/mcore.py), and what it
-compiles still compiles, on first use."""
+"""megatron-core is imported without paying for torch.compile's machinery or wandb (magi_train/mcore.py), and
+what it compiles still compiles, on first use."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_entry_points_start_without_torch_dynamo():
     # One fresh interpreter (the pytest process has imported everything by now): both programs' imports.
     code = ("import sys, magi_train.train, magi_infer.generate, megatron.core.jit as jit, torch;"
-            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules));"
-            "print(torch.compile.__module__)")
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules));"
+            "print(torch.compile.__module__);"
+            "import importlib.util; print(importlib.util.find_spec('wandb') is not None)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    loaded, compile_module = done.stdout.split("\n")[:2]
+    loaded, compile_module, wandb_findable = done.stdout.split("\n")[:3]
     assert loaded == "[]", f"start-up imported {loaded}"
     assert compile_module == "torch", "torch.compile was not restored after importing megatron-core"
+    # wandb is hidden from megatron only while it is imported: a run that logs to wandb can still import it.
+    assert wandb_findable == "True", "wandb is still marked unimportable after importing megatron-core"
 
 
 def test_a_deferred_function_is_compiled_once_on_first_call_with_its_arguments():
