@@ -17,7 +17,9 @@ from torch import nn
 
 
 def default_bands(num_bands: int, temperature: float) -> torch.Tensor:
-    exponent = torch.arange(0, num_bands, 1, dtype=torch.int64).to(torch.float32) / num_bands
+    """(num_bands,) fp32 on the CPU whatever the ambient device: arithmetic on the meta device runs Python
+    decompositions whose first call imports torch._dynamo (0.7 s of every start-up that builds on meta)."""
+    exponent = torch.arange(0, num_bands, 1, dtype=torch.int64, device="cpu").to(torch.float32) / num_bands
     return 1.0 / (temperature**exponent)
 
 
@@ -53,12 +55,13 @@ class LearnableRope3D(nn.Module):
         self.num_bands = head_dim // 8
         self.reference_tokens = reference_tokens
         self.temperature = temperature
-        self.bands = nn.Parameter(default_bands(self.num_bands, temperature))
+        self.bands = nn.Parameter(torch.empty(self.num_bands, dtype=torch.float32))  # ambient device (meta too)
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The constructor's bands again (a model materialised from the meta device starts here)."""
-        self.bands.copy_(default_bands(self.num_bands, self.temperature))
+        self.bands.copy_(default_bands(self.num_bands, self.temperature).to(self.bands.device))
 
     @property
     def rotary_dim(self) -> int:

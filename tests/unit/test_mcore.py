@@ -15,9 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow  # a fresh interpreter importing both programs: ~6 s
-def test_the_entry_points_start_without_torch_dynamo():
+def test_the_entry_points_start_and_build_on_meta_without_torch_dynamo():
     # One fresh interpreter (the pytest process has imported everything by now): both programs' imports.
+    # Building the model on the meta device (what generate does first) must not load them either.
     code = ("import sys, magi_train.train, magi_infer.generate, megatron.core.jit as jit, torch;"
+            "from magi_train.config.compose import load_model_preset; from magi_train.model.dit import meta_dit;"
+            "meta_dit(load_model_preset('tiny'));"
             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules));"
             "print(torch.compile.__module__);"
             "import importlib.util; print(importlib.util.find_spec('wandb') is not None)")
