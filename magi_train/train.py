@@ -24,8 +24,9 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from magi_train.config import register_configs, to_train_config  # noqa: E402
+from magi_train.observability.loss_curve import summarize  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
-from magi_train.training.trainer import Trainer, summarize  # noqa: E402
+from magi_train.training.trainer import Trainer  # noqa: E402
 
 
 def job_output_dir(output_dir: str) -> str:

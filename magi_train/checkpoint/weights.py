@@ -23,8 +23,8 @@ import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
-from magi_train.checkpoint.manager import (MARKER_NAME, CorruptCheckpointError, find_checkpoint, read_marker,
-                                           read_state_file, refuse_pickles)
+from magi_train.checkpoint.manager import (MARKER_NAME, CheckpointManager, CorruptCheckpointError, find_checkpoint,
+                                           read_marker, read_state_file, refuse_pickles)
 from magi_train.checkpoint.variants import Variant, resolve_weight_dir
 from magi_train.config.compose import config_to_dict
 from magi_train.config.schema import ModelConfig
@@ -126,3 +126,13 @@ def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], sourc
         full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_full_state_dict(state_dict, full_shapes, source)
     model.load_state_dict(shard_state_dict(state_dict, model.cfg, tp_rank, tp, keys=local_keys), strict=True)
+
+
+def load_model_only(path: Path, models, full_shapes: Dict[str, Tuple[int, ...]], tp_rank: int, tp: int) -> int:
+    """A model-only checkpoint of ours (tools/convert_checkpoint.py to-ours) into this rank's model chunks, each
+    taking its tensor-parallel slice of the layers it holds; returns its step. No optimizer state is read."""
+    state = CheckpointManager(path.parent, keep_last=0, read_only=True).load(path)
+    for model in models:
+        # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
+        load_into(model, state["model"], f"{path} (model weights)", full_shapes, tp_rank, tp)
+    return int(state["trainer"]["step"])

@@ -19,7 +19,6 @@ fit the device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 from magi_train.checkpoint.distributed import is_distributed_checkpoint, load_train_state, save_train_state
 from magi_train.checkpoint.manager import CheckpointManager
-from magi_train.checkpoint.weights import load_into
+from magi_train.checkpoint.weights import load_model_only
 from magi_train.config.schema import TrainConfig
 from magi_train.config.validate import check_train_layout
 from magi_train.model import magi_attention
@@ -49,9 +48,11 @@ from magi_train.training.ema import StepCallback
 from magi_train.training.evaluation.held_out import VIDEO_FPS, HeldOut
 from magi_train.training.objectives import Objective, build_callbacks, build_objective
 from magi_train.training.optim import lr_at, set_lr
+from magi_train.training.precision import autocast
 from magi_train.training.run_dir import CHECKPOINTS_DIR
 from magi_train.training.startup import RunDirectory, check_memory, choose_resume
 from magi_train.training.stop import StopRequest
+
 
 def weighted_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """sum(|pred - target|^2 * w) with target = [target | w] along channels (w already divided by the count)."""
@@ -155,26 +156,12 @@ class Trainer:
         return micro
 
     # ------------------------------------------------------------------ forward/backward
-    @contextlib.contextmanager
-    def _autocast(self):
-        """bf16 autocast (trainer.precision) and, with Transformer Engine layers, its fp8 autocast."""
-        p = self.parallel
-        with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
-            if self.cfg.trainer.fp8_recipe == "none":
-                yield
-                return
-            from magi_train.model.te_spec import fp8_autocast
-
-            # Scaling factors (amaxes) are agreed over every rank of the pipeline stage (as megatron does).
-            with fp8_autocast(self.cfg.trainer.fp8_recipe, p.groups.tp_dp_cp):
-                yield
-
     def forward_backward(self, micro, backward: bool = True) -> torch.Tensor:
         """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage)."""
         total = torch.zeros((), dtype=torch.float64)
         if self.schedule is None:
             for inputs, target in micro:
-                with self.timer.phase("forward"), self._autocast():
+                with self.timer.phase("forward"), autocast(self.cfg.trainer, self.parallel):
                     loss = weighted_sq_error(self.stage(*inputs), target)
                 if backward:
                     with self.timer.phase("backward"):
@@ -187,7 +174,7 @@ class Trainer:
         has_first = any(m.pre_process for m in self.models)
         has_last = any(m.post_process for m in self.models)
         losses: List[torch.Tensor] = []
-        with self.timer.phase("forward_backward"), self._autocast():
+        with self.timer.phase("forward_backward"), autocast(self.cfg.trainer, self.parallel):
             self.schedule.step(*(inputs if has_first else ()), target=target if has_last else None,
                                losses=losses if has_last else None)
         for loss in losses:
@@ -304,20 +291,11 @@ class Trainer:
                 elif self.parallel.is_main:
                     print(f"warning: {path} holds no data loader position (not a data.kind=webdataset run): "
                           f"reading the shards from the start", flush=True)
-        else:
-            self._load_model_only(path)
+        else:  # a model-only checkpoint (tools/convert_checkpoint.py to-ours): weights and step
+            p = self.parallel
+            self.step = load_model_only(path, self.models, self.full_shapes, p.tp_rank, p.tp)
         if self.parallel.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
-
-    def _load_model_only(self, path: Path) -> None:
-        """A full released-layout state dict (tools/convert_checkpoint.py to-ours): weights and step, no
-        optimizer state; each rank takes its tensor-parallel slice of the layers it holds."""
-        state = CheckpointManager(path.parent, keep_last=0, read_only=True).load(path)
-        p = self.parallel
-        for model in self.models:
-            # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
-            load_into(model, state["model"], f"{path} (model weights)", self.full_shapes, p.tp_rank, p.tp)
-        self.step = int(state["trainer"]["step"])
 
     # ------------------------------------------------------------------ loop
     def fit(self, until: Optional[int] = None) -> List[Dict[str, float]]:
@@ -362,17 +340,3 @@ class Trainer:
             logger.close()
             self.close()  # the run is over: the directory is free for the next one
         return history
-
-
-
-def summarize(history: List[Dict[str, float]], window: Optional[int] = None) -> Dict[str, float]:
-    """First/last-window means of the training loss and of the held-out loss, and the relative drop."""
-    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
-    w = window or max(1, math.ceil(len(losses) / 10))
-    out = {"first_loss": sum(losses[:w]) / w, "last_loss": sum(losses[-w:]) / w}
-    out["loss_drop"] = 1 - out["last_loss"] / out["first_loss"]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    if len(evals) >= 2:
-        out["first_eval_loss"], out["last_eval_loss"] = evals[0], evals[-1]
-        out["eval_loss_drop"] = 1 - evals[-1] / evals[0]
-    return out

@@ -8,7 +8,8 @@ import torch
 
 from magi_train.config.schema import TrainConfig
 from magi_train.parallel.groups import init_parallel
-from magi_train.training.trainer import Trainer, summarize
+from magi_train.observability.loss_curve import summarize
+from magi_train.training.trainer import Trainer
 from tests.configs import tiny_train_config as tiny_config
 
 pytestmark = pytest.mark.slow

@@ -2,11 +2,12 @@
 (the learning signal and the exact resume of a 20-step run: tests/e2e/test_trainer_runs.py)."""
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
+from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.config.schema import TrainConfig
 from magi_train.parallel.groups import init_parallel
 from magi_train.training.resume_config import ConfigChangeError
@@ -34,6 +35,21 @@ def test_checkpoints_keep_last_and_resume_from_path(tmp_path, parallel):
     t.close()  # a trainer holds its output_dir until fit returns or close()
     with pytest.raises((FileNotFoundError, ValueError), match="step_00000004"):
         Trainer(replace(cfg, trainer=replace(cfg.trainer, resume=str(tmp_path / "checkpoints" / "step_00000004"))), parallel)
+
+
+def test_resume_from_a_model_only_checkpoint_takes_its_weights_and_step(tmp_path, parallel):
+    """A model-only checkpoint (what tools/convert_checkpoint.py to-ours writes: weights and trainer.json, no
+    optimizer state) starts a run at its step with its weights, bit for bit."""
+    cfg = tiny_config(tmp_path / "run")
+    with Trainer(cfg, parallel) as first:
+        weights = {k: v.detach() + 0.01 for k, v in first.model.state_dict().items()}
+    path = CheckpointManager(tmp_path / "ours", keep_last=0).save(7, {"model": weights,
+                                                                      "trainer": {"step": 7, "config": asdict(cfg)}})
+    with Trainer(replace(cfg, trainer=replace(cfg.trainer, resume=str(path))), parallel) as resumed:
+        assert resumed.step == 7
+        loaded = resumed.model.state_dict()
+        assert sorted(loaded) == sorted(weights)
+        assert all(torch.equal(loaded[k], w) for k, w in weights.items())
 
 
 def test_bf16_autocast_trains_close_to_fp32(tmp_path, parallel):
