@@ -18,8 +18,11 @@ import pytest
 from magi_train.checkpoint.manager import CheckpointManager, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+# One sample per rank and step: what is tested is where the runs stop and resume, not what they learn (a step of
+# the preset's 4 samples costs 4x the CPU).
 RUN = ["experiment=tiny", "trainer.max_steps=12", "trainer.save_every=4", "trainer.log_every=1",
-       "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.wandb.mode=disabled", "trainer.keep_last=5"]
+       "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.wandb.mode=disabled", "trainer.keep_last=5",
+       "data.micro_batch_size=1"]
 # torchrun's workers share its rendezvous store by default, and a restarted attempt can then read the
 # failed attempt's addresses (pytorch/pytorch#135712): slurm/common.sh sets this too.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
