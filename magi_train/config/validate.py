@@ -111,11 +111,11 @@ def _show(value: object) -> str:
 
 
 def attention_backends() -> List[str]:
-    """`model.attention_backend` names: the CPU kernels' registry plus the GPU kernels loaded on demand."""
+    """`model.attention_backend` names: the CPU kernels' registry plus the kernels loaded on demand."""
     from magi_train.model.attention import ATTENTION_BACKENDS  # imports torch: only when validating
-    from magi_train.model.spec import GPU_ATTENTION_BACKENDS
+    from magi_train.model.spec import ON_DEMAND_ATTENTION_BACKENDS
 
-    return [*ATTENTION_BACKENDS, *GPU_ATTENTION_BACKENDS]
+    return [*ATTENTION_BACKENDS, *ON_DEMAND_ATTENTION_BACKENDS]
 
 
 def fp8_recipes() -> List[str]:

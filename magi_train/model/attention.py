@@ -166,9 +166,18 @@ def range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: A
     return out
 
 
+# The largest dense mask `sdpa` builds: 256 Mi booleans (16k x 16k tokens). A 64k-token sample would need 4 GiB
+# before any score; `flex` (model/flex.py) keeps the same pattern in O(tiles) memory.
+SDPA_MAX_MASK_ELEMENTS = 2**28
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: AttnRanges) -> torch.Tensor:
     """One masked scaled-dot-product call over all slices (faster on CPU for training, same maths)."""
     tq, hq, d = q.shape
+    if tq * k.shape[0] > SDPA_MAX_MASK_ELEMENTS:
+        raise ValueError(f"model.attention_backend=sdpa would build a dense {tq} x {k.shape[0]} mask "
+                         f"({tq * k.shape[0] / 2**30:.1f} GiB), more than its limit of {SDPA_MAX_MASK_ELEMENTS} "
+                         f"elements; use model.attention_backend=flex (memory O(tiles)) or torch")
     mask = ranges.to_mask(tq, k.shape[0]).to(q.device)
     covered = mask.any(-1)
     # Rows without keys would be NaN in softmax; give them a dummy key and zero them afterwards.

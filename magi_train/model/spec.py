@@ -79,8 +79,9 @@ class LayerImpl:
     norm: Callable = LayerNorm1p  # the "1p" QK/post norms: (size, eps, apply_1p, dtype)
 
 
-# GPU kernels, loaded only when named: their packages exist only on CUDA machines.
-GPU_ATTENTION_BACKENDS = ("magi",)
+# Kernels loaded only when named: flex (model/flex.py) imports torch's compiler stack, and MagiAttention's
+# package exists only on CUDA machines.
+ON_DEMAND_ATTENTION_BACKENDS = ("flex", "magi")
 
 
 def get_attention_backend(name: str):
@@ -89,10 +90,14 @@ def get_attention_backend(name: str):
         from magi_train.model.magi_attention import magi_backend
 
         return magi_backend()  # ValueError naming model.attention_backend where MagiAttention cannot run
+    if name == "flex":
+        from magi_train.model.flex import flex_range_attention
+
+        return flex_range_attention
     try:
         return ATTENTION_BACKENDS[name]
     except KeyError:
-        names = sorted([*ATTENTION_BACKENDS, *GPU_ATTENTION_BACKENDS])
+        names = sorted([*ATTENTION_BACKENDS, *ON_DEMAND_ATTENTION_BACKENDS])
         raise ValueError(f"model.attention_backend={name!r} is not one of {names}") from None
 
 
