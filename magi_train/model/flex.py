@@ -87,11 +87,14 @@ def _kernel(device: torch.device):
 
 
 def flex_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: AttnRanges) -> torch.Tensor:
-    """softmax(q kᵀ * d**-0.5) v over `ranges`, in fp32, rounded to q's dtype. q: (Tq, Hq, D); k, v: (Tk, Hkv, D),
+    """softmax(q kᵀ * d**-0.5) v over `ranges`, accumulated in fp32, rounded to q's dtype. q: (Tq, Hq, D); k, v: (Tk, Hkv, D),
     Hkv dividing Hq (GQA: query head h reads KV head h // (Hq / Hkv), as the other backends)."""
     tq, hq, d = q.shape
     mask = ranges_block_mask(ranges, tq, k.shape[0], q.device)
-    as_bhsd = lambda x: x.float().transpose(0, 1)[None]  # noqa: E731 - (T, H, D) -> (1, H, T, D)
+    # The fused CUDA kernel takes bf16 as it is and accumulates in fp32 (flash-attn's contract); the eager path
+    # computes in its inputs' dtype, so it gets fp32.
+    compute = q.dtype if q.device.type == "cuda" else torch.float32
+    as_bhsd = lambda x: x.to(compute).transpose(0, 1)[None]  # noqa: E731 - (T, H, D) -> (1, H, T, D)
     with warnings.catch_warnings():
         # Eager flex (CPU) warns that it is unfused; that is known and intended there (see the docstring).
         warnings.filterwarnings("ignore", message=".*flex_attention.*")

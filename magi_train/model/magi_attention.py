@@ -96,7 +96,8 @@ def magi_backend():
     if reason is not None:
         raise ValueError(
             f"model.attention_backend='magi' needs MagiAttention (the magi_attention package) on a Hopper GPU "
-            f"(compute capability 9.x); here: {reason}. Use model.attention_backend=torch or sdpa instead."
+            f"(compute capability 9.x); here: {reason}. Use model.attention_backend=auto (what runs here), flex, "
+            f"sdpa or torch instead."
         )
     return flex_attention_backend
 

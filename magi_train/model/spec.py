@@ -20,6 +20,7 @@ distributed attention, the same way for either spec.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from magi_train.mcore import ModelParallelConfig
-from magi_train.model.attention import ATTENTION_BACKENDS
+from magi_train.model.attention import ATTENTION_BACKENDS, SDPA_MAX_MASK_ELEMENTS
 from magi_train.model.linear import CaptionKVLinear, Linear
 from magi_train.model.norms import LayerNorm1p, plain_layer_norm
 
@@ -80,8 +81,31 @@ class LayerImpl:
 
 
 # Kernels loaded only when named: flex (model/flex.py) imports torch's compiler stack, and MagiAttention's
-# package exists only on CUDA machines.
-ON_DEMAND_ATTENTION_BACKENDS = ("flex", "magi")
+# package exists only on CUDA machines; auto picks one of the others per call.
+ON_DEMAND_ATTENTION_BACKENDS = ("flex", "magi", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_backend(index: Optional[int]) -> str:
+    from magi_train.model.magi_attention import magi_attention_available
+
+    with torch.cuda.device(index):
+        return "magi" if magi_attention_available() else "flex"
+
+
+def auto_backend_name(device: torch.device, total_q: int, total_k: int) -> str:
+    """`model.attention_backend=auto` for a call on `device`: on CUDA MagiAttention where it runs (Hopper, its
+    package), else flex (compiled, memory bounded); elsewhere sdpa (one masked call) while its dense mask fits
+    its limit, else torch (per range, memory bounded). The flex CPU path is eager and scores densely, so
+    it is never the CPU's choice."""
+    if device.type == "cuda":
+        return _cuda_backend(device.index)
+    return "sdpa" if total_q * total_k <= SDPA_MAX_MASK_ELEMENTS else "torch"
+
+
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges) -> torch.Tensor:
+    """The kernel `auto_backend_name` picks for these tensors; same contract as every backend."""
+    return get_attention_backend(auto_backend_name(q.device, q.shape[0], k.shape[0]))(q, k, v, ranges)
 
 
 def get_attention_backend(name: str):
@@ -94,6 +118,8 @@ def get_attention_backend(name: str):
         from magi_train.model.flex import flex_range_attention
 
         return flex_range_attention
+    if name == "auto":
+        return auto_attention
     try:
         return ATTENTION_BACKENDS[name]
     except KeyError:

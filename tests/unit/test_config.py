@@ -367,10 +367,10 @@ def test_registry_fields_are_checked_against_the_registry():
     from magi_train.model.attention import ATTENTION_BACKENDS
     from magi_train.model.te_spec import FP8_RECIPES
 
-    for name in [*ATTENTION_BACKENDS, "flex"]:
+    for name in [*ATTENTION_BACKENDS, "flex", "auto"]:
         assert load([f"model.attention_backend={name}"]).model.attention_backend == name
     with pytest.raises(ConfigError, match=r"model.attention_backend \('flash'\) must be one of 'torch', 'sdpa', 'flex', "
-                                          r"'magi'"):
+                                          r"'magi', 'auto'"):
         load(["model.attention_backend=flash"])
     with pytest.raises(ConfigError, match="trainer.fp8_recipe \\('e5m2'\\) must be one of " + ", ".join(
             repr(r) for r in FP8_RECIPES)):

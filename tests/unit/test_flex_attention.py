@@ -111,3 +111,24 @@ def test_sdpa_refuses_a_dense_mask_above_its_limit_naming_the_knob(monkeypatch):
     monkeypatch.setattr(attention, "SDPA_MAX_MASK_ELEMENTS", tq * tk - 1)
     with pytest.raises(ValueError, match=r"model.attention_backend=sdpa .* 864 x 864 .* model.attention_backend=flex"):
         attention.sdpa_attention(q, k, v, ranges)
+
+
+def test_auto_picks_by_device_package_and_size(monkeypatch):
+    from magi_train.model import attention, magi_attention, spec
+
+    # CPU: sdpa while its dense mask fits its limit, then the per-range torch kernel; never eager flex.
+    ranges, tq, tk = PATTERNS["block-causal"]()
+    q, k, v = _qkv(tq, tk)
+    cpu = torch.device("cpu")
+    assert spec.auto_backend_name(cpu, tq, tk) == "sdpa"
+    assert torch.equal(spec.auto_attention(q, k, v, ranges), attention.sdpa_attention(q, k, v, ranges))
+    monkeypatch.setattr(spec, "SDPA_MAX_MASK_ELEMENTS", tq * tk - 1)
+    assert spec.auto_backend_name(cpu, tq, tk) == "torch"
+    assert torch.equal(spec.auto_attention(q, k, v, ranges), range_attention(q, k, v, ranges))
+    # CUDA: MagiAttention where it can run, else compiled flex (the device itself is not touched here).
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    for available, want in ((True, "magi"), (False, "flex")):
+        spec._cuda_backend.cache_clear()
+        monkeypatch.setattr(magi_attention, "magi_attention_available", lambda: available)
+        assert spec.auto_backend_name(torch.device("cuda", 0), tq, tk) == want
+    spec._cuda_backend.cache_clear()

@@ -75,7 +75,8 @@ def test_magi_backend_raises_a_clear_error_here():
 
 
 def test_magi_is_registered_and_listed():
-    with pytest.raises(ValueError, match=r"model\.attention_backend='flash' is not one of \['magi', 'sdpa', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"model\.attention_backend='flash' is not one of \['auto', 'flex', 'magi', 'sdpa', "
+                                         r"'torch'\]"):
         get_attention_backend("flash")
 
 
