@@ -80,6 +80,7 @@ from megatron.core.tensor_parallel.mappings import (all_to_all, copy_to_tensor_m
                                                     reduce_scatter_to_sequence_parallel_region)
 
 __all__ = ["ColumnParallelLinear", "HyperCommGrid", "ModelParallelConfig", "ProcessGroupCollection",
-           "RowParallelLinear", "all_to_all", "copy_to_tensor_model_parallel_region", "gather_from_sequence_parallel_region",
+           "RowParallelLinear", "all_to_all", "copy_to_tensor_model_parallel_region",
+           "gather_from_sequence_parallel_region",
            "linear_with_grad_accumulation_and_async_allreduce", "reduce_from_tensor_model_parallel_region",
            "reduce_scatter_to_sequence_parallel_region"]

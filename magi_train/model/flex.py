@@ -87,8 +87,8 @@ def _kernel(device: torch.device):
 
 
 def flex_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: AttnRanges) -> torch.Tensor:
-    """softmax(q kᵀ * d**-0.5) v over `ranges`, accumulated in fp32, rounded to q's dtype. q: (Tq, Hq, D); k, v: (Tk, Hkv, D),
-    Hkv dividing Hq (GQA: query head h reads KV head h // (Hq / Hkv), as the other backends)."""
+    """softmax(q kᵀ * d**-0.5) v over `ranges`, accumulated in fp32, rounded to q's dtype. q: (Tq, Hq, D);
+    k, v: (Tk, Hkv, D), Hkv dividing Hq (GQA: query head h reads KV head h // (Hq / Hkv), as the other backends)."""
     tq, hq, d = q.shape
     mask = ranges_block_mask(ranges, tq, k.shape[0], q.device)
     # The fused CUDA kernel takes bf16 as it is and accumulates in fp32 (flash-attn's contract); the eager path

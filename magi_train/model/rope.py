@@ -61,7 +61,7 @@ class LearnableRope3D(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The constructor's bands again (a model materialised from the meta device starts here)."""
-        self.bands.copy_(default_bands(self.num_bands, self.temperature).to(self.bands.device))
+        self.bands.copy_(default_bands(self.num_bands, self.temperature))  # copy_ moves it to the bands' device
 
     @property
     def rotary_dim(self) -> int:

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magi_train.mcore import (ModelParallelConfig, copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
-                               reduce_from_tensor_model_parallel_region, reduce_scatter_to_sequence_parallel_region)
+from magi_train.mcore import (ModelParallelConfig, copy_to_tensor_model_parallel_region,
+                               gather_from_sequence_parallel_region, reduce_from_tensor_model_parallel_region,
+                               reduce_scatter_to_sequence_parallel_region)
 
 FP8_RECIPES = ("none", "delayed", "tensorwise", "mxfp8", "blockwise")
 # trainer.fp8_recipe -> (class in transformer_engine.common.recipe, first TE release that has it).

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from magi_train.mcore import ColumnParallelLinear, ModelParallelConfig, RowParallelLinear, copy_to_tensor_model_parallel_region
+from magi_train.mcore import (ColumnParallelLinear, ModelParallelConfig, RowParallelLinear,
+                               copy_to_tensor_model_parallel_region)
 from magi_train.model.linear import XATTN_KV_ROW_BLOCKS, blocked_product, cast_for_compute
 
 

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _qkv(tokens: int, hq: int, hkv: int, dtype, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda h: (torch.randn(tokens, h, 128, generator=g, device="cuda") * 0.5).to(dtype).requires_grad_()  # noqa: E731
+    def make(heads: int) -> torch.Tensor:
+        return (torch.randn(tokens, heads, 128, generator=g, device="cuda") * 0.5).to(dtype).requires_grad_()
+
     return make(hq), make(hkv), make(hkv)
 
 

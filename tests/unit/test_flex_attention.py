@@ -4,6 +4,8 @@ O(tiles + tokens), and flex's forward equals the exact `torch` backend on every 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -126,7 +128,7 @@ def test_auto_picks_by_device_package_and_size(monkeypatch):
     assert spec.auto_backend_name(cpu, tq, tk) == "torch"
     assert torch.equal(spec.auto_attention(q, k, v, ranges), range_attention(q, k, v, ranges))
     # CUDA: MagiAttention where it can run, else compiled flex (the device itself is not touched here).
-    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     for available, want in ((True, "magi"), (False, "flex")):
         spec._cuda_backend.cache_clear()
         monkeypatch.setattr(magi_attention, "magi_attention_available", lambda: available)
