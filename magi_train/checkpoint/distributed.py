@@ -16,6 +16,8 @@ entry per stored piece), and the save's plan is one all_gather of every rank's b
     optim.<parameter name>.exp_avg     full shape; the parameter's ZeRO owner (in dp x cp), TP writers
     optim.<parameter name>.exp_avg_sq  full shape; likewise
     optim.<parameter name>.step        (1,); the owner on TP rank 0
+    optim.<parameter name>.master      full shape, fp32; like exp_avg, for parameters kept in another dtype
+                                       (bf16 training's master weights; without it a load takes the weights)
     <prefix>.<parameter name>          full shape, the given tensors' own dtype; written like model.* (the
                                        caller's `extra_weights`, e.g. prefix "ema": a distillation EMA)
     trainer.json                       rank 0: the caller's `extra` plus the saving "layout"
@@ -68,6 +70,7 @@ from magi_train.parallel.zero import ShardedAdamW
 TRAINER_FILE = "trainer.json"
 INDEX_FILE = sharded.INDEX_FILE
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "master"
 RESERVED_PREFIXES = ("model", "optim", "trainer")  # not available as `extra_weights` prefixes
 
 # Prefix -> one {parameter name: local tensor} per held model chunk (parallel to `models`).
@@ -230,8 +233,9 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
         model, _ = held[name]
         spec = shard_spec(model, name, full[name][0])
         if spec.writer:
-            for moment in _MOMENTS:
-                state[f"optim.{name}.{moment}"] = (spec.full_shape, _boxes(spec, moments[moment]))
+            for moment in (*_MOMENTS, MASTER):
+                if moment in moments:
+                    state[f"optim.{name}.{moment}"] = (spec.full_shape, _boxes(spec, moments[moment]))
         if parallel.tp_rank == 0:
             state[f"optim.{name}.step"] = ((1,), [((0,), moments["step"].reshape(1))])
     return state
@@ -376,6 +380,8 @@ def _check_keys(path: Path, index: sharded.Index, full: Dict[str, Tuple[Tuple[in
         for moment in _MOMENTS:
             expected[f"optim.{name}.{moment}"] = (full[name][0], None)
         expected[f"optim.{name}.step"] = ((1,), None)
+        if f"optim.{name}.{MASTER}" in got:  # optional: only parameters trained in another dtype have one
+            expected[f"optim.{name}.{MASTER}"] = (full[name][0], None)
     check_state_dict(expected, got, path / INDEX_FILE)
 
 
@@ -425,9 +431,10 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
             if optimizer.owner[opt_name] != optimizer.rank or f"{key}.step" not in index:
                 continue
             spec = shard_spec(held[name][0], name, full[name][0])
-            state = {m: torch.empty(p.shape, dtype=index[f"{key}.{m}"].dtype, device=p.device) for m in _MOMENTS}
+            parts = (*_MOMENTS, MASTER) if f"{key}.{MASTER}" in index and opt_name in optimizer.master else _MOMENTS
+            state = {m: torch.empty(p.shape, dtype=index[f"{key}.{m}"].dtype, device=p.device) for m in parts}
             state["step"] = torch.empty(1, dtype=index[f"{key}.step"].dtype)
-            for m in _MOMENTS:
+            for m in parts:
                 targets[f"{key}.{m}"] = _boxes(spec, state[m])
             targets[f"{key}.step"] = [((0,), state["step"])]
             moments[opt_name] = state

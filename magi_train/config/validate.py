@@ -406,6 +406,9 @@ def _check_optimizer(o: OptimizerConfig) -> Iterator[str]:
             yield f"optimizer.{name} ({beta}) must be in [0, 1)"
     yield from _at_least("optimizer", o, ("weight_decay", "clip_grad", "warmup_steps", "decay_steps"), 0)
     yield from _one_of("optimizer.decay", o.decay, LRDecay)
+    yield from _one_of("optimizer.grad_reduce_dtype", o.grad_reduce_dtype, ("float32", "bfloat16"))
+    yield from _one_of("optimizer.fused", o.fused, ("auto", "torch", "apex"))
+    yield from _at_least("optimizer", o, ("bucket_numel",), 1)
     # An explicit decay horizon must leave room to decay after the warm-up (Megatron asserts the same).
     # With decay_steps = 0 the horizon is trainer.max_steps; a run shorter than its warm-up (a smoke
     # test) is allowed and simply ends inside the warm-up.

@@ -95,6 +95,7 @@ class Trainer:
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
+        self.optimizer.attach_grad_hooks()  # gradients reduced in buckets while backward runs (parallel/zero.py)
         self.callbacks = list(build_callbacks(cfg) if callbacks is None else callbacks)
         self.packed = cfg.data.kind == "webdataset"
         self.last_tokens = self.last_samples = self.last_flops = 0  # of the last step, over every rank
@@ -157,8 +158,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward/backward
     def forward_backward(self, micro, backward: bool = True) -> torch.Tensor:
-        """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage)."""
+        """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage).
+        With `backward`, the gradients of these micro-batches replace any earlier ones (see `reduce_grads`)."""
         total = torch.zeros((), dtype=torch.float64)
+        if backward:
+            self.optimizer.zero_grad(backwards=len(micro))
         if self.schedule is None:
             for inputs, target in micro:
                 with self.timer.phase("forward"), autocast(self.cfg.trainer, self.parallel):
@@ -189,8 +193,13 @@ class Trainer:
                 dist.all_reduce(local, group=group)
         return float(local)
 
+    def reduce_grads(self) -> None:
+        """After `forward_backward`: this rank's owned gradients summed over every rank (collective)."""
+        grads = self.optimizer.reduce_grads()
+        finalize_model_grads(self.models, self.parallel.groups.dp_cp, grads=grads)
+
     def grad_norm(self) -> float:
-        return global_grad_norm(self.models, self.full_shapes, self.parallel)
+        return global_grad_norm(self.models, self.full_shapes, self.parallel, grads=self.optimizer.grads())
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> Dict[str, float]:
@@ -201,11 +210,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         with self.timer.phase("data"):
             micro = self.step_micro_batches(step)
-        self.optimizer.zero_grad()
         local_loss = self.forward_backward(micro)
         with self.timer.phase("comm"):
             loss = self._sum_loss(local_loss)
-            finalize_model_grads(self.models, self.parallel.groups.dp_cp)
+            self.reduce_grads()
             norm = self.grad_norm()
         # Loss and norm are reduced over every rank, so all ranks take the same decision.
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -215,10 +223,7 @@ class Trainer:
             clip = self.cfg.optimizer.clip_grad
             if clip > 0:
                 # torch.nn.utils.clip_grad_norm_'s formula, applied with the global norm.
-                coef = min(1.0, clip / (norm + 1e-6))
-                for _, param in self.named_parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(coef)
+                self.optimizer.scale_grads(min(1.0, clip / (norm + 1e-6)))
             self.optimizer.step()
             for callback in self.callbacks:
                 callback.after_optimizer_step(self.models)

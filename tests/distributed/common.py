@@ -106,7 +106,8 @@ def grad_errors(models, oracle) -> dict:
     Each local gradient is compared with the oracle's slice, relative to that parameter's largest gradient,
     floored at 1e-4 of the model's largest gradient: a few biases have an exactly-zero true gradient
     (k_layernorm_xattn.bias; the non-rotary part of k_layernorm.bias: softmax is shift-invariant), where
-    any two summation orders leave different rounding noise."""
+    any two summation orders leave different rounding noise. Only the gradients this rank holds are compared
+    (a data-parallel rank holds those of the parameters it owns); `params_checked` counts them."""
     from magi_train.parallel.plan import shard_spec
     from magi_train.parallel.sharding import local_from_full
 
@@ -115,6 +116,8 @@ def grad_errors(models, oracle) -> dict:
     worst, worst_name, seen = 0.0, "", 0
     for model in models:
         for name, p in model.named_parameters():
+            if p.grad is None:  # ZeRO-2: only the parameter's owner rank holds its summed gradient
+                continue
             expected = local_from_full(full[name].grad, shard_spec(model, name, full[name].shape)).double()
             err = float((p.grad.double() - expected).abs().max()) / max(float(expected.abs().max()), floor)
             if err >= worst:

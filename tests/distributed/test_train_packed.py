@@ -62,7 +62,6 @@ def _trainers(shards: str, out_dir: str, layout: dict, global_batch: int = 2):
 
 
 def _one_step_errors(shards: str, out_dir: str, layout: dict, global_batch: int = 2):
-    from magi_train.parallel.grads import finalize_model_grads
 
     trainers = _trainers(shards, out_dir, layout, global_batch)
     out = {}
@@ -70,7 +69,7 @@ def _one_step_errors(shards: str, out_dir: str, layout: dict, global_batch: int 
         trainer.optimizer.zero_grad()
         micro = trainer.step_micro_batches(0)
         loss = trainer._sum_loss(trainer.forward_backward(micro))
-        finalize_model_grads(trainer.models, trainer.parallel.groups.dp_cp)
+        trainer.reduce_grads()
         out[name] = (loss, trainer.grad_norm())
     assert out["oracle"][0] > 0, out
     return {"loss": abs(out["parallel"][0] - out["oracle"][0]) / abs(out["oracle"][0]),

@@ -21,7 +21,6 @@ def _step_errors(out_dir: str, cases):
 
 def _one_step_errors(out_dir: str, layout: dict, model: dict):
     from magi_train.config.schema import ParallelConfig
-    from magi_train.parallel.grads import finalize_model_grads
     from magi_train.parallel.groups import init_parallel
     from magi_train.training.trainer import Trainer
 
@@ -43,7 +42,7 @@ def _one_step_errors(out_dir: str, layout: dict, model: dict):
         nonzero_output_layer(trainer.models)
         trainer.optimizer.zero_grad()
         loss = trainer._sum_loss(trainer.forward_backward(trainer.step_micro_batches(0)))
-        finalize_model_grads(trainer.models, trainer.parallel.groups.dp_cp)
+        trainer.reduce_grads()
         out[key] = (loss, trainer.grad_norm())
     return {"loss": abs(out["parallel"][0] - out["oracle"][0]) / abs(out["oracle"][0]),
             "grad_norm": abs(out["parallel"][1] - out["oracle"][1]) / out["oracle"][1],
