@@ -200,6 +200,15 @@ class OptimizerConfig:
     decay: LRDecay = LRDecay.constant  # constant | cosine | linear (after warm-up, down to min_lr at decay_steps)
     decay_steps: int = 0  # 0 = trainer.max_steps
     clip_grad: float = 1.0  # 0 disables clipping
+    # Data-parallel gradient reduction (parallel/grad_buckets.py): the dtype of the flat buckets that collect and
+    # sum the gradients (float32: whatever the parameters' dtype; bfloat16 halves the bytes sent), the bucket size
+    # in elements, and whether a bucket is reduced as soon as backward has produced it (false: all after backward).
+    grad_reduce_dtype: DType = DType.float32
+    bucket_numel: int = 40_000_000
+    overlap_grad_reduce: bool = True
+    # Fused AdamW kernels on CUDA: auto = NVIDIA apex's FusedAdam when importable, else torch's fused AdamW;
+    # torch = torch's (fused on CUDA); apex = apex or an error. The CPU always runs torch's per-tensor AdamW.
+    fused: str = "auto"
 
 
 @dataclass
