@@ -67,7 +67,9 @@ class ShardedAdamW:
     """AdamW over named parameters, each updated by its owner rank in `group` (None: one process)."""
 
     def __init__(self, named: Sequence[Tuple[str, nn.Parameter]], cfg: OptimizerConfig,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None, master_weights: bool = True):
+        """`master_weights=False` updates bf16 parameters in place, as this optimizer did before it kept fp32
+        masters: only for comparisons (tests/unit/test_mixed_precision.py shows such a run stall)."""
         self.group = group if group is not None and dist.get_world_size(group) > 1 else None
         world = 1 if self.group is None else dist.get_world_size(self.group)
         self.rank = 0 if self.group is None else dist.get_rank(self.group)
@@ -78,7 +80,8 @@ class ShardedAdamW:
         owned = [(n, p) for n, p in self.params.items() if self.owner[n] == self.rank]
         # The tensors AdamW updates: fp32 masters of the owned non-fp32 parameters, the fp32 ones themselves.
         self.master: Dict[str, torch.Tensor] = {
-            n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in owned if p.dtype != torch.float32}
+            n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in owned
+            if master_weights and p.dtype != torch.float32}
         self._masters_current = not self.master  # filled from the parameters at the first step (or a checkpoint)
         self.updated = {n: self.master.get(n, p) for n, p in owned}
         self.names = {id(t): n for n, t in self.updated.items()}
