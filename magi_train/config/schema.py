@@ -78,8 +78,10 @@ class ModelConfig:
     # trainer.fp8_recipe).
     layer_spec: LayerSpec = LayerSpec.local
     # Core attention kernel, a name in the backend registry (magi_train/model/attention.py ATTENTION_BACKENDS, plus
-    # the GPU kernels of model/spec.py): torch (per-range fp32 softmax, exact on CPU), sdpa (one masked SDPA),
-    # magi (MagiAttention; Hopper GPUs).
+    # the on-demand kernels of model/spec.py): torch (per-range fp32 softmax, exact on CPU), sdpa (one masked SDPA,
+    # dense mask up to SDPA_MAX_MASK_ELEMENTS), flex (FlexAttention BlockMask, memory O(tiles)), flash (flash-attn 2
+    # varlen, bf16/fp16, Ampere+), magi (MagiAttention; Hopper GPUs, bf16/fp16), auto (magi > flash > flex on CUDA
+    # where each runs; sdpa > torch elsewhere: model/spec.py auto_backend_name).
     attention_backend: str = "torch"
     init_std: float = 0.02
 

@@ -13,8 +13,8 @@ includes any cached prefix). Query ranges must not overlap; query tokens that no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ class AttnRanges:
 
     q_ranges: torch.Tensor
     k_ranges: torch.Tensor
+    # What kernels derive from these ranges (a flex BlockMask, flash-attn's varlen indices, auto's choice), by
+    # kernel, sizes and device: see `memo`. Not a field of the description (no init, compare or repr).
+    _derived: Dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.q_ranges.shape != self.k_ranges.shape or self.q_ranges.ndim != 2 or self.q_ranges.shape[1] != 2:
@@ -46,6 +49,19 @@ class AttnRanges:
 
     def __len__(self) -> int:
         return int(self.q_ranges.shape[0])
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """`build()` once per `key` for this ranges object, then the stored value.
+
+        The DiT hands one AttnRanges object to every layer of a forward (self-attention: the placement's,
+        cross-attention: the one `run_layers` builds), so what a kernel derives from it is built once per
+        forward, not once per layer, and is dropped with the object after the forward and its backward. The
+        ranges are never changed after construction (frozen, and no code writes into the tensors), so a stored
+        value cannot go stale. The key must name everything the value depends on besides the ranges (kernel,
+        token counts, device)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def pairs(self) -> List[Tuple[int, int, int, int]]:
         return [tuple(int(v) for v in row) for row in torch.cat([self.q_ranges, self.k_ranges], 1).tolist()]

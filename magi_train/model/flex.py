@@ -10,6 +10,7 @@ compilation materialises one first. For 128 x 128 tiles this keeps:
 
 Memory is O(T / 128)^2 for the tile lists plus O(T) for the per-token ranges; a 64k-token sample is a few MiB.
 A query that no range covers gets zeros, as in the other backends (flex returns 0 for a fully masked row).
+The mask is built once per ranges object and device (`AttnRanges.memo`): every layer of a forward shares it.
 
 On CUDA the kernel is `torch.compile(flex_attention)` (the fused, memory-bounded kernel). Elsewhere torch runs
 flex eagerly, which scores densely per call: right for CPU tests, not for long sequences. torch 2.13 has no
@@ -90,7 +91,10 @@ def flex_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rang
     """softmax(q kᵀ * d**-0.5) v over `ranges`, accumulated in fp32, rounded to q's dtype. q: (Tq, Hq, D);
     k, v: (Tk, Hkv, D), Hkv dividing Hq (GQA: query head h reads KV head h // (Hq / Hkv), as the other backends)."""
     tq, hq, d = q.shape
-    mask = ranges_block_mask(ranges, tq, k.shape[0], q.device)
+    tk = k.shape[0]
+    # Every layer of a forward gets the same ranges object: one BlockMask per forward, not one per layer.
+    mask = ranges.memo(("flex-block-mask", tq, tk, str(q.device)),
+                       lambda: ranges_block_mask(ranges, tq, tk, q.device))
     # The fused CUDA kernel takes bf16 as it is and accumulates in fp32 (flash-attn's contract); the eager path
     # computes in its inputs' dtype, so it gets fp32.
     compute = q.dtype if q.device.type == "cuda" else torch.float32

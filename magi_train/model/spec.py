@@ -20,10 +20,9 @@ distributed attention, the same way for either spec.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -80,32 +79,67 @@ class LayerImpl:
     norm: Callable = LayerNorm1p  # the "1p" QK/post norms: (size, eps, apply_1p, dtype)
 
 
-# Kernels loaded only when named: flex (model/flex.py) imports torch's compiler stack, and MagiAttention's
-# package exists only on CUDA machines; auto picks one of the others per call.
-ON_DEMAND_ATTENTION_BACKENDS = ("flex", "magi", "auto")
+# Kernels loaded only when named: flex (model/flex.py) imports torch's compiler stack, flash-attn's and
+# MagiAttention's packages exist only on CUDA machines; auto picks one of the others per call.
+ON_DEMAND_ATTENTION_BACKENDS = ("flex", "flash", "magi", "auto")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_backend(index: Optional[int]) -> str:
+def _magi_runs(device: torch.device) -> bool:
     from magi_train.model.magi_attention import magi_attention_available
 
-    with torch.cuda.device(index):
-        return "magi" if magi_attention_available() else "flex"
+    with torch.cuda.device(device.index):
+        return magi_attention_available()
 
 
-def auto_backend_name(device: torch.device, total_q: int, total_k: int) -> str:
-    """`model.attention_backend=auto` for a call on `device`: on CUDA MagiAttention where it runs (Hopper, its
-    package), else flex (compiled, memory bounded); elsewhere sdpa (one masked call) while its dense mask fits
-    its limit, else torch (per range, memory bounded). The flex CPU path is eager and scores densely, so
-    it is never the CPU's choice."""
+def _flash_runs(device: torch.device) -> bool:
+    from magi_train.model.flash import flash_attention_available
+
+    with torch.cuda.device(device.index):
+        return flash_attention_available()
+
+
+def auto_backend_name(device: torch.device, total_q: int, total_k: int, dtype: Optional[torch.dtype] = None,
+                      ranges=None) -> str:
+    """`model.attention_backend=auto` for a call on `device`, best first: MagiAttention > flash-attn > flex >
+    sdpa > torch, each where it runs.
+
+    On CUDA: magi where it runs (Hopper, its package) and flash where flash-attn 2 runs (Ampere or newer, its
+    package), both for bf16/fp16 inputs only (`dtype`; None: assumed bf16) and flash only while its gathered
+    key copy is no larger than the keys (`flash.gather_fits(ranges, total_k)`, skipped without `ranges`: the
+    copy is 8.5 x the keys for 16 block-causal chunks, see model/flash.py); else flex, compiled and memory
+    bounded. Elsewhere sdpa (one masked call) while its dense mask fits its limit, else torch (per range,
+    memory bounded). The flex CPU path is eager and scores densely, so it is never the CPU's choice."""
     if device.type == "cuda":
-        return _cuda_backend(device.index)
+        half = dtype is None or dtype in (torch.bfloat16, torch.float16)
+        if half and _magi_runs(device):
+            return "magi"
+        if half and _flash_runs(device):
+            from magi_train.model.flash import gather_fits
+
+            if ranges is None or gather_fits(ranges, total_k):
+                return "flash"
+        return "flex"
     return "sdpa" if total_q * total_k <= SDPA_MAX_MASK_ELEMENTS else "torch"
 
 
 def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges) -> torch.Tensor:
-    """The kernel `auto_backend_name` picks for these tensors; same contract as every backend."""
-    return get_attention_backend(auto_backend_name(q.device, q.shape[0], k.shape[0]))(q, k, v, ranges)
+    """The kernel `auto_backend_name` picks for these tensors; same contract as every backend. The choice is
+    made once per ranges object (every layer of a forward shares it), not once per layer."""
+    tq, tk = q.shape[0], k.shape[0]
+    name = ranges.memo(("auto", str(q.device), q.dtype, tq, tk),
+                       lambda: auto_backend_name(q.device, tq, tk, q.dtype, ranges))
+    return get_attention_backend(name)(q, k, v, ranges)
+
+
+def available_backends(device: torch.device) -> List[str]:
+    """The `model.attention_backend` names that run on `device`, in auto's order of preference (for
+    benchmarks that try each). magi and flash take bf16/fp16 only; on the CPU flex runs eagerly, forward
+    only (torch has no CPU flex backward), so it comes last there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        found = [name for name, runs in (("magi", _magi_runs), ("flash", _flash_runs)) if runs(device)]
+        return [*found, "flex", "sdpa", "torch"]
+    return ["sdpa", "torch", "flex"]
 
 
 def get_attention_backend(name: str):
@@ -114,6 +148,10 @@ def get_attention_backend(name: str):
         from magi_train.model.magi_attention import magi_backend
 
         return magi_backend()  # ValueError naming model.attention_backend where MagiAttention cannot run
+    if name == "flash":
+        from magi_train.model.flash import flash_backend
+
+        return flash_backend()  # ValueError naming model.attention_backend where flash-attn cannot run
     if name == "flex":
         from magi_train.model.flex import flex_range_attention
 

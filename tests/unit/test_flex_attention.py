@@ -80,13 +80,17 @@ def test_a_64k_token_mask_is_small_and_quick_to_build():
     assert mask.kv_indices.shape[-2:] == (tiles, tiles)
 
 
-def test_the_dit_runs_with_the_flex_backend_like_the_torch_backend():
+def test_the_dit_runs_with_the_flex_backend_like_the_torch_backend_one_mask_per_forward(monkeypatch):
     from dataclasses import replace
 
+    from magi_train.model import flex
     from magi_train.model.dit import build_dit
     from tests.configs import tiny_model
 
-    cfg = tiny_model()
+    built = []
+    real = flex.ranges_block_mask
+    monkeypatch.setattr(flex, "ranges_block_mask", lambda *args: built.append(args[1:3]) or real(*args))
+    cfg = tiny_model(num_layers=3)
     torch_model = build_dit(cfg, init_seed=0).eval()
     flex_model = build_dit(replace(cfg, attention_backend="flex"), init_seed=0).eval()
     flex_model.load_state_dict(torch_model.state_dict())
@@ -101,6 +105,12 @@ def test_the_dit_runs_with_the_flex_backend_like_the_torch_backend():
     with torch.no_grad():
         want = torch_model(x, t, caption, mask, ranges)
         got = flex_model(x, t, caption, mask, ranges)
+        # One BlockMask per distinct ranges of the forward, whatever the layer count: self-attention's
+        # (tokens x tokens) and cross-attention's (tokens x caption tokens), not 2 per layer.
+        total = n * chunks * tokens
+        assert built == [(total, total), (total, n * chunks * cfg.caption_max_length)]
+        flex_model(x, t, caption, mask, block_causal_ranges(n, chunks, tokens))  # a second forward: 2 more
+        assert len(built) == 4
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -115,8 +125,8 @@ def test_sdpa_refuses_a_dense_mask_above_its_limit_naming_the_knob(monkeypatch):
         attention.sdpa_attention(q, k, v, ranges)
 
 
-def test_auto_picks_by_device_package_and_size(monkeypatch):
-    from magi_train.model import attention, magi_attention, spec
+def test_auto_picks_by_device_package_dtype_and_size(monkeypatch):
+    from magi_train.model import attention, flash, magi_attention, spec
 
     # CPU: sdpa while its dense mask fits its limit, then the per-range torch kernel; never eager flex.
     ranges, tq, tk = PATTERNS["block-causal"]()
@@ -126,11 +136,24 @@ def test_auto_picks_by_device_package_and_size(monkeypatch):
     assert torch.equal(spec.auto_attention(q, k, v, ranges), attention.sdpa_attention(q, k, v, ranges))
     monkeypatch.setattr(spec, "SDPA_MAX_MASK_ELEMENTS", tq * tk - 1)
     assert spec.auto_backend_name(cpu, tq, tk) == "torch"
+    # auto decided once for this ranges object (sdpa): a new one is decided again.
+    ranges = PATTERNS["block-causal"]()[0]
     assert torch.equal(spec.auto_attention(q, k, v, ranges), range_attention(q, k, v, ranges))
-    # CUDA: MagiAttention where it can run, else compiled flex (the device itself is not touched here).
+    # CUDA: MagiAttention > flash-attn > flex by package, bf16/fp16 only for the first two, flash only while its
+    # gathered keys fit (the device itself is not touched here).
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
-    for available, want in ((True, "magi"), (False, "flex")):
-        spec._cuda_backend.cache_clear()
-        monkeypatch.setattr(magi_attention, "magi_attention_available", lambda: available)
-        assert spec.auto_backend_name(torch.device("cuda", 0), tq, tk) == want
-    spec._cuda_backend.cache_clear()
+    cuda = torch.device("cuda", 0)
+    captions = PATTERNS["captions"]()[0]  # keys back to back: flash copies nothing
+    for magi, fl, dtype, r, want in [
+        (True, True, torch.bfloat16, ranges, "magi"),
+        (False, True, torch.bfloat16, captions, "flash"),
+        (False, True, torch.float16, None, "flash"),
+        (False, True, torch.bfloat16, ranges, "flex"),  # 3 block-causal chunks: the copy is 2 x the keys
+        (True, True, torch.float32, captions, "flex"),  # both GPU kernels are bf16/fp16 only
+        (False, False, torch.bfloat16, captions, "flex"),
+    ]:
+        monkeypatch.setattr(magi_attention, "magi_attention_available", lambda: magi)
+        monkeypatch.setattr(flash, "flash_attention_available", lambda: fl)
+        assert spec.auto_backend_name(cuda, tq, tk, dtype, r) == want, (magi, fl, dtype, want)
+        assert spec.available_backends(cuda) == ["magi"] * magi + ["flash"] * fl + ["flex", "sdpa", "torch"]
+    assert spec.available_backends(cpu) == ["sdpa", "torch", "flex"]

@@ -75,9 +75,9 @@ def test_magi_backend_raises_a_clear_error_here():
 
 
 def test_magi_is_registered_and_listed():
-    with pytest.raises(ValueError, match=r"model\.attention_backend='flash' is not one of \['auto', 'flex', 'magi', 'sdpa', "
-                                         r"'torch'\]"):
-        get_attention_backend("flash")
+    with pytest.raises(ValueError, match=r"model\.attention_backend='flash3' is not one of \['auto', 'flash', 'flex', "
+                                         r"'magi', 'sdpa', 'torch'\]"):
+        get_attention_backend("flash3")
 
 
 def test_magi_backend_is_the_flex_kernel_where_it_can_run(monkeypatch):
