@@ -1,0 +1,157 @@
+"""Data-parallel gradient sync on gloo ranks (CPU): bytes per step against the analytic minimum, and the share
+of the reduction hidden behind backward, for the bucketed ZeRO-2 sync (parallel/grad_buckets.py) with and
+without overlap, and for the all-reduce-then-broadcast scheme it replaced.
+
+    python tools/bench_dp_sync.py [--ranks 2] [--steps 4] [--layers 4] [--hidden 512]
+
+Bytes: what crossed the loopback interface (/proc/net/dev, `lo`) during the steps' communication, all ranks
+together, divided by the number of ranks; the analytic minimum of a ZeRO step is 2 (W-1)/W x the gradient and
+parameter bytes (a ring reduce-scatter plus all-gather). Needs Linux and the ranks alone on `lo`.
+Overlap: each bucket's reduction is timed from its launch (inside a backward hook) to its completion (the
+process group's future callback); the hidden share is the part of those intervals that lies before backward
+ends, over their total. The ranks share the machine's cores, so compute and communication compete for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SCHEMES = ("bucketed_overlap", "bucketed_after_backward", "allreduce_then_broadcast")
+
+
+def _lo_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])  # transmitted bytes
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def _config(out_dir: str, scheme: str, layers: int, hidden: int):
+    from magi_train.config import validate
+    from magi_train.config.schema import (DataConfig, ModelConfig, OptimizerConfig, TrainConfig, TrainerConfig,
+                                          WandbConfig)
+
+    model = ModelConfig(name="tiny", num_layers=layers, hidden_size=hidden, ffn_hidden_size=2 * hidden,
+                        num_attention_heads=hidden // 64, num_query_groups=hidden // 128, kv_channels=64,
+                        caption_channels=64, caption_max_length=64)
+    return validate(TrainConfig(
+        model=model,
+        data=DataConfig(num_samples=64, chunks_per_sample=2, latent_height=8, latent_width=8, caption_length=16,
+                        micro_batch_size=1),
+        optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, overlap_grad_reduce=scheme == "bucketed_overlap"),
+        trainer=TrainerConfig(max_steps=100, output_dir=out_dir, progress_bar=False, num_threads=1,
+                              check_memory=False, step_timers=False, wandb=WandbConfig(mode="disabled")),
+    ))
+
+
+def _hidden_share(timeline, backward_end: float) -> float:
+    total = sum(done - launched for _, launched, done in timeline)
+    hidden = sum(max(0.0, min(done, backward_end) - launched) for _, launched, done in timeline)
+    return hidden / total if total > 0 else float("nan")
+
+
+def _rank(rank: int, world: int, port: int, scheme: str, steps: int, layers: int, hidden: int, out_dir: str, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.grads import finalize_model_grads
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training.trainer import Trainer, weighted_sq_error
+
+    par = init_parallel(ParallelConfig())
+    trainer = Trainer(_config(f"{out_dir}/{scheme}", scheme, layers, hidden), par)
+    opt = trainer.optimizer
+    legacy = scheme == "allreduce_then_broadcast"
+    if legacy:
+        opt.detach_grad_hooks()
+    else:
+        opt.sync.record = True
+    numel = sum(p.numel() for p in opt.params.values())
+    shares, wire, times = [], [], []
+    for step in range(steps + 1):  # step 0 warms up
+        (inputs, target), = trainer.step_micro_batches(step)
+        opt.zero_grad(backwards=1)
+        if not legacy:
+            opt.sync.timeline.clear()
+        loss = weighted_sq_error(trainer.stage(*inputs), target)
+        dist.barrier()
+        lo0, t0 = _lo_bytes(), time.perf_counter()
+        loss.backward()
+        backward_end = time.perf_counter()
+        if legacy:
+            finalize_model_grads(trainer.models, par.groups.dp_cp)  # one all-reduce of every gradient
+        else:
+            trainer.reduce_grads()
+        opt.step()
+        done = time.perf_counter()
+        dist.barrier()
+        lo1 = _lo_bytes()
+        if step:
+            times.append(done - t0)
+            wire.append(lo1 - lo0)
+            if not legacy:
+                shares.append(_hidden_share(opt.sync.timeline, backward_end))
+    results[rank] = {"numel": numel, "wire": wire, "shares": shares, "times": times,
+                     "buckets": len(opt.buckets)}
+    dist.destroy_process_group()
+
+
+def run(scheme: str, world: int, steps: int, layers: int, hidden: int) -> dict:
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir, ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_rank, args=(r, world, port, scheme, steps, layers, hidden, out_dir, results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if len(results) != world:
+            raise RuntimeError(f"{scheme}: a rank failed (exit codes {[p.exitcode for p in procs]})")
+        per_rank = [results[r] for r in range(world)]
+    numel = per_rank[0]["numel"]
+    minimum = 2 * (world - 1) / world * numel * 4  # fp32 gradients reduce-scattered + fp32 parameters gathered
+    wire = statistics.median(per_rank[0]["wire"]) / world  # every rank's traffic crosses lo once
+    out = {"scheme": scheme, "ranks": world, "parameters": numel, "buckets": per_rank[0]["buckets"],
+           "bytes_per_rank": wire, "analytic_minimum": minimum, "ratio_to_minimum": wire / minimum,
+           "sync_step_s": statistics.median(t for r in per_rank for t in r["times"])}
+    if per_rank[0]["shares"]:
+        out["hidden_share"] = statistics.median(s for r in per_rank for s in r["shares"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    rows = [run(s, args.ranks, args.steps, args.layers, args.hidden) for s in SCHEMES]
+    print(f"| scheme | ranks | params | buckets | bytes/rank/step | x minimum | hidden behind backward | backward+sync+step s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f"{r['hidden_share']:.0%}" if "hidden_share" in r else "-"
+        print(f"| {r['scheme']} | {r['ranks']} | {r['parameters']:,} | {r['buckets']} | {r['bytes_per_rank'] / 2**20:.1f} MiB "
+              f"| {r['ratio_to_minimum']:.2f} | {share} | {r['sync_step_s']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
