@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magi_train.config import ConfigError, load_model_preset  # noqa: E402
 from magi_train.observability.memory_plan import (  # noqa: E402
-    ATTENTION, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate, estimates,
+    ATTENTION, BACKEND_FAMILY, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate, estimates,
     search, with_defaults,
 )
 
@@ -34,7 +34,8 @@ def print_table(title: str, est: MemoryEstimate) -> None:
     for name, value in est.rows():
         print(f"| {name} | {value / GIB:.2f} |")
     print(f"\n(pipeline stage {est.stage}; one layer, one micro-batch saves {est.per_layer / GIB:.3f} GiB; "
-          f"backward working set {est.working / GIB:.2f} GiB)")
+          f"backward working set {est.working / GIB:.2f} GiB; attention metadata {est.attention_metadata / 2**20:.1f} "
+          f"MiB)")
 
 
 def main() -> None:
@@ -53,8 +54,13 @@ def main() -> None:
                         help="tokens per chunk (default: one 720p chunk, chunk_width x 45 x 80 tokens)")
     parser.add_argument("--caption-length", type=int, default=0, help="padded caption rows (default: caption_max_length)")
     parser.add_argument("--caption-tokens", type=int, default=0, help="valid caption tokens (default: all rows)")
-    parser.add_argument("--attention", choices=ATTENTION, default="flash",
-                        help="flash: GPU kernels (MagiAttention, flash-attn); torch: the CPU reference kernel")
+    parser.add_argument("--attention", choices=ATTENTION, default=None,
+                        help="flash: GPU kernels (MagiAttention, flash-attn, flex); torch: the CPU reference kernel "
+                             "(and sdpa); default: what --attention-backend saves like")
+    parser.add_argument("--attention-backend", choices=sorted(BACKEND_FAMILY), default="",
+                        help="model.attention_backend whose range-derived memory is counted (sdpa: a dense T x T "
+                             "mask per call; flex: a BlockMask per forward; flash: its gathered keys); "
+                             "default: magi for --attention flash, torch for torch")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU: search the smallest layout that fits")
     parser.add_argument("--gpus", type=int, help="GPUs of the job (with --gpu-memory)")
     args = parser.parse_args()
@@ -64,13 +70,18 @@ def main() -> None:
     except ConfigError as e:
         parser.error(str(e))
     chunk = args.chunk_tokens or cfg.chunk_width // cfg.t_patch_size * (720 // 8 // cfg.patch_size) * (1280 // 8 // cfg.patch_size)
-    mb = MicroBatch(args.seq_length, args.micro_batch_size, min(chunk, args.seq_length), args.caption_length,
-                    args.caption_tokens, args.attention)
+    attention = args.attention or BACKEND_FAMILY.get(args.attention_backend, "flash")
+    try:
+        mb = MicroBatch(args.seq_length, args.micro_batch_size, min(chunk, args.seq_length), args.caption_length,
+                        args.caption_tokens, attention, args.attention_backend)
+    except ValueError as e:
+        parser.error(str(e))
     params = ModelParams.of(cfg)
     shown = with_defaults(mb, cfg)
     print(f"{args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, params {cfg.params_dtype}; "
           f"micro-batch {mb.micro_batch_size} x {mb.seq_length} tokens (chunks of {shown.chunk_tokens}), "
-          f"captions {shown.caption_tokens}/{shown.caption_length} tokens, {mb.attention} attention")
+          f"captions {shown.caption_tokens}/{shown.caption_length} tokens, {mb.attention} attention "
+          f"(model.attention_backend={mb.attention_backend})")
     layout = Layout(args.tp, args.cp, args.pp, args.dp, args.sequence_parallel, args.recompute, args.precision)
     print_table(layout.describe(), estimate(cfg, layout, mb, params))
 

@@ -24,6 +24,12 @@ Dtypes follow the code: precision "fp32" runs the model in its params dtype; "bf
 (linears in bf16, layer_norm and softmax in fp32). Two attention kernels: "flash" (MagiAttention /
 flash-attn: saves q, k, v, the output and the fp32 log-sum-exp) and "torch" (`range_attention`, the exact CPU
 kernel: it keeps fp32 scores of every (query range, key range) slice and GQA-expanded keys/values).
+The configured `model.attention_backend` (`MicroBatch.backend`) adds what it derives from the attention ranges
+(`attention_metadata`): sdpa a dense boolean Tq x Tk mask per call (a transient of the working set: 4 GiB at
+65,536 tokens), flex one BlockMask per forward and micro-batch (int32 tile lists, O((T / 128)^2), and two int64
+per-token bounds), flash its varlen indices (int32 cu_seqlens, an int64 index of the keys it gathers) and, per
+layer, the gathered key / value copies it saves instead of the keys (model/flash.py), torch and magi the ranges
+themselves (O(slices)). sdpa saves like the torch kernel over one slice of every query and every key.
 Context parallelism is modelled as Ulysses (cp_impl=ulysses; MagiAttention's dispatch holds the same bytes).
 
 Not counted: the CUDA caching allocator's fragmentation and the CUDA/NCCL context (a few GiB: keep a margin),
@@ -51,6 +57,9 @@ F32 = 4
 RECOMPUTE = (Recompute.none.value, Recompute.selective.value, Recompute.full.value)
 PRECISIONS = tuple(choices(Precision))
 ATTENTION = ("flash", "torch")  # kernels the estimate models (see the module docstring), not a config field
+# model.attention_backend values whose range-derived memory is counted, with the kernel family each saves like.
+BACKEND_FAMILY = {"torch": "torch", "sdpa": "torch", "flex": "flash", "flash": "flash", "magi": "flash"}
+FLEX_BLOCK = 128  # model/flex.py BLOCK: FlexAttention's tile
 
 
 @dataclass(frozen=True)
@@ -97,12 +106,23 @@ class MicroBatch:
     caption_length: int = 0  # caption rows of each chunk as padded (data.caption_length); 0 = model.caption_max_length
     caption_tokens: int = 0  # valid caption tokens of each chunk (cross-attention keys); 0 = caption_length
     attention: str = "flash"  # flash | torch (see the module docstring)
+    backend: str = ""  # model.attention_backend (BACKEND_FAMILY); "" = magi for flash attention, torch for torch
 
     def __post_init__(self) -> None:
         if self.seq_length < 1 or self.micro_batch_size < 1:
             raise ValueError(f"seq_length and micro_batch_size must be >= 1: {self}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
+        if self.backend and self.backend not in BACKEND_FAMILY:
+            raise ValueError(f"backend={self.backend!r} (model.attention_backend) is not one of "
+                             f"{sorted(BACKEND_FAMILY)}; auto is one of them per device (model/spec.py)")
+        if self.backend and BACKEND_FAMILY[self.backend] != self.attention:
+            raise ValueError(f"backend={self.backend!r} saves like the {BACKEND_FAMILY[self.backend]} kernel: "
+                             f"use attention={BACKEND_FAMILY[self.backend]!r} with it")
+
+    @property
+    def attention_backend(self) -> str:
+        return self.backend or ("magi" if self.attention == "flash" else "torch")
 
     def chunk_sizes(self) -> List[int]:
         """Tokens of each chunk of one sample (the last one may be shorter)."""
@@ -247,7 +267,8 @@ def _sizes(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> _Sizes:
     )
 
 
-def _attention_kernel(z: _Sizes, d: int, md: int, autocast: bool, flash: bool, cross: bool) -> Tuple[int, int]:
+def _attention_kernel(z: _Sizes, d: int, md: int, autocast: bool, flash: bool, cross: bool,
+                      dense: bool = False) -> Tuple[int, int]:
     """(bytes the core attention saves itself, bytes of its q/k/v inputs) for self- or cross-attention.
 
     torch kernel (`range_attention`): per slice q.float(), the GQA-expanded k/v .float() (views of the inputs
@@ -263,6 +284,8 @@ def _attention_kernel(z: _Sizes, d: int, md: int, autocast: bool, flash: bool, c
         tokens_q, heads, kv_tokens, kv_heads = z.Ta, z.hq_a, z.Ta, z.hkv_a
         area, keys = z.self_area, z.self_keys
         q_item = k_item = v_item = 2 if autocast else md
+    if dense:  # sdpa: one slice of every query and every key
+        area, keys = tokens_q * kv_tokens, kv_tokens
     inputs = tokens_q * heads * d * q_item + kv_tokens * kv_heads * d * (k_item + v_item)
     if flash:
         out_lse = tokens_q * heads * (d * (2 if autocast else md) + F32)
@@ -314,8 +337,12 @@ def layer_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Dict[
     copies = 1 if (not sp and ln_out == cd) else 4
     parts["qkv_input"] = copies * z.T * H * cd
     parts["qk_norm"] = 2 * z.T * (z.Q + z.K) * F32 + z.T * (z.hq + z.hkv) * stats
-    self_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=False)
-    cross_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=True)
+    dense = mb.attention_backend == "sdpa"
+    self_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=False, dense=dense)
+    cross_saved, _ = _attention_kernel(z, d, md, autocast, flash, cross=True, dense=dense)
+    if mb.attention_backend == "flash" and len(mb.chunk_sizes()) > 1:
+        # Block-causal key ranges overlap: flash-attn saves the gathered keys and values instead of k and v.
+        self_saved += (z.self_keys - z.Ta) * z.hkv_a * d * 2 * (2 if autocast else md)
     parts["self_attention"] = self_saved
     parts["cross_attention"] = cross_saved
     # q_layernorm_xattn: its input (the qx linear output; fp32 copy under autocast); k_layernorm_xattn: the
@@ -357,6 +384,34 @@ def attention_inputs(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Tuple[
     md, flash = BYTES[cfg.params_dtype], mb.attention == "flash"
     return (_attention_kernel(z, cfg.kv_channels, md, autocast, flash, cross=False)[1],
             _attention_kernel(z, cfg.kv_channels, md, autocast, flash, cross=True)[1])
+
+
+def _flex_mask_bytes(total_q: int, total_k: int) -> int:
+    """model/flex.py `ranges_block_mask`: kv and full-kv tile counts and indices (int32, (nq,) and (nq, nk)),
+    their transposes BlockMask keeps for backward, and the per-query key bounds (two int64 per padded query)."""
+    nq, nk = -(-total_q // FLEX_BLOCK), -(-total_k // FLEX_BLOCK)
+    return 4 * (2 * nq + 2 * nk + 4 * nq * nk) + 2 * 8 * nq * FLEX_BLOCK
+
+
+def attention_metadata(cfg: ModelConfig, layout: Layout, mb: MicroBatch) -> Tuple[int, int]:
+    """(held, transient) bytes the configured backend derives from the attention ranges: `held` lives for a
+    micro-batch's forward and backward (built once per forward, shared by every layer), `transient` one call at
+    a time (the working set). Self-attention: every token of the micro-batch attends (after Ulysses' all-to-all)
+    in one slice per chunk; cross-attention: this rank's tokens to the caption tokens, one slice per row."""
+    z = _sizes(cfg, layout, mb)
+    backend = mb.attention_backend
+    slices = (z.R, z.R)
+    # q_ranges and k_ranges, int64 (n, 2) (host memory on GPUs; counted, 32 bytes per slice).
+    ranges = sum(2 * n * 2 * 8 for n in slices)
+    if backend == "sdpa":
+        return ranges, max(z.Ta * z.Ta, z.T * z.C)  # torch.bool: one byte per (query, key)
+    if backend == "flex":
+        return _flex_mask_bytes(z.Ta, z.Ta) + _flex_mask_bytes(z.T, z.C), 0
+    if backend == "flash":
+        cu = sum(2 * (n + 1) * 4 for n in slices)
+        gathered = z.self_keys if len(mb.chunk_sizes()) > 1 else 0  # the caption keys lie back to back
+        return ranges + cu + gathered * 8, 0
+    return ranges, 0
 
 
 def boundary_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch, first: bool, last: bool) -> int:
@@ -408,6 +463,7 @@ class MemoryEstimate:
     in_flight: int = 1  # micro-batches whose activations the stage holds at once
     per_layer: int = 0  # saved bytes of one layer and one micro-batch (after recompute)
     working: int = 0  # backward's working set inside one layer (recomputed forward, score gradients)
+    attention_metadata: int = 0  # what the backend derives from the ranges: held per micro-batch + one call's
     terms: Dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
@@ -458,18 +514,21 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
     else:
         per_layer, working = full_layer, 0
     if mb.attention == "torch":
-        # Backward of one slice: the gradients of its scores and probabilities (fp32).
-        working += 2 * z.widest_slice * z.hq_a * F32
+        # Backward of one slice: the gradients of its scores and probabilities (fp32); sdpa's one slice is all.
+        widest = z.Ta * z.Ta if mb.attention_backend == "sdpa" else z.widest_slice
+        working += 2 * widest * z.hq_a * F32
+    metadata, transient = attention_metadata(cfg, layout, mb)
+    working += transient
     layers = cfg.num_layers // layout.pp
     in_flight = layout.pp - stage  # 1F1B: stage s holds pp - s micro-batches before its first backward
     boundary = boundary_activations(cfg, layout, mb, stage == 0, stage == layout.pp - 1)
-    activations = in_flight * (layers * per_layer + boundary) + working
+    activations = in_flight * (layers * per_layer + boundary + metadata) + working
     all_reduce_copy = p_bytes if group > 1 else 0
     norm_squares = 2 * 8 * max(numel for _, numel, _ in held)  # grad.double().square() of the largest gradient
     return MemoryEstimate(
         params=p_bytes, grads=p_bytes, optimizer=params.optimizer(layout, stage), activations=activations,
         after_backward=max(all_reduce_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
-        per_layer=per_layer, working=working, terms=layer,
+        per_layer=per_layer, working=working, attention_metadata=metadata + transient, terms=layer,
     )
 
 

@@ -188,3 +188,50 @@ def test_24b_needs_model_parallelism_on_80gib():
         assert alone.total > 80 * GIB
     layout, est = search(cfg, 64, 80 * GIB, mb, params=params)
     assert layout.model_parallel > 1 and est.total <= 80 * GIB
+
+
+def test_the_attention_backend_counts_what_it_derives_from_the_ranges():
+    """sdpa's dense boolean mask is 4 GiB at 65,536 tokens (one call's transient); flex's BlockMask of the same
+    block-causal sample is a few MiB; magi keeps only the ranges."""
+    cfg = load_model_preset("tiny")
+    params = ModelParams.of(cfg)
+    big = dict(seq_length=65536, chunk_tokens=4096)
+    est = {b: estimate(cfg, Layout(), MicroBatch(**big, attention=a, backend=b), params)
+           for b, a in (("torch", "torch"), ("sdpa", "torch"), ("flex", "flash"), ("magi", "flash"))}
+    assert est["sdpa"].attention_metadata >= 4 * GIB
+    # The mask is in the working set: sdpa = torch's + the mask + its dense score gradients instead of the widest slice's.
+    z_area = 65536 * 65536 - 65536 * 4096
+    heads = cfg.num_attention_heads
+    assert est["sdpa"].working - est["torch"].working == 2**32 + 2 * z_area * heads * 4
+    assert est["flex"].attention_metadata <= 64 * 2**20
+    assert est["flex"].activations - est["magi"].activations == (est["flex"].attention_metadata
+                                                                 - est["magi"].attention_metadata)
+    with pytest.raises(ValueError, match=r"backend='sdpa' saves like the torch kernel"):
+        MicroBatch(**big, attention="flash", backend="sdpa")
+    with pytest.raises(ValueError, match=r"backend='auto' \(model.attention_backend\) is not one of"):
+        MicroBatch(**big, backend="auto")
+
+
+def test_flex_and_flash_metadata_equal_what_the_backends_build():
+    from magi_train.model import flash
+    from magi_train.model.attention import caption_ranges
+    from magi_train.model.flex import ranges_block_mask
+    from magi_train.observability.memory_plan import _flex_mask_bytes, _sizes
+
+    cfg = load_model_preset("tiny")
+    mb = micro_batch(attention="flash", backend="flex")
+    T = N * DN * TPC
+    self_ranges = block_causal_ranges(N, DN, TPC)
+    cross = caption_ranges(torch.arange(N * DN).repeat_interleave(TPC), [CAPTION] * (N * DN))
+
+    def mask_bytes(mask) -> int:
+        tensors = [getattr(mask, name) for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                                    "full_kv_indices", "q_num_blocks", "q_indices",
+                                                    "full_q_num_blocks", "full_q_indices")]
+        tensors += [c.cell_contents for c in mask.mask_mod.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert _flex_mask_bytes(T, T) == mask_bytes(ranges_block_mask(self_ranges, T, T))
+    assert _flex_mask_bytes(T, N * DN * CAPTION) == mask_bytes(ranges_block_mask(cross, T, N * DN * CAPTION))
+    # flash gathers the keys of every block-causal slice, none of the captions' (back to back).
+    assert _sizes(cfg, Layout(), mb).self_keys == flash.gathered_keys(self_ranges) and flash.gathered_keys(cross) == 0
