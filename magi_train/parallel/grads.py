@@ -71,7 +71,7 @@ def finalize_model_grads(models: Iterable[VideoDiT], dp_cp_group=None,
 
 
 def global_grad_norm(models: Sequence[VideoDiT], full_shapes: Dict[str, Tuple[int, ...]], parallel,
-                     grads: Optional[Dict[str, torch.Tensor]] = None) -> float:
+                     grads: Optional[Dict[str, torch.Tensor]] = None, as_tensor: bool = False):
     """Global gradient norm: every parameter element counted once, whatever the layout (collective over
     tp and pp, and over dp x cp when `grads` are this rank's owned shards; without `grads` every `.grad` is
     already complete over dp x cp). One host sync for the whole model."""
@@ -82,7 +82,7 @@ def global_grad_norm(models: Sequence[VideoDiT], full_shapes: Dict[str, Tuple[in
             if shard_spec(model, name, full_shapes[name]).writer:
                 terms.append(grad.detach().double().square().sum())
     # On the gradients' device, so that the reduction suits the group's backend (gloo: CPU, nccl: CUDA).
-    device = terms[0].device if terms else torch.device("cpu")
+    device = parallel.device  # (a rank may own no gradient; the reduction still needs its backend's device)
     # Summed in parameter order (the running sum it always was).
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for term in terms:
@@ -93,4 +93,5 @@ def global_grad_norm(models: Sequence[VideoDiT], full_shapes: Dict[str, Tuple[in
     for group, size in reduce_over:
         if size > 1:
             dist.all_reduce(sq, group=group)
-    return float(sq.sqrt())
+    # as_tensor: a 0-d float64 tensor on the gradients' device, read by the caller with whatever else it needs.
+    return sq.sqrt() if as_tensor else float(sq.sqrt())

@@ -160,7 +160,8 @@ class Trainer:
     def forward_backward(self, micro, backward: bool = True) -> torch.Tensor:
         """Sum of the micro-batch losses seen by this rank (0 on pipeline ranks without the last stage).
         With `backward`, the gradients of these micro-batches replace any earlier ones (see `reduce_grads`)."""
-        total = torch.zeros((), dtype=torch.float64)
+        # On the device: no host sync per micro-batch, and the sum is reduced by the device's backend.
+        total = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
         if backward:
             self.optimizer.zero_grad(backwards=len(micro))
         if self.schedule is None:
@@ -170,7 +171,7 @@ class Trainer:
                 if backward:
                     with self.timer.phase("backward"):
                         loss.backward()
-                total += loss.detach().double().cpu()
+                total += loss.detach().double()
             return total
         # Pipeline: one call runs every micro-batch through the stages (forward and backward interleaved).
         inputs = tuple(torch.cat([m[0][i] for m in micro]) for i in range(len(micro[0][0])))
@@ -182,24 +183,28 @@ class Trainer:
             self.schedule.step(*(inputs if has_first else ()), target=target if has_last else None,
                                losses=losses if has_last else None)
         for loss in losses:
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
         return total
 
     def _sum_loss(self, local: torch.Tensor) -> float:
+        return float(self._reduce_loss(local))
+
+    def _reduce_loss(self, local: torch.Tensor) -> torch.Tensor:
         """Global loss: sum over pipeline ranks (only the last stage has it) and data-parallel ranks."""
         p = self.parallel
         for group, size in ((p.groups.pp, p.pp), (p.groups.dp, p.dp)):
             if size > 1:
                 dist.all_reduce(local, group=group)
-        return float(local)
+        return local
 
     def reduce_grads(self) -> None:
         """After `forward_backward`: this rank's owned gradients summed over every rank (collective)."""
         grads = self.optimizer.reduce_grads()
         finalize_model_grads(self.models, self.parallel.groups.dp_cp, grads=grads)
 
-    def grad_norm(self) -> float:
-        return global_grad_norm(self.models, self.full_shapes, self.parallel, grads=self.optimizer.grads())
+    def grad_norm(self, as_tensor: bool = False):
+        return global_grad_norm(self.models, self.full_shapes, self.parallel, grads=self.optimizer.grads(),
+                                as_tensor=as_tensor)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> Dict[str, float]:
@@ -212,9 +217,10 @@ class Trainer:
             micro = self.step_micro_batches(step)
         local_loss = self.forward_backward(micro)
         with self.timer.phase("comm"):
-            loss = self._sum_loss(local_loss)
+            loss_t = self._reduce_loss(local_loss)
             self.reduce_grads()
-            norm = self.grad_norm()
+            # The step's one host sync: loss and gradient norm read together.
+            loss, norm = torch.stack([loss_t, self.grad_norm(as_tensor=True)]).tolist()
         # Loss and norm are reduced over every rank, so all ranks take the same decision.
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return self._skip_step(step, lr, loss, norm)
