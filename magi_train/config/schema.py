@@ -157,6 +157,9 @@ class DataConfig:
     # 0 = micro_batch_size * dp (one micro-batch).
     global_batch_size: int = 0
     num_workers: int = 0
+    # kind=synthetic: steps whose samples and noise are built ahead in a background thread while the current
+    # step computes (bit-identical batches; training/batches.py); 0 builds each on the step's critical path.
+    prefetch: int = 1
     seed: int = 0
     # ---- kind=webdataset: streamed shards, packed online into fixed-length sequences (one per micro-batch)
     shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern (data/train-{000000..000099}.tar)

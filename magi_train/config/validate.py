@@ -264,7 +264,7 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
         "num_samples", "chunks_per_sample", "latent_height", "latent_width", "num_blobs", "caption_length")
     sizes = _at_least("data", d, synthetic_sizes + ("latent_frames_per_chunk", "latent_channels", "micro_batch_size"), 1)
     yield from sizes
-    yield from _at_least("data", d, ("num_workers", "global_batch_size"), 0)
+    yield from _at_least("data", d, ("num_workers", "global_batch_size", "prefetch"), 0)
     if d.global_batch_size and d.micro_batch_size >= 1 and d.global_batch_size % d.micro_batch_size:
         yield (f"data.global_batch_size ({d.global_batch_size}) must be a multiple of data.micro_batch_size "
                f"({d.micro_batch_size})")

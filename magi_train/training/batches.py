@@ -9,12 +9,23 @@ micro-batches. Everything random about a sample (noise, times, caption dropout) 
 (trainer.seed, step, the sample's position in the global batch), and the batch of step s is a pure function
 of s, so every layout trains on exactly the same numbers and a resumed run repeats the uninterrupted one.
 The objective then turns the flow-matching inputs and targets into its own (objectives/base.py).
+
+Prefetch (data.prefetch > 0, dense batches): the part of a step's batch that depends on the step alone (its
+samples, rendered and collated, the noise and v*) is built for the next data.prefetch steps in one daemon
+thread while the current step computes, keyed by step: a step asked for out of order (a resume, a rerun)
+discards what was built ahead and is built at once. The objective's draws, which may depend on per-step
+objective state (distillation's step size), and every device copy stay on the caller's thread, so the
+numbers are the same as without prefetch. Packed sequences are not prefetched: the loader counts every
+sequence it handed out as consumed in its checkpointed position, and a step reduces over dp (a collective).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import deque
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,6 +57,18 @@ class StepCounts:
     flops: int = 0  # model FLOPs of the forward and backward (magi_train/observability/flops.py)
 
 
+@dataclass
+class MicroSamples:
+    """One micro-batch's data-only part (CPU): latents x (N, C, T, H, W), noise like x, v* = x - noise,
+    caption rows (N * chunks, L, Cc) and their mask."""
+
+    latent: torch.Tensor
+    noise: torch.Tensor
+    velocity: torch.Tensor
+    caption: torch.Tensor
+    caption_mask: torch.Tensor
+
+
 def micro_batch_shape(cfg: TrainConfig) -> Tuple[MicroBatchShape, int]:
     """(the stage-0 shapes of one micro-batch, latent tokens per chunk (0 for packed sequences))."""
     d, m = cfg.data, cfg.model
@@ -60,6 +83,108 @@ def micro_batch_shape(cfg: TrainConfig) -> Tuple[MicroBatchShape, int]:
     return MicroBatchShape(d.micro_batch_size, d.chunks_per_sample, tokens_per_chunk, m.caption_max_length, grid,
                            (d.micro_batch_size, d.latent_channels, d.latent_frames_per_chunk * d.chunks_per_sample,
                             d.latent_height, d.latent_width)), tokens_per_chunk
+
+
+class _PrefetchState:
+    """What the worker thread and its owner share. The thread holds this and a weak reference to the build
+    function only, so a builder that is dropped without close() is still collected (and its thread ends)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.wanted: Deque[int] = deque()  # keys to build, in order
+        self.done: Dict[int, Tuple[bool, Any]] = {}  # key -> (ok, value or the exception raised)
+        self.busy: Optional[int] = None  # the key being built now
+        self.closed = False
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.wanted.clear()
+            self.done.clear()
+            self.cond.notify_all()
+
+
+def _prefetch_worker(state: _PrefetchState, build_ref: Callable[[], Optional[Callable[[int], Any]]]) -> None:
+    while True:
+        with state.cond:
+            while not state.wanted and not state.closed:
+                state.cond.wait()
+            if state.closed:
+                return
+            key = state.busy = state.wanted.popleft()
+        build = build_ref()
+        if build is None:  # the owner is gone
+            state.close()
+            return
+        try:
+            result = (True, build(key))
+        except BaseException as exc:  # handed to the caller of get(key), which raises it
+            result = (False, exc)
+        del build
+        with state.cond:
+            state.busy = None
+            if not state.closed:
+                state.done[key] = result
+            state.cond.notify_all()
+
+
+class Prefetcher:
+    """`build(key)` for the `depth` keys after the last one asked for, in one daemon thread.
+
+    get(key) returns what was built ahead for key (waiting for it if it is under way) or, if key was not
+    expected, builds it on the caller's thread; either way it then schedules key + 1 .. key + depth and
+    drops anything else. An exception raised by the build is raised by get(key). `build` must be a bound
+    method (the thread keeps only a weak reference to its object). close() stops the thread; a later get
+    starts a new one."""
+
+    def __init__(self, build: Callable[[int], Any], depth: int, name: str = "prefetch"):
+        if depth < 1:
+            raise ValueError(f"Prefetcher depth must be >= 1, got {depth}")
+        self._build_ref = weakref.WeakMethod(build)
+        self.depth, self.name = depth, name
+        self._state: Optional[_PrefetchState] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def _start(self) -> _PrefetchState:
+        state = self._state = _PrefetchState()
+        self._thread = threading.Thread(target=_prefetch_worker, args=(state, self._build_ref), name=self.name,
+                                        daemon=True)
+        self._thread.start()
+        # A builder collected without close(): end its thread too.
+        weakref.finalize(self, state.close)
+        return state
+
+    def get(self, key: int) -> Any:
+        state = self._state if self._state is not None and not self._state.closed else self._start()
+        with state.cond:
+            ahead = key in state.done or key == state.busy or key in state.wanted
+            if ahead:
+                if key in state.wanted:  # not started yet: it is next
+                    state.wanted.remove(key)
+                    state.wanted.appendleft(key)
+                    state.cond.notify_all()
+                while key not in state.done:
+                    state.cond.wait()
+                ok, value = state.done.pop(key)
+            window = range(key + 1, key + self.depth + 1)
+            state.done = {k: v for k, v in state.done.items() if k in window}
+            state.wanted = deque(k for k in state.wanted if k in window)
+            state.wanted.extend(k for k in window if k not in state.done and k != state.busy and k not in state.wanted)
+            state.cond.notify_all()
+        if not ahead:
+            build = self._build_ref()
+            return build(key)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the thread (after the build under way, if any) and drop what was built ahead."""
+        if self._state is not None:
+            self._state.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._state = self._thread = None
 
 
 class BatchBuilder:
@@ -82,10 +207,21 @@ class BatchBuilder:
             # Another data seed gives held-out samples that the training stream never shows.
             self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels,
                                                  m.caption_max_length)
+        # The next steps' samples and noise, built while this one computes (dense batches only, see above).
+        self._prefetch = Prefetcher(self._step_samples, d.prefetch, "magi-batch-prefetch") \
+            if d.prefetch > 0 and not self.packed else None
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a later step starts it again)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
 
     # ------------------------------------------------------------------ steps
+    def step_stream(self, step: int) -> int:
+        return self.cfg.trainer.seed * STEP_STREAM + step * 1_000_000_007
+
     def step(self, step: int) -> List[Batch]:
-        stream = self.cfg.trainer.seed * STEP_STREAM + step * 1_000_000_007
+        stream = self.step_stream(step)
         if self.packed:
             if self._sequences is None:
                 self._sequences = iter(self.loader)
@@ -94,7 +230,11 @@ class BatchBuilder:
         sample = SampleShape((self.tokens_per_chunk,) * d.chunks_per_sample, min(d.caption_length, m.caption_max_length))
         self.counts = StepCounts(self.global_batch * d.chunks_per_sample * self.tokens_per_chunk, self.global_batch,
                                  train_flops(m, [sample]) * self.global_batch)
-        return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream)
+        samples = self._prefetch.get(step) if self._prefetch is not None else self._step_samples(step)
+        return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream, samples=samples)
+
+    def _step_samples(self, step: int) -> List["MicroSamples"]:
+        return self.micro_samples(self.dataset, self.batch_indices(step, self.global_batch), self.step_stream(step))
 
     def batch_indices(self, step: int, batch_size: int) -> List[int]:
         """Sample indices of a step: consecutive slices of per-epoch permutations (seeded by data.seed)."""
@@ -118,9 +258,31 @@ class BatchBuilder:
         return self.objective.draw(latent_frames, chunk_frames, stream + position * SAMPLE_STREAM, fixed_t)
 
     # ------------------------------------------------------------------ dense batches (data=synthetic)
-    def micro_batches(self, dataset, indices: List[int], stream: int, fixed_t: Optional[float] = None) -> List[Batch]:
+    def _micro_positions(self, batch_size: int) -> List[List[int]]:
+        """Positions in the global batch of this rank's micro-batches."""
+        d, p = self.cfg.data, self.parallel
+        per_rank = batch_size // p.dp
+        lo = p.dp_rank * per_rank
+        return [list(range(lo + k * d.micro_batch_size, lo + (k + 1) * d.micro_batch_size))
+                for k in range(per_rank // d.micro_batch_size)]
+
+    def micro_samples(self, dataset, indices: List[int], stream: int) -> List["MicroSamples"]:
+        """What this rank's micro-batches take from the data alone, on the CPU: the collated samples, their
+        noise and the velocity target v* = x - noise. No objective state is read (the prefetch thread runs it)."""
+        out = []
+        for pos in self._micro_positions(len(indices)):
+            batch = collate([dataset[indices[i]] for i in pos])
+            x = batch["latent"]
+            noise = torch.stack([self.noise(stream, i, x.shape[1:]) for i in pos])
+            out.append(MicroSamples(x, noise, velocity_target(x, noise), batch["caption"].flatten(0, 1),
+                                    batch["caption_mask"].flatten(0, 1)))
+        return out
+
+    def micro_batches(self, dataset, indices: List[int], stream: int, fixed_t: Optional[float] = None,
+                      samples: Optional[List["MicroSamples"]] = None) -> List[Batch]:
         """This rank's micro-batches of a global batch: stage-0 inputs and [target | loss weight].
-        `fixed_t`: every chunk at that t, text-to-video, no caption dropout (validation)."""
+        `fixed_t`: every chunk at that t, text-to-video, no caption dropout (validation). `samples`:
+        micro_samples(dataset, indices, stream) if already built (the prefetch)."""
         d, p = self.cfg.data, self.parallel
         n = d.chunks_per_sample
         elements = d.latent_channels * d.latent_height * d.latent_width  # per latent frame
@@ -128,24 +290,21 @@ class BatchBuilder:
         count = sum(int(draw.frame_weight.sum()) for draw in draws) * elements
         if count == 0:
             raise ValueError("no noisy frame in the global batch (all are clean context)")
-        per_rank = len(indices) // p.dp
+        if samples is None:
+            samples = self.micro_samples(dataset, indices, stream)
         out = []
-        for k in range(per_rank // d.micro_batch_size):
-            lo = p.dp_rank * per_rank + k * d.micro_batch_size
-            pos = list(range(lo, lo + d.micro_batch_size))
-            batch = collate([dataset[indices[i]] for i in pos])
-            x = batch["latent"]
+        for pos, s in zip(self._micro_positions(len(indices)), samples):
+            x = s.latent
             t = torch.stack([draws[i].t for i in pos])
             clean = torch.stack([draws[i].clean_chunks for i in pos])
             dropped = torch.tensor([draws[i].dropped for i in pos])
-            noise = torch.stack([self.noise(stream, i, x.shape[1:]) for i in pos])
-            x_t = noisy_input(x, noise, torch.stack([draws[i].frame_t for i in pos]))
+            x_t = noisy_input(x, s.noise, torch.stack([draws[i].frame_t for i in pos]))
             # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
             null_rows = dropped.repeat_interleave(n) | clean.flatten()
             frame_weight = torch.stack([draws[i].frame_weight for i in pos])  # (N, T): 0 on clean frames
             weight = frame_weight[:, None, :, None, None].expand(x.shape[0], 1, *x.shape[2:]) / count
-            inputs = (x_t, t, batch["caption"].flatten(0, 1), batch["caption_mask"].flatten(0, 1), null_rows, dropped)
-            target = torch.cat([velocity_target(x, noise), weight], dim=1)
+            inputs = (x_t, t, s.caption, s.caption_mask, null_rows, dropped)
+            target = torch.cat([s.velocity, weight], dim=1)
             dev = p.device
             out.append(self.objective.dense_targets([draws[i] for i in pos], tuple(v.to(dev) for v in inputs),
                                                     target.to(dev)))
