@@ -154,3 +154,24 @@ def test_bf16_gradient_buckets_reduce_in_bf16():
     assert all(g.dtype == torch.float32 for g in grads.values())  # handed to fp32 parameters as fp32
     assert all(p.grad is not None for p in model.parameters())
     assert all(b.numel for b in opt.sync.buckets)
+
+
+def test_fused_adamw_selection(monkeypatch):
+    import sys
+    import types
+
+    from magi_train.parallel.zero import _fused_adamw
+
+    cuda = torch.device("cuda")
+    assert _fused_adamw(_opt_cfg(), torch.device("cpu")) == (torch.optim.AdamW, {"foreach": False})
+    monkeypatch.setitem(sys.modules, "apex", None)  # not importable
+    monkeypatch.setitem(sys.modules, "apex.optimizers", None)
+    assert _fused_adamw(_opt_cfg(), cuda) == (torch.optim.AdamW, {"fused": True})
+    with pytest.raises(RuntimeError, match="optimizer.fused=apex, but NVIDIA apex is not importable"):
+        _fused_adamw(_opt_cfg(fused="apex"), cuda)
+    fake = types.ModuleType("apex.optimizers")
+    fake.FusedAdam = type("FusedAdam", (), {})
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
+    assert _fused_adamw(_opt_cfg(), cuda) == (fake.FusedAdam, {"adam_w_mode": True})
+    assert _fused_adamw(_opt_cfg(fused="torch"), cuda) == (torch.optim.AdamW, {"fused": True})
