@@ -153,6 +153,10 @@ class GradBuckets:
                     work.get_future().add_done_callback(
                         lambda _, i=b.index, t=launched: self.timeline.append((i, t, time.perf_counter())))
             self.works[b.index] = (work, launched)
+            if work is not None and b.owner != self.rank:
+                # ZeRO-2: a non-owner needs its copy only until it is sent; the process group's work keeps the
+                # tensor alive (and, under NCCL, safe for the allocator) until then.
+                self.buffers[b.index] = None
             self.next_launch += 1
 
     def finish(self, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -164,7 +168,7 @@ class GradBuckets:
             if work is not None:
                 work.wait()
             buf = self.buffers[b.index]
-            if b.owner == self.rank:
+            if b.owner == self.rank:  # (one process: every bucket is its own)
                 for name, offset, n in zip(b.names, b.offsets, b.numels):
                     owned[name] = buf[offset: offset + n].view(self.params[name].shape)
             self.buffers[b.index] = None  # non-owners free their copy; owners keep it through `owned`
