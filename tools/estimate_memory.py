@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magi_train.config import ConfigError, load_model_preset  # noqa: E402
 from magi_train.observability.memory_plan import (  # noqa: E402
-    ATTENTION, BACKEND_FAMILY, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate, estimates,
-    search, with_defaults,
+    ATTENTION, BACKEND_FAMILY, GIB, PRECISIONS, RECOMPUTE, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate,
+    estimates, search, with_defaults,
 )
 
 

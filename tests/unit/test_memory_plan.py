@@ -199,7 +199,8 @@ def test_the_attention_backend_counts_what_it_derives_from_the_ranges():
     est = {b: estimate(cfg, Layout(), MicroBatch(**big, attention=a, backend=b), params)
            for b, a in (("torch", "torch"), ("sdpa", "torch"), ("flex", "flash"), ("magi", "flash"))}
     assert est["sdpa"].attention_metadata >= 4 * GIB
-    # The mask is in the working set: sdpa = torch's + the mask + its dense score gradients instead of the widest slice's.
+    # The mask is in the working set: sdpa = torch's + the mask + its dense score gradients instead of the
+    # widest slice's.
     z_area = 65536 * 65536 - 65536 * 4096
     heads = cfg.num_attention_heads
     assert est["sdpa"].working - est["torch"].working == 2**32 + 2 * z_area * heads * 4
