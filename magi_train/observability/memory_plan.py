@@ -4,16 +4,18 @@ What one rank holds, read from the training code:
 
 * Parameters: every parameter of the rank's pipeline stage, tensor-parallel local shape (`tp_shard_spec`), in
   its run-time dtype: `params_dtype`, except the fp32 list `FP32_MODULES` (embedders, final linear, RoPE,
-  self-attention QK-norms, post-norms). There are no fp32 master copies: AdamW updates the parameters in
-  place in their own dtype.
-* Gradients: one per parameter, in the parameter's dtype (autograd accumulates in place); replicated over
-  data parallel ranks (ZeRO-1 does not shard them).
-* Optimizer: `ShardedAdamW` (parallel/zero.py) gives every parameter to one owner rank of the data x context
-  parallel group (greedy by size); the owner keeps exp_avg and exp_avg_sq in the parameter's dtype and a
-  4-byte step scalar (host memory on GPUs; counted here, a few KiB). The worst rank is reported.
-* After backward (the activations are gone by then): `finalize_model_grads` sums the gradients over data x
-  context parallel ranks through one flat copy of them, and `global_grad_norm` (parallel/grads.py) squares
-  each gradient in float64 (two copies of the largest one).
+  self-attention QK-norms, post-norms).
+* Gradients: the fp32 buckets of parallel/grad_buckets.py, 4 bytes per parameter whatever its dtype (the
+  default `optimizer.grad_reduce_dtype=float32`), all of them held while backward fills them (a non-owner
+  drops a bucket once it is sent, the owner keeps its share). A parameter's own `.grad`, before the hook moves
+  it into its bucket, is a backward temporary (not counted, see below).
+* Optimizer: `ShardedAdamW` (parallel/zero.py) gives every bucket of parameters to one owner rank of the data x
+  context parallel group (greedy by size); the owner keeps fp32 exp_avg and exp_avg_sq, an fp32 master copy of
+  each parameter that is not fp32, and a 4-byte step scalar (host memory on GPUs; counted here, a few KiB).
+  The worst rank is reported.
+* After backward (the activations are gone by then): `global_grad_norm` (parallel/grads.py) squares each
+  gradient in float64 (two copies of the largest one), and the owners' broadcast of updated parameters
+  flattens one owner's parameters at a time (at most the largest owner's share).
 * Activations: the tensors autograd saves for backward, counted tensor by tensor from the layer code
   (`layer_activations`), per micro-batch, times the layers of the stage, times the micro-batches a 1F1B
   pipeline keeps in flight (the first stage: pp of them), plus the embedder/head tensors, plus the
@@ -214,7 +216,8 @@ def optimizer_bytes(params: Sequence[Tuple[str, int, int]], ranks: int) -> int:
     owner = assign_owners([(name, _Sized(numel)) for name, numel, _ in params], ranks)
     load = [0] * ranks
     for name, numel, itemsize in params:
-        load[owner[name]] += 2 * numel * itemsize + F32  # exp_avg, exp_avg_sq, step
+        master = numel * F32 if itemsize != F32 else 0  # the fp32 master of a bf16 parameter
+        load[owner[name]] += 2 * numel * F32 + master + F32  # exp_avg, exp_avg_sq (fp32), master, step
     return max(load)
 
 
@@ -455,8 +458,8 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
-    # After backward, when the activations are gone: the flat gradient copy of the data x context parallel
-    # all-reduce, or the float64 square of the largest gradient in the gradient norm, whichever is larger.
+    # After backward, when the activations are gone: the flat copy of one owner's parameters that it
+    # broadcasts, or the float64 square of the largest gradient in the gradient norm, whichever is larger.
     after_backward: int
     stage: int = 0
     layers: int = 0  # layers of the stage
@@ -476,7 +479,7 @@ class MemoryEstimate:
             ("gradients", self.grads),
             ("optimizer state", self.optimizer),
             (f"activations ({self.in_flight} micro-batch(es) x {self.layers} layers + working set)", self.activations),
-            ("after backward: gradient all-reduce copy / norm temporaries", self.after_backward),
+            ("after backward: parameter broadcast copy / norm temporaries", self.after_backward),
             ("total", self.total),
         ]
 
@@ -523,11 +526,14 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
     in_flight = layout.pp - stage  # 1F1B: stage s holds pp - s micro-batches before its first backward
     boundary = boundary_activations(cfg, layout, mb, stage == 0, stage == layout.pp - 1)
     activations = in_flight * (layers * per_layer + boundary + metadata) + working
-    all_reduce_copy = p_bytes if group > 1 else 0
+    owner = assign_owners([(name, _Sized(numel)) for name, numel, _ in held], group)
+    broadcast_copy = max(sum(numel * item for name, numel, item in held if owner[name] == r) for r in range(group))
+    broadcast_copy = broadcast_copy if group > 1 else 0
     norm_squares = 2 * 8 * max(numel for _, numel, _ in held)  # grad.double().square() of the largest gradient
+    buckets = sum(numel for _, numel, _ in held) * F32
     return MemoryEstimate(
-        params=p_bytes, grads=p_bytes, optimizer=params.optimizer(layout, stage), activations=activations,
-        after_backward=max(all_reduce_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
+        params=p_bytes, grads=buckets, optimizer=params.optimizer(layout, stage), activations=activations,
+        after_backward=max(broadcast_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
         per_layer=per_layer, working=working, attention_metadata=metadata + transient, terms=layer,
     )
 

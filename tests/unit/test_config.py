@@ -195,7 +195,7 @@ def test_wrong_type_fails_naming_the_key():
         (["model.cond_gating_ratio=0.5"], "model.cond_gating_ratio (0.5)"),
         (["model.cond_hidden_ratio=0.001"], "model.cond_hidden_ratio"),
         (["model.null_caption_length=65"], "model.null_caption_length (65)"),
-        (["model.attention_backend=flash"], "model.attention_backend ('flash')"),
+        (["model.attention_backend=flash3"], "model.attention_backend ('flash3')"),
         (["model.patch_size=0"], "model.patch_size (0)"),
         (["model.t_patch_size=0"], "model.t_patch_size (0)"),
         (["model.num_layers=0"], "model.num_layers (0)"),
@@ -367,11 +367,11 @@ def test_registry_fields_are_checked_against_the_registry():
     from magi_train.model.attention import ATTENTION_BACKENDS
     from magi_train.model.te_spec import FP8_RECIPES
 
-    for name in [*ATTENTION_BACKENDS, "flex", "auto"]:
+    for name in [*ATTENTION_BACKENDS, "flex", "flash", "magi", "auto"]:
         assert load([f"model.attention_backend={name}"]).model.attention_backend == name
-    with pytest.raises(ConfigError, match=r"model.attention_backend \('flash'\) must be one of 'torch', 'sdpa', 'flex', "
-                                          r"'magi', 'auto'"):
-        load(["model.attention_backend=flash"])
+    with pytest.raises(ConfigError, match=r"model.attention_backend \('flash3'\) must be one of 'torch', 'sdpa', 'flex', "
+                                          r"'flash', 'magi', 'auto'"):
+        load(["model.attention_backend=flash3"])
     with pytest.raises(ConfigError, match="trainer.fp8_recipe \\('e5m2'\\) must be one of " + ", ".join(
             repr(r) for r in FP8_RECIPES)):
         load(["trainer.fp8_recipe=e5m2"])

@@ -98,15 +98,21 @@ def test_parameter_table_equals_the_built_model():
     assert sorted((p.name, p.full_shape, p.itemsize) for p in ModelParams.of(cfg).params) == built
 
 
-def _measure_step(group, recompute: str):
+def _measure_step(group, recompute: str, buckets: bool = False):
     """One training step of the tiny preset as the trainer runs it (the pipeline stage module, ShardedAdamW,
     the weighted squared error), after a first step has created the optimizer state. Returns the peak and the
-    after-step snapshots of MemTracker, by kind."""
+    after-step snapshots of MemTracker, by kind.
+
+    `buckets`: the gradients go through the trainer's fp32 buckets (parallel/grad_buckets.py); MemTracker files
+    those under Temp (a hook allocates them), so the activation figures are measured without them, with the
+    gradients in `.grad` (the same bytes for this fp32 model, under Gradient)."""
     cfg = load_model_preset("tiny")  # fp32 parameters, precision fp32
     model = build_dit(cfg, tp_group=group, init_seed=1)
     model.train()
     model.set_recompute(recompute)
     optimizer = ShardedAdamW(list(model.named_parameters()), OptimizerConfig(), group)
+    if buckets:
+        optimizer.attach_grad_hooks()
     shape = MicroBatchShape(N, DN, TPC, CAPTION, (DN * FRAMES, HL // 2, WL // 2), (N, 16, DN * FRAMES, HL, WL))
     stage = DiTStage(model, shape)
     x, t, caption, mask = inputs(cfg)
@@ -119,6 +125,8 @@ def _measure_step(group, recompute: str):
         # trainer.weighted_sq_error: [v* | weight] along channels
         loss = ((pred.float() - target[:, :-1]).square() * target[:, -1:]).sum()
         loss.backward()
+        if buckets:
+            optimizer.reduce_grads()
         optimizer.step()
 
     step()
@@ -148,6 +156,9 @@ def test_training_step_matches_measured_memory(single_process_group, recompute):
     # Exact: every parameter, its gradient, AdamW's two moments and step scalar (one process owns them all).
     assert est.params == after["Parameter"] == 5_844_768
     assert est.grads == after["Gradient"]
+    if recompute == "none":  # the trainer's way: the same bytes, in the buckets
+        _, _, with_buckets = _measure_step(single_process_group, recompute, buckets=True)
+        assert with_buckets["Gradient"] == 0 and est.grads == with_buckets["Temp"]
     assert est.optimizer == after["Optstate"] == 2 * 5_844_768 + 4 * len(list(build_dit(cfg, device="meta").parameters()))
     # Activations: the plan's saved tensors + backward working set vs what was live at the peak (activations
     # and backward temporaries): +0.5% (none), +8.7% (selective), +6.9% (full). The plan adds the working set
