@@ -66,6 +66,7 @@ _BLOB_SIGMA_FRACTION = (0.10, 0.16)  # Gaussian sigma as a fraction of min(H, W)
 _MAX_SPEED_FRACTION = 0.1  # at most this fraction of min(H, W) per latent frame
 _BACKGROUND_AMPLITUDE = 0.3  # static linear ramp, so the background is structured but easy
 _NOISE_STD = 0.05
+_CAPTION_CACHE_BYTES = 64 << 20  # per dataset: the caption embeddings kept (see SyntheticBlobDataset._encode)
 
 
 def colour_signature(name: str, channels: int) -> np.ndarray:
@@ -144,6 +145,13 @@ class SyntheticBlobDataset(Dataset):
         self.caption_max_length = caption_max_length
         self.num_frames = cfg.chunks_per_sample * cfg.latent_frames_per_chunk
         self.encoder = HashTextEncoder(dim=caption_channels, max_length=cfg.caption_length)
+        # Captions come from a small phrase set, so their embeddings (most of a sample's cost, and Python
+        # bound: a prefetch thread holding the GIL delays the training step) are kept, up to a byte budget;
+        # a kept row is the very tensor `encode` returns for it, so the data are unchanged.
+        row_bytes = cfg.caption_length * (caption_channels * 4 + 1)
+        self._caption_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._caption_rows_max = _CAPTION_CACHE_BYTES // row_bytes
+        self._signatures: dict[str, np.ndarray] = {}  # colour -> colour_signature(colour, channels)
 
     def __len__(self) -> int:
         return self.cfg.num_samples
@@ -198,7 +206,9 @@ class SyntheticBlobDataset(Dataset):
         for blob in blobs:
             cx, cy = blob.start_x + t * blob.velocity_x, blob.start_y + t * blob.velocity_y
             bump = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * blob.sigma**2))  # (T, H, W)
-            signature = colour_signature(blob.colour, channels) * blob.amplitude
+            if blob.colour not in self._signatures:
+                self._signatures[blob.colour] = colour_signature(blob.colour, channels)
+            signature = self._signatures[blob.colour] * blob.amplitude
             latent = latent + signature[:, None, None, None] * bump[None]
 
         latent = latent + rng.standard_normal(latent.shape) * _NOISE_STD
@@ -220,6 +230,19 @@ class SyntheticBlobDataset(Dataset):
             texts.append(", ".join(clauses))
         return texts
 
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """encoder.encode(texts), each row computed once (encode embeds every row independently)."""
+        rows = []
+        for text in texts:
+            row = self._caption_rows.get(text)
+            if row is None:
+                embedding, mask = self.encoder.encode([text])
+                row = (embedding[0], mask[0])
+                if len(self._caption_rows) < self._caption_rows_max:
+                    self._caption_rows[text] = row
+            rows.append(row)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = operator.index(index)
         if not 0 <= index < len(self):
@@ -230,7 +253,7 @@ class SyntheticBlobDataset(Dataset):
         latent = self._draw_latent(rng, blobs)
         texts = self._captions(blobs)
 
-        rows, mask_rows = self.encoder.encode(texts)  # (chunks, caption_length, ...)
+        rows, mask_rows = self._encode(texts)  # (chunks, caption_length, ...)
         chunks = self.cfg.chunks_per_sample
         caption = torch.zeros(chunks, self.caption_max_length, self.caption_channels, dtype=torch.float32)
         caption_mask = torch.zeros(chunks, self.caption_max_length, dtype=torch.bool)

@@ -132,7 +132,7 @@ class Prefetcher:
     """`build(key)` for the `depth` keys after the last one asked for, in one daemon thread.
 
     get(key) returns what was built ahead for key (waiting for it if it is under way) or, if key was not
-    expected, builds it on the caller's thread; either way it then schedules key + 1 .. key + depth and
+    expected, builds it on the caller's thread; schedule_after(key) then has key + 1 .. key + depth built and
     drops anything else. An exception raised by the build is raised by get(key). `build` must be a bound
     method (the thread keeps only a weak reference to its object). close() stops the thread; a later get
     starts a new one."""
@@ -155,6 +155,7 @@ class Prefetcher:
         return state
 
     def get(self, key: int) -> Any:
+        """What was built ahead for `key` (waiting while it is under way), else build(key) on this thread."""
         state = self._state if self._state is not None and not self._state.closed else self._start()
         with state.cond:
             ahead = key in state.done or key == state.busy or key in state.wanted
@@ -166,17 +167,23 @@ class Prefetcher:
                 while key not in state.done:
                     state.cond.wait()
                 ok, value = state.done.pop(key)
+        if not ahead:
+            return self._build_ref()(key)
+        if not ok:
+            raise value
+        return value
+
+    def schedule_after(self, key: int) -> None:
+        """Build key + 1 .. key + depth next; drop anything else. Called once the caller is done with `key`'s
+        own work: the thread then runs while the step computes rather than against the caller's Python
+        (both need the GIL, and most of a synthetic sample's cost holds it)."""
+        state = self._state if self._state is not None and not self._state.closed else self._start()
+        with state.cond:
             window = range(key + 1, key + self.depth + 1)
             state.done = {k: v for k, v in state.done.items() if k in window}
             state.wanted = deque(k for k in state.wanted if k in window)
             state.wanted.extend(k for k in window if k not in state.done and k != state.busy and k not in state.wanted)
             state.cond.notify_all()
-        if not ahead:
-            build = self._build_ref()
-            return build(key)
-        if not ok:
-            raise value
-        return value
 
     def close(self) -> None:
         """Stop the thread (after the build under way, if any) and drop what was built ahead."""
@@ -207,6 +214,7 @@ class BatchBuilder:
             # Another data seed gives held-out samples that the training stream never shows.
             self.held_out = SyntheticBlobDataset(replace(d, seed=d.seed + 1_000_000), m.caption_channels,
                                                  m.caption_max_length)
+        self._perms: Dict[int, torch.Tensor] = {}  # epoch -> its sample permutation (see _permutation)
         # The next steps' samples and noise, built while this one computes (dense batches only, see above).
         self._prefetch = Prefetcher(self._step_samples, d.prefetch, "magi-batch-prefetch") \
             if d.prefetch > 0 and not self.packed else None
@@ -231,7 +239,10 @@ class BatchBuilder:
         self.counts = StepCounts(self.global_batch * d.chunks_per_sample * self.tokens_per_chunk, self.global_batch,
                                  train_flops(m, [sample]) * self.global_batch)
         samples = self._prefetch.get(step) if self._prefetch is not None else self._step_samples(step)
-        return self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream, samples=samples)
+        out = self.micro_batches(self.dataset, self.batch_indices(step, self.global_batch), stream, samples=samples)
+        if self._prefetch is not None:
+            self._prefetch.schedule_after(step)
+        return out
 
     def _step_samples(self, step: int) -> List["MicroSamples"]:
         return self.micro_samples(self.dataset, self.batch_indices(step, self.global_batch), self.step_stream(step))
@@ -239,14 +250,22 @@ class BatchBuilder:
     def batch_indices(self, step: int, batch_size: int) -> List[int]:
         """Sample indices of a step: consecutive slices of per-epoch permutations (seeded by data.seed)."""
         n = len(self.dataset)
-        perms: Dict[int, torch.Tensor] = {}  # a batch spans at most two epochs
         out = []
         for pos in range(step * batch_size, (step + 1) * batch_size):
             epoch, offset = divmod(pos, n)
-            if epoch not in perms:
-                perms[epoch] = torch.randperm(n, generator=generator(self.cfg.data.seed * 7_777 + epoch))
-            out.append(int(perms[epoch][offset]))
+            out.append(int(self._permutation(epoch)[offset]))
         return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        # The last two epochs' permutations are kept (a batch spans at most two): drawing one costs more than
+        # the rest of the indices. Both threads may ask; a permutation is a pure function of the epoch.
+        perms = self._perms
+        perm = perms.get(epoch)
+        if perm is None:
+            perm = torch.randperm(len(self.dataset), generator=generator(self.cfg.data.seed * 7_777 + epoch))
+            self._perms = {e: v for e, v in perms.items() if e == epoch - 1 or e == epoch + 1}
+            self._perms[epoch] = perm
+        return perm
 
     # ------------------------------------------------------------------ one sample
     def noise(self, stream: int, position: int, shape) -> torch.Tensor:

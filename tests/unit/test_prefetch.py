@@ -81,11 +81,17 @@ class _Source:
 def test_prefetcher_builds_ahead_within_its_depth_and_rebuilds_on_a_jump():
     src = _Source()
     pre = Prefetcher(src.build, depth=2)
+
+    def get(key):
+        value = pre.get(key)
+        pre.schedule_after(key)
+        return value
+
     try:
-        assert pre.get(0) == 0  # nothing was ahead: built on the caller's thread
-        assert pre.get(1) == 10 and pre.get(2) == 20
-        assert pre.get(9) == 90  # a jump: the caller builds it, the worker goes on from 10
-        assert pre.get(10) == 100
+        assert get(0) == 0  # nothing was ahead: built on the caller's thread
+        assert get(1) == 10 and get(2) == 20
+        assert get(9) == 90  # a jump: the caller builds it, the worker goes on from 10
+        assert get(10) == 100
     finally:
         pre.close()
     on_caller = [k for k, main in src.built if main]
@@ -100,10 +106,12 @@ def test_a_worker_exception_is_raised_by_get_and_the_prefetcher_goes_on():
     pre = Prefetcher(src.build, depth=1)
     try:
         assert pre.get(0) == 0
+        pre.schedule_after(0)
         with pytest.raises(KeyError, match="bad sample at step 1"):
             pre.get(1)  # built by the worker, raised here
         assert (1, False) in src.built
-        assert pre.get(2) == 20  # asked for anyway: the next step is served
+        pre.schedule_after(1)
+        assert pre.get(2) == 20  # the steps after it are served
     finally:
         pre.close()
 
@@ -112,6 +120,7 @@ def test_close_stops_the_thread_and_a_later_get_starts_another():
     src = _Source()
     pre = Prefetcher(src.build, depth=1)
     pre.get(0)
+    pre.schedule_after(0)
     first = pre._thread
     assert first.daemon and first.is_alive()
     pre.close()
@@ -125,6 +134,7 @@ def test_a_dropped_builder_ends_its_thread():
     src = _Source()
     pre = Prefetcher(src.build, depth=1)
     pre.get(0)
+    pre.schedule_after(0)
     thread = pre._thread
     del pre
     gc.collect()
