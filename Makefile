@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast gpu-bench venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,13 @@ test: venv
 # Single-process unit tests only (under 3 minutes): no end-to-end programs, no multi-rank runs; two workers.
 test-fast: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not multirank" tests
+
+# One GPU check and benchmark on one H100/H200 (at most 8 minutes): tests/gpu, attention TFLOP/s per backend,
+# training-step and inference MFU of the 4.5B widths, peak memory against the planner; JSON + markdown in
+# GPU_BENCH_OUT (tools/gpu_bench.py; --dry-run checks the script on a CPU).
+GPU_BENCH_OUT ?= outputs/gpu_bench
+gpu-bench: venv
+	$(PY) tools/gpu_bench.py --out $(GPU_BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) outputs runs wandb .pytest_cache
