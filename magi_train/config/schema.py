@@ -84,6 +84,10 @@ class ModelConfig:
     # where each runs; sdpa > torch elsewhere: model/spec.py auto_backend_name).
     attention_backend: str = "torch"
     init_std: float = 0.02
+    # LayerNorm kernel (magi_train/model/norms.py FUSED_NORMS): auto = NVIDIA apex's fused LayerNorm for CUDA tensors
+    # where apex imports (torch's under trainer.compile: inductor fuses it itself), torch = always torch's, apex = apex
+    # or an error. The CPU always runs torch's. How the model runs, not what its weights are.
+    fused_norms: str = "auto"
 
 
 @dataclass
@@ -291,6 +295,15 @@ class TrainerConfig:
     # Transformer Engine fp8 autocast (layer_spec=te): none, or a recipe of magi_train/model/te_spec.py FP8_RECIPES
     # (delayed | tensorwise | mxfp8 | blockwise).
     fp8_recipe: str = "none"
+    # Which fp8 implementation runs trainer.fp8_recipe (magi_train/model/float8.py FP8_BACKENDS): te (Transformer
+    # Engine's autocast, model.layer_spec=te), torchao (torchao.float8 training linears on model.layer_spec=local:
+    # tensorwise | rowwise | rowwise_with_gw_hp; one tensor-parallel rank, CUDA sm89+), auto (te with
+    # model.layer_spec=te, else torchao).
+    fp8_backend: str = "auto"
+    # torch.compile of each transformer layer (regional: one layer's compile time, no recompiles across layers),
+    # dynamic=False; the attention kernels stay outside the compiled regions (magi_train/model/compile.py).
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

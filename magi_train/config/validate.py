@@ -119,10 +119,12 @@ def attention_backends() -> List[str]:
 
 
 def fp8_recipes() -> List[str]:
-    """`trainer.fp8_recipe` names: Transformer Engine's recipes that magi_train/model/te_spec.py can build."""
+    """`trainer.fp8_recipe` names: Transformer Engine's recipes that magi_train/model/te_spec.py can build, then
+    torchao's (magi_train/model/float8.py; which backend takes which is checked with the layout)."""
+    from magi_train.model.float8 import TORCHAO_RECIPES
     from magi_train.model.te_spec import FP8_RECIPES  # imports torch (not Transformer Engine)
 
-    return list(FP8_RECIPES)
+    return [*FP8_RECIPES, *(r for r in TORCHAO_RECIPES if r not in FP8_RECIPES)]
 
 
 def _integer_width(key: str, hidden_size: int, ratio: float) -> List[str]:
@@ -184,6 +186,9 @@ def _check_model(m: ModelConfig) -> Iterator[str]:
                f"({m.t_patch_size})")
     yield from _one_of("model.params_dtype", m.params_dtype, DType)
     yield from _one_of("model.layer_spec", m.layer_spec, LayerSpec)
+    from magi_train.model.norms import FUSED_NORMS  # imports torch (not apex)
+
+    yield from _one_of("model.fused_norms", m.fused_norms, FUSED_NORMS)
     yield from _one_of("model.attention_backend", m.attention_backend, attention_backends())
 
 
@@ -250,8 +255,10 @@ def _check_sequence_split(cfg: TrainConfig) -> Iterator[str]:
                f"divisible by {'parallel.cp' if p.cp_impl != 'magi' else ''}"
                f"{' x ' if p.cp_impl != 'magi' and p.sequence_parallel else ''}"
                f"{'parallel.tp (sequence_parallel)' if p.sequence_parallel else ''} ({split})")
-    if cfg.trainer.fp8_recipe != "none" and m.layer_spec != "te":
-        yield f"trainer.fp8_recipe ({_show(cfg.trainer.fp8_recipe)}) needs model.layer_spec=te (Transformer Engine, GPU)"
+    if cfg.trainer.fp8_recipe in fp8_recipes():  # an unknown recipe is reported by _check_trainer
+        from magi_train.model.float8 import fp8_config_problems
+
+        yield from fp8_config_problems(cfg.trainer.fp8_backend, cfg.trainer.fp8_recipe, m.layer_spec, p.tp)
 
 
 def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterator[str]:
@@ -432,6 +439,11 @@ def _check_trainer(t: TrainerConfig) -> Iterator[str]:
     yield from _one_of("trainer.recompute", t.recompute, Recompute)
     yield from _at_least("trainer", t, ("recompute_layers",), 0)
     yield from _one_of("trainer.fp8_recipe", t.fp8_recipe, fp8_recipes())
+    from magi_train.model.compile import COMPILE_MODES
+    from magi_train.model.float8 import FP8_BACKENDS
+
+    yield from _one_of("trainer.fp8_backend", t.fp8_backend, FP8_BACKENDS)
+    yield from _one_of("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     yield from _one_of("trainer.wandb.mode", t.wandb.mode, WandbMode)
     if t.peak_tflops < 0:
         yield f"trainer.peak_tflops ({t.peak_tflops}) must be >= 0 (0: look up the GPU's peak)"

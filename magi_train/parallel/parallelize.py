@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from magi_train.config.schema import ModelConfig, TrainConfig
+from magi_train.model.compile import compile_layers
 from magi_train.model.dit import VideoDiT, build_dit, full_shapes, meta_dit  # noqa: F401  (re-exported)
+from magi_train.model.float8 import check_float8_device, convert_dit_to_float8, resolve_fp8_backend
 from magi_train.model.fp8 import is_fp8_linear
+from magi_train.model.norms import select_fused_norms
 from magi_train.model.spec import megatron_config
 from magi_train.parallel.dispatch import MagiContextParallel, MagiCoreAttention, MagiDispatchLayout
 from magi_train.parallel.groups import Parallel
@@ -180,22 +183,38 @@ def materialize(model: VideoDiT, device, init_seed: Optional[int] = None) -> Vid
 
 def build_train_stages(cfg: TrainConfig, parallel: Parallel, cp_impl: str) -> Tuple[List[int], List[VideoDiT]]:
     """(stage ids, models) of the pipeline stages this rank holds (one, or parallel.vpp of them), initialised
-    from trainer.seed, in train mode with trainer.recompute applied."""
+    from trainer.seed, in train mode with trainer.recompute applied.
+
+    The optional accelerators go in here, in this order, with parameter names unchanged: torchao's float8
+    linears (trainer.fp8_backend=torchao, on the meta device: the weights are then drawn by name as always), the
+    norms' kernel (model.fused_norms), then the per-layer compile (trainer.compile) of the parallelised,
+    materialised layers; the optimizer is built on what this returns."""
     m, tc, p = cfg.model, cfg.trainer, parallel
     stages = p.pp * cfg.parallel.vpp
     held = stage_layers(m.num_layers, p.pp, cfg.parallel.vpp, p.pp_rank)
+    float8 = resolve_fp8_backend(tc.fp8_backend, tc.fp8_recipe, m.layer_spec) == "torchao"
+    if float8:
+        check_float8_device(p.device)
     models = []
     for sid, _ in held:
         model = parallelize_dit(meta_dit(m), p, cp_impl=cp_impl, stage=(sid, stages) if stages > 1 else None,
                                 recompute=tc.recompute, recompute_layers=tc.recompute_layers)
-        models.append(materialize(model, p.device, init_seed=tc.seed).train())
+        if float8:
+            convert_dit_to_float8(model, tc.fp8_recipe)
+        model = materialize(model, p.device, init_seed=tc.seed).train()
+        select_fused_norms(model, m.fused_norms, compiled=tc.compile)
+        if tc.compile:
+            compile_layers(model, tc.compile_mode)
+        models.append(model)
     return [sid for sid, _ in held], models
 
 
 def build_whole(cfg: ModelConfig, parallel: Parallel, cp_impl: str) -> VideoDiT:
     """The whole model (no pipeline split) on this rank's tensor/context-parallel slice, weights uninitialised
     (to be loaded): e.g. a distillation teacher."""
-    return materialize(parallelize_dit(meta_dit(cfg), parallel, cp_impl=cp_impl), parallel.device)
+    model = materialize(parallelize_dit(meta_dit(cfg), parallel, cp_impl=cp_impl), parallel.device)
+    select_fused_norms(model, cfg.fused_norms)
+    return model
 
 
 def build_model(mc: ModelConfig, state: Dict[str, torch.Tensor], source: str, parallel: Optional[Parallel] = None,
@@ -207,6 +226,7 @@ def build_model(mc: ModelConfig, state: Dict[str, torch.Tensor], source: str, pa
     from magi_train.checkpoint.weights import load_into
 
     model = meta_dit(mc)
+    select_fused_norms(model, mc.fused_norms)  # kept by materialize (an attribute of the modules)
     if fp8:
         from magi_train.model.fp8 import convert_dit_to_fp8
 
