@@ -123,8 +123,11 @@ class Trainer:
 
     def close(self) -> None:
         """Release trainer.output_dir (and stop watching the launcher); `fit` does this when it returns.
-        A later `fit` or `save` takes the directory again."""
+        A later `fit` or `save` takes the directory again; the data prefetch thread ends too (a later step
+        starts it again)."""
         self.run_dir.close()
+        if getattr(self, "batches", None) is not None:  # (absent when building failed before it)
+            self.batches.close()
 
     def __enter__(self) -> "Trainer":
         return self
