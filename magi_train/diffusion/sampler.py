@@ -13,8 +13,14 @@ write it while later chunks are still being generated. It follows the released `
 * a prefix (i2v image latent, v2v prefix video latents) is pasted over its frames before every call; chunks
   entirely inside the prefix are run once, clean, to fill the cache, and never denoised.
 
-With `kv_cache=False` nothing is cached: every call prepends all earlier chunks as they were when cached
-(same latents, t, caption and adaLN row, same lookback), which must give the same video.
+The cache holds only the chunks later calls read (a window of the kv ranges' reach, magi_train/diffusion/
+kv_cache.py), so its memory and the tokens each call reads do not grow with the video; key ranges given to the
+model start at the first chunk a call reads.
+
+With `kv_cache=False` nothing is cached: every call prepends the earlier chunks it reads, as they were when
+cached (same latents, t, caption and adaLN row, same lookback), and those their keys depend on in turn (with the
+released clean_chunk_kvrange=1 a clean chunk attends only to itself: just the lookback window). It must give
+the same video.
 
 Under model parallelism every rank runs this same loop on identical inputs (same noise, captions and
 velocities): the model is then a tensor/context-parallel DiT, whose output is gathered on every rank, or a
@@ -23,6 +29,7 @@ pipeline stage (`InferencePipeline` in `magi_train/parallel/pipeline.py`), which
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -30,7 +37,7 @@ import torch
 
 from magi_train.config.schema import SamplerConfig
 from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3
-from magi_train.diffusion.kv_cache import KVCache
+from magi_train.diffusion.kv_cache import KVCache, cache_window, call_reach
 from magi_train.diffusion.schedule import StepPlan, staircase
 from magi_train.diffusion.time_grid import TimeGrid
 from magi_train.model.attention import AttnRanges
@@ -69,11 +76,14 @@ class _Call:
     adaln_uncond: bool
     dt: Optional[float]
     cached: bool  # released: the KV-cache path (read earlier chunks, the writing pass stores these)
+    keep: Optional[int] = None  # earliest chunk this or a later call reads (the cache may drop earlier ones)
 
 
 class StaircaseSampler:
-    def __init__(self, model: torch.nn.Module, cfg: SamplerConfig):
+    def __init__(self, model: torch.nn.Module, cfg: SamplerConfig, forward: Optional[Callable] = None):
+        """`forward`: what runs the DiT (the model itself, or a compiled wrapper of it: magi_infer/compile.py)."""
         self.model = model
+        self._dit = model if forward is None else forward
         self.cfg = cfg
         mc = model.cfg
         self.chunk_width = mc.chunk_width
@@ -88,6 +98,8 @@ class StaircaseSampler:
         # The cache is written by the pass whose result it must hold: null caption (cfg 3, adaLN row -1) or
         # the single text pass (cfg 1, row -2).
         self.write_uncond = cfg.cfg_number == 3
+        # Distilled one-pass guidance appends the nearly-clean chunk's duplicate after a call's last chunk.
+        self.duplicates = cfg.cfg_number == 1 and self.distill
 
     # ------------------------------------------------------------------ public
     def plans(self, num_chunks: int, prefix_chunks: int) -> List[StepPlan]:
@@ -132,8 +144,13 @@ class StaircaseSampler:
         self._tokens = self._tokens_per_chunk(noise)
         # Indexed by global layer; a pipeline stage's cache allocates only its own layers (on first write).
         # Under context parallelism each rank caches all tokens of its heads (the keys after the all-to-all).
-        self._cache = KVCache(self.model.cfg.num_layers, n * self._tokens, self.cfg.kv_offload) \
+        plans = self.plans(n, P // cw)
+        self.window = cache_window(plans, P // cw, duplicate=self.duplicates)
+        self._keep = dict(zip(plans, self.window.keep))
+        self._cache = KVCache(self.model.cfg.num_layers, self._tokens, self.window.capacity, self.cfg.kv_offload) \
             if self.cfg.kv_cache else None
+        # Tokens fed to the model per call -> calls (counted, for tests and benchmarks).
+        self.fed_tokens: Counter = Counter()
         # What each cached chunk was computed from, for the cache-free oracle: latent and lookback.
         self._context: dict = {}
         return n
@@ -180,7 +197,8 @@ class StaircaseSampler:
         # Released: decided on the oldest denoising chunk's fp32 t as a Python float (0.3 rounds above 0.3).
         nearly_clean = t[1 if plan.clean_chunk is not None else 0].item() > cfg.nearly_clean_threshold
         cached = plan.clean_chunk is not None or plan.slice_point > 0
-        full = lambda rows, masks, uncond: _Call(x, forwarded, t, rows, masks, plan.kv_chunks, uncond, dt, cached)
+        keep = self._keep.get(plan)
+        full = lambda rows, masks, uncond: _Call(x, forwarded, t, rows, masks, plan.kv_chunks, uncond, dt, cached, keep)
 
         if cfg.cfg_number == 3:
             text = self._forward(full(cond_rows, cond_masks, False), write=False)
@@ -199,7 +217,7 @@ class StaircaseSampler:
             call = _Call(torch.cat([x, x[:, :, dup]], dim=2), forwarded + (forwarded[first],),
                          torch.cat([t, t[first:first + 1]]), torch.cat([cond_rows, cond_rows[first:first + 1]]),
                          torch.cat([cond_masks, cond_masks[first:first + 1]]),
-                         plan.kv_chunks + ((end, end + 1),), False, dt, cached)
+                         plan.kv_chunks + ((end, end + 1),), False, dt, cached, keep)
             out = self._forward(call, write=True, skip_last_write=True)
             out, out_alone = out[:, :, :-cw], out[:, :, -cw:]
             out[:, :, dup] = blend_nearly_clean(out[:, :, dup], out_alone, cfg.nearly_clean_weight)
@@ -212,34 +230,50 @@ class StaircaseSampler:
     def _forward(self, call: _Call, write: bool, skip_last_write: bool = False) -> torch.Tensor:
         """Run the DiT on one call, with the KV cache (or, without one, with recomputed context).
 
-        Key coordinates are absolute (chunk * tokens): the cache or the recomputed context supplies every
-        chunk before the first one in `call.x`."""
+        Key coordinates start at chunk `lo`, the first one the call reads: the cache or the recomputed
+        context supplies the chunks [lo, first) before the first one in `call.x`."""
         tokens, cw = self._tokens, self.chunk_width
         first = call.chunks[0]
         x, t, rows, masks, kv = call.x, call.t, call.rows, call.masks, list(call.kv_chunks)
         uncond = torch.full((len(call.chunks),), call.adaln_uncond)
         hook, x_first = None, first
+        lo = min([first] + [s for s, _ in kv])
         if self._cache is not None:
-            if call.cached:
-                n_write = (len(call.chunks) - int(skip_last_write)) * tokens if write else 0
-                hook = self._cache.hook(first * tokens, n_write)
-        elif first > 0:
-            # No cache: prepend every earlier chunk as it was cached (its clean latent, clean_t, the null
-            # caption, the writing pass's adaLN row, its own lookback).
-            x = torch.cat([self._context[c][0] for c in range(first)] + [x], dim=2)
-            t = torch.cat([torch.full((first,), self.cfg.clean_t, dtype=torch.float32), t])
-            rows = torch.cat([self._captions.y[1, :1].expand(first, -1, -1), rows])
-            masks = torch.cat([self._captions.mask[1, :1].expand(first, -1), masks])
-            uncond = torch.cat([torch.full((first,), self.write_uncond), uncond])
-            kv = [(self._context[c][1], c + 1) for c in range(first)] + kv
-            x_first = 0
+            if not call.cached:
+                lo = first  # released: such a call attends only to its own chunks
+            else:
+                n_write = len(call.chunks) - int(skip_last_write) if write else 0
+                hook = self._cache.hook(first, lo, len(call.chunks), n_write, call.keep)
+        elif lo < first:
+            # No cache: prepend the earlier chunks the call reads as they were cached (clean latent, clean_t,
+            # null caption, the writing pass's adaLN row, own lookback), and those their keys read in turn.
+            lo = self._context_start(lo, first)
+            n = first - lo
+            x = torch.cat([self._context[c][0] for c in range(lo, first)] + [x], dim=2)
+            t = torch.cat([torch.full((n,), self.cfg.clean_t, dtype=torch.float32), t])
+            rows = torch.cat([self._captions.y[1, :1].expand(n, -1, -1), rows])
+            masks = torch.cat([self._captions.mask[1, :1].expand(n, -1), masks])
+            uncond = torch.cat([torch.full((n,), self.write_uncond), uncond])
+            kv = [(self._context[c][1], c + 1) for c in range(lo, first)] + kv
+            x_first = lo
+        else:
+            lo = first
         ranges = AttnRanges.from_lists([(m * tokens, (m + 1) * tokens) for m in range(len(kv))],
-                                       [(s * tokens, e * tokens) for s, e in kv])
+                                       [((s - lo) * tokens, (e - lo) * tokens) for s, e in kv])
         # One adaLN flag for the sample unless recomputed context needs another row than the current chunks.
         flags = uncond[None] if bool(uncond.any()) != bool(uncond.all()) else uncond[:1]
-        out = self.model(x, t[None], rows, masks, ranges, adaln_uncond=flags, slice_point=x_first,
-                         distill_dt=call.dt, kv_hook=hook)
+        self.fed_tokens[x.shape[2] // cw * tokens] += 1
+        out = self._dit(x, t[None], rows, masks, ranges, adaln_uncond=flags, slice_point=x_first,
+                        distill_dt=call.dt, kv_hook=hook)
         return out[:, :, (first - x_first) * cw:]
+
+    def _context_start(self, lo: int, first: int) -> int:
+        """First chunk the recomputed context needs: the chunks [lo, first) and, transitively, their lookbacks."""
+        while True:
+            start = min([lo] + [self._context[c][1] for c in range(lo, first)])
+            if start == lo:
+                return lo
+            lo = start
 
     def _forward_alone(self, x, t, rows, masks, uncond: bool, dt) -> torch.Tensor:
         """Each chunk as its own sample, attending only to itself (the unconditional pass of cfg 3)."""
@@ -248,8 +282,9 @@ class StaircaseSampler:
         xb = x.reshape(1, x.shape[1], dn, cw, *x.shape[3:]).squeeze(0).transpose(0, 1)  # (dn, C, cw, H, W)
         ranges = AttnRanges.from_lists([(b * tokens, (b + 1) * tokens) for b in range(dn)],
                                        [(b * tokens, (b + 1) * tokens) for b in range(dn)])
-        out = self.model(xb, t[:, None], rows, masks, ranges, adaln_uncond=torch.full((dn,), uncond),
-                         slice_point=0, distill_dt=dt)
+        self.fed_tokens[dn * tokens] += 1
+        out = self._dit(xb, t[:, None], rows, masks, ranges, adaln_uncond=torch.full((dn,), uncond),
+                        slice_point=0, distill_dt=dt)
         return out.transpose(0, 1).reshape(1, out.shape[1], dn * cw, *out.shape[3:])
 
     def _extract_prefix(self, off: int) -> None:
@@ -266,7 +301,7 @@ class StaircaseSampler:
         y, mask = self._captions.y, self._captions.mask
         dt = self.grid.step_size_input(float(self.intervals[0])) if self.distill else None
         call = _Call(x, tuple(range(off)), torch.full((off,), cfg.clean_t, dtype=torch.float32), y[1, :off],
-                     mask[1, :off], kv, self.write_uncond, dt, cached=True)
+                     mask[1, :off], kv, self.write_uncond, dt, cached=True, keep=self.window.prefix_keep)
         self._forward(call, write=True)
 
     # ------------------------------------------------------------------ helpers
