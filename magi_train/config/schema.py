@@ -292,8 +292,9 @@ class TrainerConfig:
     # attention kernels are re-run: their inputs are small, their score matrices large).
     recompute: Recompute = Recompute.none
     recompute_layers: int = 0  # recompute the first N layers of every pipeline stage; 0 = all of them
-    # Transformer Engine fp8 autocast (layer_spec=te): none, or a recipe of magi_train/model/te_spec.py FP8_RECIPES
-    # (delayed | tensorwise | mxfp8 | blockwise).
+    # fp8 training: none, or a recipe of the backend that trainer.fp8_backend picks: Transformer Engine's
+    # (layer_spec=te; magi_train/model/te_spec.py FP8_RECIPES: delayed | tensorwise | mxfp8 | blockwise) or torchao's
+    # (layer_spec=local; magi_train/model/float8.py TORCHAO_RECIPES: tensorwise | rowwise | rowwise_with_gw_hp).
     fp8_recipe: str = "none"
     # Which fp8 implementation runs trainer.fp8_recipe (magi_train/model/float8.py FP8_BACKENDS): te (Transformer
     # Engine's autocast, model.layer_spec=te), torchao (torchao.float8 training linears on model.layer_spec=local:
