@@ -2,11 +2,13 @@
 
 * DiT weights: every parameter in its run-time dtype (model dtype, fp32 promotion list, fp8 linears of
   layers 1..L-2 at one byte plus their scales).
-* KV cache: one `[K | V]` buffer per layer over the whole video's tokens, in the model dtype (model/README.md §2.3);
-  with `kv_offload` it sits in host memory instead of on the GPU.
+* KV cache: one `[K | V]` buffer per layer over the chunks of the attention window, in the model dtype
+  (model/README.md §2.3): `cache_window` of the sampler's own plans (magi_train/diffusion/kv_cache.py), so it
+  does not grow with the video; with `kv_offload` it sits in host memory instead of on the GPU.
 * Activations: the largest DiT call (a full window plus the clean re-forward, or the distill duplicate):
   the residual stream and the widest intermediate (the MLP's fc1 output) of one layer, plus the keys and
-  values the call attends over. Kernels' own workspaces are not counted.
+  values the call attends over where they are not the cache itself (kv_offload or no cache: the window copied
+  to the GPU and concatenated with the call's own). Kernels' own workspaces are not counted.
 * T5-XXL encoder (fp32, 4.76e9 parameters) and the ViT VAE are separate rows: T5 runs on the CPU for the
   released 4.5B configs and on the GPU for 24B.
 
@@ -74,21 +76,39 @@ def tokens(cfg: ModelConfig, height: int, width: int, latent_frames: int) -> int
     return latent_frames // cfg.t_patch_size * (height // 8 // cfg.patch_size) * (width // 8 // cfg.patch_size)
 
 
+def kv_window(cfg: ModelConfig, sampler: SamplerConfig, num_chunks: int, prefix_chunks: int = 0):
+    """The sampler's `CacheWindow` for a generation of `num_chunks` chunks (capacity: chunks per layer)."""
+    from magi_train.diffusion.kv_cache import cache_window
+    from magi_train.diffusion.schedule import staircase
+
+    plans = staircase(num_chunks, sampler.window_size, sampler.num_steps, prefix_chunks,
+                      tuple(sampler.noise2clean_kvrange), sampler.clean_chunk_kvrange)
+    return cache_window(plans, prefix_chunks, duplicate=sampler.cfg_number == 1 and cfg.distill)
+
+
 def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window: int, fp8: bool,
-             released_text_and_vae: bool = True) -> MemoryEstimate:
+             released_text_and_vae: bool = True, sampler: Optional[SamplerConfig] = None,
+             prefix_latents: int = 0) -> MemoryEstimate:
     """Bytes of one generation; guidance passes run one after another, so cfg_number does not change the peak.
-    `released_text_and_vae=False` leaves the t5 and vae fields 0 (counting them imports transformers)."""
+    `released_text_and_vae=False` leaves the t5 and vae fields 0 (counting them imports transformers).
+    `sampler`: the sampler settings (default: the released ones with window_size=`window`); `prefix_latents`:
+    latent frames of a v2v prefix among the video's (a long prefix widens the cache's window)."""
+    sampler = SamplerConfig(window_size=window) if sampler is None else sampler
+    window = sampler.window_size
     itemsize = DTYPES[cfg.params_dtype].itemsize
-    latents = math.ceil(math.ceil(num_frames / 4) / cfg.chunk_width) * cfg.chunk_width
-    video_tokens = tokens(cfg, height, width, latents)
+    chunks = math.ceil(math.ceil(num_frames / 4) / cfg.chunk_width)
     chunk_tokens = tokens(cfg, height, width, cfg.chunk_width)
-    kv = cfg.num_layers * video_tokens * cfg.num_query_groups * 2 * cfg.kv_channels * itemsize
+    per_token = cfg.num_query_groups * 2 * cfg.kv_channels * itemsize  # [K | V] of one token in one layer
+    win = kv_window(cfg, sampler, chunks, min(prefix_latents // cfg.chunk_width, chunks - 1))
+    kv = cfg.num_layers * win.capacity * chunk_tokens * per_token if sampler.kv_cache else 0
     call_tokens = (window + 1) * chunk_tokens  # full window + clean re-forward (or distill duplicate)
     widest = max(cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1), 2 * cfg.num_attention_heads * cfg.kv_channels)
-    # fp32 residual copies in the modulated add, the widest intermediate, q/k/v of the call, keys over
-    # the whole attended range (cache + call).
+    # fp32 residual copies in the modulated add, the widest intermediate, q/k/v of the call.
     act = call_tokens * (4 * cfg.hidden_size * 4 + widest * itemsize + 3 * cfg.num_attention_heads * cfg.kv_channels * itemsize)
-    act += (window + 1 + window) * chunk_tokens * cfg.num_query_groups * 2 * cfg.kv_channels * itemsize
+    if sampler.kv_offload or not sampler.kv_cache:
+        # Keys attended over are a copy there: the window read from the host (or recomputed) + the call's own,
+        # concatenated. On the device the call writes its keys into the cache and attends over it in place.
+        act += (win.max_read + 2 * (window + 1)) * chunk_tokens * per_token
     t5, vae = (4 * t5_xxl_encoder_params(), 2 * vae_params()) if released_text_and_vae else (0, 0)
     return MemoryEstimate(dit_weight_bytes(cfg, fp8), kv, int(act), t5, vae)
 
@@ -155,13 +175,17 @@ def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True)
     mc, s, p, v = runtime_model(cfg), cfg.sampler, cfg.parallel, cfg.video
     cuda = device_type == "cuda"
     frames = cfg.num_frames + ((cfg.prefix_frames or 0) if cfg.mode == "v2v" else 0)
-    est = estimate(mc, v.height, v.width, frames, s.window_size, s.fp8, released_text_and_vae=False)
+    # v2v: the prefix is part of the video the sampler runs over (its latents, rounded down to whole frames).
+    prefix_latents = (cfg.prefix_frames or 0) // TEMPORAL if cfg.mode == "v2v" else 0
+    est = estimate(mc, v.height, v.width, frames, s.window_size, s.fp8, released_text_and_vae=False, sampler=s,
+                   prefix_latents=prefix_latents)
     chunks = math.ceil(math.ceil(frames / TEMPORAL) / mc.chunk_width)
     latent_frames = chunks * mc.chunk_width
     channels = mc.in_channels // (2 if mc.half_channel_vae else 1)
     latent_px = (v.height // SPATIAL) * (v.width // SPATIAL)
     kv_share = p.pp * min(p.tp * p.cp, mc.num_query_groups)  # heads split over tp x cp, replicated past the groups
-    video_tokens = tokens(mc, v.height, v.width, latent_frames)
+    cached_chunks = est.kv_cache // max(1, mc.num_layers * tokens(mc, v.height, v.width, mc.chunk_width) *
+                                        mc.num_query_groups * 2 * mc.kv_channels * DTYPES[mc.params_dtype].itemsize)
     rows = [
         Row(f"DiT weights ({mc.params_dtype}{', fp8 linears' if s.fp8 else ''}; this rank's share of "
             f"tp={p.tp} x pp={p.pp})", est.weights // (p.tp * p.pp), DEVICE, (LOAD, RUN) if not cuda else (RUN,)),
@@ -171,7 +195,8 @@ def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True)
         rows.append(Row("this rank's model, built on the CPU before it moves to the GPU", est.weights // (p.tp * p.pp),
                         HOST, (LOAD,)))
     if s.kv_cache:
-        rows.append(Row(f"KV cache ({mc.params_dtype}, {video_tokens} tokens x {mc.num_layers} layers; this rank's "
+        rows.append(Row(f"KV cache ({mc.params_dtype}, a window of {cached_chunks} of {chunks} chunks x {mc.num_layers} "
+                        f"layers; this rank's "
                         f"share: 1/{kv_share})", est.kv_cache // kv_share, HOST if s.kv_offload else DEVICE, (RUN,)))
     rows += [
         Row(f"activations of the largest DiT call ({s.window_size}-chunk window; 1/{p.tp * p.cp} of it)",
