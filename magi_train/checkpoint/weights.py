@@ -33,7 +33,7 @@ from magi_train.parallel.sharding import shard_state_dict
 # The files of a model-only checkpoint (CheckpointManager.save of {"model": tensors, "trainer": JSON}).
 MODEL_FILE, TRAINER_FILE = "model.safetensors", "trainer.json"
 # Fields that only steer how we run a model, never what its weights are.
-_RUNTIME_ONLY_FIELDS = {"name", "layer_spec", "attention_backend", "init_std", "params_dtype"}
+_RUNTIME_ONLY_FIELDS = {"name", "layer_spec", "attention_backend", "init_std", "params_dtype", "fused_norms"}
 
 
 def _check_model_config(saved: Dict, cfg: ModelConfig, source: Path) -> None:

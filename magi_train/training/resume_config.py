@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # Run-time fields of the model (magi_train/checkpoint/weights.py compares a checkpoint for inference the same way).
-MODEL_RUNTIME_ONLY = ("name", "layer_spec", "attention_backend", "params_dtype", "init_std")
+MODEL_RUNTIME_ONLY = ("name", "layer_spec", "attention_backend", "params_dtype", "init_std", "fused_norms")
 # Data fields that neither pick nor order samples: the per-forward split of the global batch, the loader's
 # processes (streams, not workers, own the data position), the held-out shards. The global batch is compared as
 # the number of samples per step, whichever field sets it.

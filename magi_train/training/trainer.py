@@ -165,11 +165,12 @@ class Trainer:
         With `backward`, the gradients of these micro-batches replace any earlier ones (see `reduce_grads`)."""
         # On the device: no host sync per micro-batch, and the sum is reduced by the device's backend.
         total = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
+        tc = self.cfg.trainer
         if backward:
             self.optimizer.zero_grad(backwards=len(micro))
         if self.schedule is None:
             for inputs, target in micro:
-                with self.timer.phase("forward"), autocast(self.cfg.trainer, self.parallel):
+                with self.timer.phase("forward"), autocast(tc, self.parallel, self.cfg.model.layer_spec):
                     loss = weighted_sq_error(self.stage(*inputs), target)
                 if backward:
                     with self.timer.phase("backward"):
@@ -182,7 +183,7 @@ class Trainer:
         has_first = any(m.pre_process for m in self.models)
         has_last = any(m.post_process for m in self.models)
         losses: List[torch.Tensor] = []
-        with self.timer.phase("forward_backward"), autocast(self.cfg.trainer, self.parallel):
+        with self.timer.phase("forward_backward"), autocast(tc, self.parallel, self.cfg.model.layer_spec):
             self.schedule.step(*(inputs if has_first else ()), target=target if has_last else None,
                                losses=losses if has_last else None)
         for loss in losses:

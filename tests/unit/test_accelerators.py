@@ -7,6 +7,7 @@ kernels run in tests/gpu/test_accelerators_cuda.py."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -322,3 +323,25 @@ def test_build_train_stages_converts_before_drawing_and_sets_the_norms(fake_torc
     assert all(p.device.type == "cpu" for p in model.parameters())
     fused = sys.modules["apex.normalization.fused_layer_norm"].fused_layer_norm_affine
     assert model.videodit_blocks.final_layernorm.fused is fused
+
+
+def test_the_step_enters_te_fp8_autocast_only_for_the_te_backend(monkeypatch):
+    """trainer.fp8_backend=torchao: float8 linears scale their own operands, so the step must not open
+    Transformer Engine's fp8 context (which would fail without TE)."""
+    from dataclasses import replace
+
+    from magi_train.config.schema import TrainerConfig
+    from magi_train.model import te_spec
+    from magi_train.parallel.groups import Parallel
+    from magi_train.training import precision
+
+    opened = []
+    monkeypatch.setattr(te_spec, "fp8_autocast", lambda recipe, group: opened.append(recipe) or contextlib.nullcontext())
+    par = Parallel(groups=types.SimpleNamespace(tp_dp_cp=None), rank=0, world_size=1, device=torch.device("cpu"))
+    tc = TrainerConfig(fp8_recipe="tensorwise")
+    with precision.autocast(replace(tc, fp8_backend="torchao"), par, "local"):
+        pass
+    assert opened == []
+    with precision.autocast(replace(tc, fp8_backend="auto"), par, "te"):
+        pass
+    assert opened == ["tensorwise"]
