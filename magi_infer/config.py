@@ -72,6 +72,13 @@ class GenerateConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: ComputeDType = ComputeDType.auto  # of the DiT: auto = the preset's params_dtype on CUDA, float32 on CPU
     progress: bool = True
+    # torch.compile of the per-step DiT forward (magi_infer/compile.py): none | default | reduce-overhead (CUDA
+    # graphs) | max-autotune | max-autotune-no-cudagraphs. Compiling costs time up front; pays on long videos.
+    compile: str = "none"
+    compile_backend: str = "inductor"  # torch.compile's backend (modes other than default are inductor's)
+    # Decode and write chunk n in a background thread (CUDA: its own stream) while chunk n+1 denoises
+    # (magi_infer/overlap.py). One process only: under model parallelism the decode is a collective and runs in line.
+    overlap_decode: bool = True
 
 
 # ---------------------------------------------------------------------------- Hydra glue and validation
@@ -190,6 +197,12 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
     if c.video.crf is not None and not 0 <= c.video.crf <= 51:
         errors.append(f"video.crf={c.video.crf} must lie in [0, 51] (x264's range; null = x264's default, 23)")
     errors.extend(_check_parallel(c))
+    from magi_infer.compile import COMPILE_MODES
+
+    if c.compile not in COMPILE_MODES:
+        errors.append(f"compile={_show(c.compile)} is not one of {', '.join(COMPILE_MODES)}")
+    elif c.compile not in ("none", "default") and c.compile_backend != "inductor":
+        errors.append(f"compile={c.compile} is a mode of compile_backend=inductor, not of {c.compile_backend}")
     if c.dtype not in choices(ComputeDType):
         errors.append(f"dtype={_show(c.dtype)} is not one of {', '.join(choices(ComputeDType))}")
     if c.text.encoder not in choices(TextEncoder):

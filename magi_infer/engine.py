@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -83,7 +83,10 @@ class InferenceEngine:
         self.null_caption = state["y_embedder.null_caption_embedding"].detach().float().cpu()
         del state
         self.source = source
-        self.sampler = StaircaseSampler(self.model, cfg.sampler)
+        from magi_infer.compile import compiled_forward
+
+        self.sampler = StaircaseSampler(self.model, cfg.sampler,
+                                        forward=compiled_forward(self.model, cfg.compile, cfg.compile_backend))
         # Rank 0 encodes the prompts and broadcasts the caption rows: one T5 in the job, identical captions.
         self.text_encoder = self._build_text_encoder() if self.is_main else None
         self.special_tokens = self._load_special_tokens() if self.is_main else None
@@ -221,6 +224,18 @@ class InferenceEngine:
                                i, count, what, limit, limits)
 
     # ------------------------------------------------------------------ generation
+    @contextmanager
+    def _decoder(self, fn):
+        """`submit(chunk)`: decode and write it on the background worker while sampling goes on
+        (overlap_decode), or right away; leaving the block waits for the last chunk (and raises its failure)."""
+        if not self.cfg.overlap_decode or self.distributed:  # a collective decode must stay in the ranks' order
+            yield fn
+            return
+        from magi_infer.overlap import ChunkWorker
+
+        with ChunkWorker(fn, depth=2) as worker:
+            yield lambda chunk: worker.submit(chunk, chunk.latent)
+
     def generate(self, req: Request, output: Optional[str] = None) -> Result:
         from magi_train.data.video_io import StreamingMp4Writer
 
@@ -255,21 +270,28 @@ class InferenceEngine:
         # Only rank 0 writes; the other ranks take part in the sampling and the decode (a collective).
         output_file = (StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf, overwrite=req.overwrite)
                        if self.is_main else nullcontext())
-        with output_file as writer:
+
+        def decode_and_write(chunk) -> None:  # in order, one chunk at a time (inline or on the worker)
+            nonlocal written, done_chunks
+            latent = chunk.latent
+            if chunk.prefix_frames:
+                lo = chunk.index * cw
+                latent[:, :, :chunk.prefix_frames] = prefix[:, :, lo:lo + chunk.prefix_frames]
+            frames = self.vae.decode_latents(latent)
+            if req.mode == "v2v":
+                frames = frames[chunk.prefix_frames * TEMPORAL:]
+            frames = frames[: req.num_frames - written]
+            if len(frames):
+                if writer is not None:
+                    writer.write(frames.cpu())
+                written += len(frames)
+            done_chunks += 1
+            chunk_times.append(time.perf_counter() - start)
+
+        with output_file as writer, self._decoder(decode_and_write) as submit:
             for chunk in self.sampler.sample(noise, captions, prefix, on_step=on_step):
-                latent = chunk.latent.clone()
-                if chunk.prefix_frames:
-                    lo = chunk.index * cw
-                    latent[:, :, :chunk.prefix_frames] = prefix[:, :, lo:lo + chunk.prefix_frames]
-                frames = self.vae.decode_latents(latent)
-                if req.mode == "v2v":
-                    frames = frames[chunk.prefix_frames * TEMPORAL:]
-                frames = frames[: req.num_frames - written]
-                if len(frames):
-                    if writer is not None:
-                        writer.write(frames.cpu())
-                    written += len(frames)
-                done_chunks += 1
-                chunk_times.append(time.perf_counter() - start)
+                # The sampler's emitted latent is its own copy; cloned again so the decode owns what it edits.
+                chunk = dataclasses.replace(chunk, latent=chunk.latent.clone())
+                submit(chunk)
         bar.close()
         return Result(out_path, written, num_chunks, len(plans), time.perf_counter() - start, chunk_times)
