@@ -39,16 +39,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, iters: int, deadline: float) -> float:
-    """Median seconds of fn() over `iters` runs after one warm-up run; fewer runs once `deadline` passes."""
-    fn()
+def timed(fn: Callable[[], object], device: torch.device, iters: int, deadline: float,
+          setup: Optional[Callable[[], object]] = None) -> float:
+    """Median seconds of fn(setup()) (or fn()) over `iters` runs after one warm-up run; fewer runs once
+    `deadline` passes. `setup` runs untimed before each call (e.g. the forward whose backward is timed)."""
+    call = (lambda: fn(setup())) if setup is not None else fn
+    call()
     synchronize(device)
     times: List[float] = []
     for _ in range(iters):
         if times and time.monotonic() > deadline:
             break
+        arg = setup() if setup is not None else None
+        synchronize(device)
         start = time.perf_counter()
-        fn()
+        fn(arg) if setup is not None else fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
     times.sort()
@@ -113,17 +118,13 @@ def attention(sizes: Sizes, device: torch.device, dtype: torch.dtype, deadline: 
                 out = kernel(q, k, v, ranges)
                 grad = torch.ones_like(out)
 
-                def fwd_bwd():
-                    kernel(q, k, v, ranges).backward(grad)
-
-                both = timed(fwd_bwd, device, sizes.iters, deadline())
-                bwd = both - fwd
-                if bwd > 0:
-                    row["backward_tflops"] = 10 * area * d / bwd / 1e12
-                    row["backward_ms"] = bwd * 1e3
-                    row["status"] = "ok"
-                else:  # the two timings' noise exceeds the backward (seen on a loaded CPU): no figure, not a wrong one
-                    row["status"] = f"ok (backward not resolved: forward+backward {both * 1e3:.2f} ms <= forward)"
+                # The backward alone: its forward runs untimed before each timed backward (a difference of two
+                # medians is noise-dominated on a loaded machine).
+                bwd = timed(lambda o: o.backward(grad), device, sizes.iters, deadline(),
+                            setup=lambda: kernel(q, k, v, ranges))
+                row["backward_tflops"] = 10 * area * d / bwd / 1e12
+                row["backward_ms"] = bwd * 1e3
+                row["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - one kernel failing must not end the benchmark
                 row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
             finally:
