@@ -40,7 +40,8 @@ def compiled_forward(model: torch.nn.Module, mode: str, backend: str = "inductor
             torch.compiler.cudagraph_mark_step_begin()
         # A generation has more distinct calls than dynamo's default of 8 per frame (the window filling up and
         # draining, the duplicate, the unconditional pass), but a bounded number: raised for these calls only.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
+        limits = dict(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=4 * RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(**limits):
             out = compiled(*args, **kw)
         return out.clone() if cudagraphs else out
 

@@ -195,9 +195,9 @@ def generation_rows(cfg: GenerateConfig, device_type: str, is_main: bool = True)
         rows.append(Row("this rank's model, built on the CPU before it moves to the GPU", est.weights // (p.tp * p.pp),
                         HOST, (LOAD,)))
     if s.kv_cache:
-        rows.append(Row(f"KV cache ({mc.params_dtype}, a window of {cached_chunks} of {chunks} chunks x {mc.num_layers} "
-                        f"layers; this rank's "
-                        f"share: 1/{kv_share})", est.kv_cache // kv_share, HOST if s.kv_offload else DEVICE, (RUN,)))
+        rows.append(Row(f"KV cache ({mc.params_dtype}, a window of {cached_chunks} of {chunks} chunks x "
+                        f"{mc.num_layers} layers; this rank's share: 1/{kv_share})", est.kv_cache // kv_share,
+                        HOST if s.kv_offload else DEVICE, (RUN,)))
     rows += [
         Row(f"activations of the largest DiT call ({s.window_size}-chunk window; 1/{p.tp * p.cp} of it)",
             est.activations // (p.tp * p.cp), DEVICE, (RUN,)),

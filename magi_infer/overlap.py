@@ -3,7 +3,8 @@
 The sampler yields a chunk as soon as it is clean; the engine hands it to `ChunkWorker`, whose thread runs the
 VAE decode and the mp4 write of each chunk in order while the main thread goes on with the DiT. The queue is
 bounded (`depth` chunks waiting), so a slow decoder holds back the sampler instead of piling up latents. A failure
-in the worker is raised in the caller (the same exception), at its next `submit` or at `finish`; once failed, the worker drops what is still queued. The result is the sequential one: the same operations on
+in the worker is raised in the caller (the same exception), at its next `submit` or at `finish`; once failed,
+the worker drops what is still queued. The result is the sequential one: the same operations on
 the same tensors, in the same order, only on another thread.
 
 On CUDA the worker runs on its own stream, which first waits for the main stream's work on the latent (an

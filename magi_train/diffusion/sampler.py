@@ -37,7 +37,7 @@ import torch
 
 from magi_train.config.schema import SamplerConfig
 from magi_train.diffusion.guidance import blend_nearly_clean, cfg_scales, combine_cfg3
-from magi_train.diffusion.kv_cache import KVCache, cache_window, call_reach
+from magi_train.diffusion.kv_cache import KVCache, cache_window
 from magi_train.diffusion.schedule import StepPlan, staircase
 from magi_train.diffusion.time_grid import TimeGrid
 from magi_train.model.attention import AttnRanges
@@ -81,7 +81,7 @@ class _Call:
 
 class StaircaseSampler:
     def __init__(self, model: torch.nn.Module, cfg: SamplerConfig, forward: Optional[Callable] = None):
-        """`forward`: what runs the DiT (the model itself, or a compiled wrapper of it: magi_infer/compile.py)."""
+        """`forward`: what runs the DiT (default the model; inference may pass a torch.compile wrapper of it)."""
         self.model = model
         self._dit = model if forward is None else forward
         self.cfg = cfg
