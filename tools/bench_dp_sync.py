@@ -9,7 +9,8 @@ together, divided by the number of ranks; the analytic minimum of a ZeRO step is
 parameter bytes (a ring reduce-scatter plus all-gather). Needs Linux and the ranks alone on `lo`.
 Overlap: each bucket's reduction is timed from its launch (inside a backward hook) to its completion (the
 process group's future callback); the hidden share is the part of those intervals that lies before backward
-ends, over their total. The ranks share the machine's cores, so compute and communication compete for them.
+ends, over their total. The last step is also run under torch.profiler, and the same share is computed from its
+timeline: the `gloo:reduce` events of gloo's worker thread against the backward's `record_function` range. The ranks share the machine's cores, so compute and communication compete for them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def _hidden_share(timeline, backward_end: float) -> float:
     return hidden / total if total > 0 else float("nan")
 
 
+def _profiled_share(prof) -> float:
+    """Hidden share from a torch.profiler timeline (microseconds): gloo's reduce events inside backward."""
+    events = list(prof.events())
+    backward = [e.time_range for e in events if e.name == "magi.backward"]
+    comm = [e.time_range for e in events if e.name == "gloo:reduce"]
+    if not backward or not comm:
+        return float("nan")
+    end = backward[0].end
+    total = sum(r.end - r.start for r in comm)
+    hidden = sum(max(0.0, min(r.end, end) - r.start) for r in comm)
+    return hidden / total if total > 0 else float("nan")
+
+
 def _rank(rank: int, world: int, port: int, scheme: str, steps: int, layers: int, hidden: int, out_dir: str, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -86,13 +100,21 @@ def _rank(rank: int, world: int, port: int, scheme: str, steps: int, layers: int
             opt.sync.timeline.clear()
         loss = weighted_sq_error(trainer.stage(*inputs), target)
         dist.barrier()
+        profiled = step == steps and not legacy
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
+        if prof is not None:
+            prof.__enter__()
         lo0, t0 = _lo_bytes(), time.perf_counter()
-        loss.backward()
+        with torch.profiler.record_function("magi.backward"):
+            loss.backward()
         backward_end = time.perf_counter()
         if legacy:
             finalize_model_grads(trainer.models, par.groups.dp_cp)  # one all-reduce of every gradient
         else:
             trainer.reduce_grads()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            profiler_share = _profiled_share(prof)
         opt.step()
         done = time.perf_counter()
         dist.barrier()
@@ -103,7 +125,7 @@ def _rank(rank: int, world: int, port: int, scheme: str, steps: int, layers: int
             if not legacy:
                 shares.append(_hidden_share(opt.sync.timeline, backward_end))
     results[rank] = {"numel": numel, "wire": wire, "shares": shares, "times": times,
-                     "buckets": len(opt.buckets)}
+                     "buckets": len(opt.buckets), "profiler_share": None if legacy else profiler_share}
     dist.destroy_process_group()
 
 
@@ -131,6 +153,7 @@ def run(scheme: str, world: int, steps: int, layers: int, hidden: int) -> dict:
            "sync_step_s": statistics.median(t for r in per_rank for t in r["times"])}
     if per_rank[0]["shares"]:
         out["hidden_share"] = statistics.median(s for r in per_rank for s in r["shares"])
+        out["hidden_share_profiler"] = statistics.mean(r["profiler_share"] for r in per_rank)
     return out
 
 
@@ -143,10 +166,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     rows = [run(s, args.ranks, args.steps, args.layers, args.hidden) for s in SCHEMES]
-    print(f"| scheme | ranks | params | buckets | bytes/rank/step | x minimum | hidden behind backward | backward+sync+step s |")
+    print("| scheme | ranks | params | buckets | bytes/rank/step | x minimum | hidden behind backward "
+          "(callbacks / profiler) | backward+sync+step s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        share = f"{r['hidden_share']:.0%}" if "hidden_share" in r else "-"
+        share = f"{r['hidden_share']:.0%} / {r['hidden_share_profiler']:.0%}" if "hidden_share" in r else "-"
         print(f"| {r['scheme']} | {r['ranks']} | {r['parameters']:,} | {r['buckets']} | {r['bytes_per_rank'] / 2**20:.1f} MiB "
               f"| {r['ratio_to_minimum']:.2f} | {share} | {r['sync_step_s']:.3f} |")
     if args.json:
