@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-SCHEMES = ("bucketed_overlap", "bucketed_after_backward", "allreduce_then_broadcast")
+SCHEMES = ("bucketed_overlap", "bucketed_after_backward", "allreduce_then_broadcast", "megatron_ddp")
 
 
 def _lo_bytes() -> int:
@@ -62,11 +62,11 @@ def _hidden_share(timeline, backward_end: float) -> float:
     return hidden / total if total > 0 else float("nan")
 
 
-def _profiled_share(prof) -> float:
+def _profiled_share(prof, comm_prefix: str = "gloo:reduce") -> float:
     """Hidden share from a torch.profiler timeline (microseconds): gloo's reduce events inside backward."""
     events = list(prof.events())
     backward = [e.time_range for e in events if e.name == "magi.backward"]
-    comm = [e.time_range for e in events if e.name == "gloo:reduce"]
+    comm = [e.time_range for e in events if e.name.startswith(comm_prefix) and e.name != "gloo:barrier"]
     if not backward or not comm:
         return float("nan")
     end = backward[0].end
@@ -115,17 +115,71 @@ def _rank(rank: int, world: int, port: int, scheme: str, steps: int, layers: int
         if prof is not None:
             prof.__exit__(None, None, None)
             profiler_share = _profiled_share(prof)
+        dist.barrier()
+        lo_mid = _lo_bytes()
         opt.step()
         done = time.perf_counter()
         dist.barrier()
         lo1 = _lo_bytes()
         if step:
             times.append(done - t0)
-            wire.append(lo1 - lo0)
+            wire.append((lo_mid - lo0, lo1 - lo0))
             if not legacy:
                 shares.append(_hidden_share(opt.sync.timeline, backward_end))
     results[rank] = {"numel": numel, "wire": wire, "shares": shares, "times": times,
                      "buckets": len(opt.buckets), "profiler_share": None if legacy else profiler_share}
+    dist.destroy_process_group()
+
+
+def _megatron_rank(rank: int, world: int, port: int, steps: int, layers: int, hidden: int, out_dir: str, results):
+    """megatron-core's DistributedDataParallel (distributed-optimizer gradient path, overlap) around the same
+    VideoDiT. Only its gradient sync is measured: its parameter all-gather lives in megatron's optimizer, which
+    needs a CUDA-to-CPU TorchFunctionMode on this machine (../shared/reference/megatron-core-on-cpu.md §5)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # The reference's one-line patch: DDP allocates its buffers on torch.cuda.current_device().
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training.trainer import Trainer, weighted_sq_error
+
+    par = init_parallel(ParallelConfig())
+    parallel_state.initialize_model_parallel()  # megatron's DDP takes its data-parallel group from here
+    trainer = Trainer(_config(f"{out_dir}/megatron", "bucketed_after_backward", layers, hidden), par)
+    trainer.optimizer.detach_grad_hooks()
+    model = trainer.models[0]
+    numel = sum(p.numel() for p in model.parameters())
+    # Per-token loss: the gradients are summed, not averaged over ranks, as ours are. The bucket size is ours.
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=1, calculate_per_token_loss=True)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_grad_reduce=True, grad_reduce_in_fp32=True,
+        bucket_size=max(1, numel // (4 * world))), model)
+    shares, wire, times = [], [], []
+    for step in range(steps + 1):
+        (inputs, target), = trainer.step_micro_batches(step)
+        ddp.zero_grad_buffer()
+        loss = weighted_sq_error(trainer.stage(*inputs), target)
+        dist.barrier()
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        prof.__enter__()
+        lo0, t0 = _lo_bytes(), time.perf_counter()
+        with torch.profiler.record_function("magi.backward"):
+            loss.backward()
+        ddp.finish_grad_sync()
+        done = time.perf_counter()
+        prof.__exit__(None, None, None)
+        dist.barrier()
+        lo1 = _lo_bytes()
+        if step:
+            times.append(done - t0)
+            wire.append((lo1 - lo0, None))
+            shares.append(_profiled_share(prof, comm_prefix="gloo:"))
+    results[rank] = {"numel": numel, "wire": wire, "shares": [], "times": times, "buckets": len(ddp.buffers[0].buckets),
+                     "profiler_share": statistics.median(shares)}
     dist.destroy_process_group()
 
 
@@ -136,8 +190,12 @@ def run(scheme: str, world: int, steps: int, layers: int, hidden: int) -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir, ctx.Manager() as manager:
         results = manager.dict()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, scheme, steps, layers, hidden, out_dir, results))
-                 for r in range(world)]
+        if scheme == "megatron_ddp":
+            procs = [ctx.Process(target=_megatron_rank, args=(r, world, port, steps, layers, hidden, out_dir, results))
+                     for r in range(world)]
+        else:
+            procs = [ctx.Process(target=_rank, args=(r, world, port, scheme, steps, layers, hidden, out_dir, results))
+                     for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -147,12 +205,18 @@ def run(scheme: str, world: int, steps: int, layers: int, hidden: int) -> dict:
         per_rank = [results[r] for r in range(world)]
     numel = per_rank[0]["numel"]
     minimum = 2 * (world - 1) / world * numel * 4  # fp32 gradients reduce-scattered + fp32 parameters gathered
-    wire = statistics.median(per_rank[0]["wire"]) / world  # every rank's traffic crosses lo once
+    # Every rank's traffic crosses lo once: the gradient sync's bytes, and the whole step's (None: not measured).
+    grad_wire = statistics.median(w[0] for w in per_rank[0]["wire"]) / world
+    totals = [w[1] for w in per_rank[0]["wire"] if w[1] is not None]
+    wire = statistics.median(totals) / world if totals else None
     out = {"scheme": scheme, "ranks": world, "parameters": numel, "buckets": per_rank[0]["buckets"],
-           "bytes_per_rank": wire, "analytic_minimum": minimum, "ratio_to_minimum": wire / minimum,
+           "grad_bytes_per_rank": grad_wire, "grad_ratio_to_minimum": grad_wire / (minimum / 2),
+           "bytes_per_rank": wire, "analytic_minimum": minimum,
+           "ratio_to_minimum": wire / minimum if wire is not None else None,
            "sync_step_s": statistics.median(t for r in per_rank for t in r["times"])}
     if per_rank[0]["shares"]:
         out["hidden_share"] = statistics.median(s for r in per_rank for s in r["shares"])
+    if per_rank[0]["profiler_share"] is not None:
         out["hidden_share_profiler"] = statistics.mean(r["profiler_share"] for r in per_rank)
     return out
 
@@ -166,13 +230,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     rows = [run(s, args.ranks, args.steps, args.layers, args.hidden) for s in SCHEMES]
-    print("| scheme | ranks | params | buckets | bytes/rank/step | x minimum | hidden behind backward "
-          "(callbacks / profiler) | backward+sync+step s |")
+    print("| scheme | ranks | params | buckets | gradient sync bytes/rank vs reduce-scatter minimum | step bytes/rank vs "
+          "minimum | hidden behind backward (callbacks / profiler) | backward+sync(+step) s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        share = f"{r['hidden_share']:.0%} / {r['hidden_share_profiler']:.0%}" if "hidden_share" in r else "-"
-        print(f"| {r['scheme']} | {r['ranks']} | {r['parameters']:,} | {r['buckets']} | {r['bytes_per_rank'] / 2**20:.1f} MiB "
-              f"| {r['ratio_to_minimum']:.2f} | {share} | {r['sync_step_s']:.3f} |")
+        cb = f"{r['hidden_share']:.0%}" if "hidden_share" in r else "-"
+        pr = f"{r['hidden_share_profiler']:.0%}" if "hidden_share_profiler" in r else "-"
+        step = (f"{r['bytes_per_rank'] / 2**20:.1f} MiB, {r['ratio_to_minimum']:.2f}x" if r["bytes_per_rank"] is not None
+                else "not measured")
+        print(f"| {r['scheme']} | {r['ranks']} | {r['parameters']:,} | {r['buckets']} | "
+              f"{r['grad_bytes_per_rank'] / 2**20:.1f} MiB, {r['grad_ratio_to_minimum']:.2f}x | {step} | {cb} / {pr} "
+              f"| {r['sync_step_s']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
