@@ -84,3 +84,13 @@ __all__ = ["ColumnParallelLinear", "HyperCommGrid", "ModelParallelConfig", "Proc
            "gather_from_sequence_parallel_region",
            "linear_with_grad_accumulation_and_async_allreduce", "reduce_from_tensor_model_parallel_region",
            "reduce_scatter_to_sequence_parallel_region"]
+
+
+def megatron_ddp():
+    """megatron-core's DistributedDataParallel, its config, TransformerConfig and parallel_state, imported when
+    asked for: only tools/bench_dp_sync.py uses them, to measure megatron's gradient sync beside ours."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return parallel_state, DistributedDataParallel, DistributedDataParallelConfig, TransformerConfig

@@ -139,14 +139,12 @@ def _megatron_rank(rank: int, world: int, port: int, steps: int, layers: int, hi
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     # The reference's one-line patch: DDP allocates its buffers on torch.cuda.current_device().
     torch.cuda.current_device = lambda: torch.device("cpu")
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from magi_train.config.schema import ParallelConfig
+    from magi_train.mcore import megatron_ddp
     from magi_train.parallel.groups import init_parallel
     from magi_train.training.trainer import Trainer, weighted_sq_error
 
+    parallel_state, DistributedDataParallel, DistributedDataParallelConfig, TransformerConfig = megatron_ddp()
     par = init_parallel(ParallelConfig())
     parallel_state.initialize_model_parallel()  # megatron's DDP takes its data-parallel group from here
     trainer = Trainer(_config(f"{out_dir}/megatron", "bucketed_after_backward", layers, hidden), par)
