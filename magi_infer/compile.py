@@ -15,8 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-# torch.compile's modes ("default" = its default); "none" runs the model eagerly.
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from magi_train.model.compile import COMPILE_MODES as TRAIN_COMPILE_MODES
+
+# torch.compile's modes, as trainer.compile_mode takes them; "none" runs the model eagerly.
+COMPILE_MODES = ("none", *TRAIN_COMPILE_MODES)
 RECOMPILE_LIMIT = 64  # compiled variants per function during a generation (see `forward`)
 
 
