@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned, so that nothing resolves a CUDA build of it.
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	# .[test] includes the t5 (text encoder) and serve (HTTP server) extras.
 	$(PY) -m pip install -q -e '.[test]'
 	@$(PY) -c "import importlib.util,sys; sys.exit('transformer_engine must not be installed on a CPU machine' if importlib.util.find_spec('transformer_engine') and not __import__('torch').cuda.is_available() else 0)"
 	touch $(STAMP)
