@@ -36,6 +36,7 @@ from omegaconf import DictConfig  # noqa: E402
 from magi_infer.config import register_generate_config, to_generate_config  # noqa: E402
 from magi_infer.engine import InferenceEngine, Request  # noqa: E402
 from magi_infer.preflight import preflight  # noqa: E402
+from magi_train.config.paths import config_dir  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def run(cfg: DictConfig):
 register_generate_config()
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

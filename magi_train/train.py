@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from magi_train.config import register_configs, to_train_config  # noqa: E402
+from magi_train.config import config_dir, register_configs, to_train_config  # noqa: E402
 from magi_train.observability.loss_curve import summarize  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
 from magi_train.training.trainer import Trainer  # noqa: E402
@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

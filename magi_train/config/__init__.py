@@ -5,7 +5,7 @@ Usage from an entry point::
 
     register_configs()                      # before @hydra.main / hydra.compose runs
 
-    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
         train_cfg = to_train_config(cfg)    # typed TrainConfig, validated, or ConfigError
 
@@ -27,6 +27,7 @@ from magi_train.config.compose import (
     model_preset_names,
     to_typed,
 )
+from magi_train.config.paths import config_dir
 from magi_train.config.schema import (
     DataConfig,
     DiffusionConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "TrainerConfig",
     "WandbConfig",
     "compose",
+    "config_dir",
     "config_to_dict",
     "load_model_preset",
     "model_preset_names",

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from magi_train.config.paths import config_dir
 from magi_train.config.schema import ModelConfig
 from magi_train.config.validate import ConfigError, validate_model
 
-# The repository's Hydra configs; entry points name the same folder (`config_path="../conf"`).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The Hydra configs (conf/ in a clone, magi_conf/ installed); entry points name the same folder.
+CONF_DIR = config_dir()
 
 T = TypeVar("T")
 
