@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -126,6 +126,11 @@ class StreamingMp4Writer:
     frame is encoded as soon as it is written. With `low_latency=False` the encoder runs with x264's defaults,
     as in the released code, but buffers dozens of frames (lookahead and frame threads) before emitting
     any, so the preview trails generation by a chunk or more. `crf=None` keeps x264's default quality, crf 23.
+
+    `on_bytes`, when given, is called (on the writing thread) with every piece of the file right after it is
+    written, in file order: a server streams the video from it as it is made. The muxer then gets a file it
+    cannot seek, so it can only append and the pieces concatenated are exactly the file's bytes (with these
+    movflags FFmpeg never seeks anyway; the seekable and unseekable files are byte-identical).
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class StreamingMp4Writer:
         *,
         low_latency: bool = True,
         overwrite: bool = False,
+        on_bytes: Callable[[bytes], None] | None = None,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(
@@ -176,7 +182,7 @@ class StreamingMp4Writer:
             # flush_packets pushes each fragment out of FFmpeg's I/O buffer as soon as it is complete instead of
             # when 32 KiB have piled up.
             self._container = av.open(
-                self._file,
+                self._file if on_bytes is None else _TeeFile(self._file, on_bytes),
                 mode="w",
                 format=CONTAINERS[self.path.suffix.lower()],
                 container_options={"movflags": _MOVFLAGS, "flush_packets": "1"},
@@ -282,6 +288,22 @@ class StreamingMp4Writer:
             self.abort()
         except Exception:  # the original error matters more than a failure to tidy up after it
             logger.exception("could not finish %s after an error", self.partial_path)
+
+
+class _TeeFile:
+    """Write-only, unseekable view of a file that hands every written piece to `on_bytes` too (see
+    StreamingMp4Writer). Without seek/tell PyAV tells FFmpeg the output is a stream."""
+
+    def __init__(self, file, on_bytes: Callable[[bytes], None]) -> None:
+        self._file, self._on_bytes = file, on_bytes
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        view = memoryview(data)
+        while view:  # an unbuffered file may take less than asked; FFmpeg would not retry
+            view = view[self._file.write(view):]
+        self._on_bytes(data)
+        return len(data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
