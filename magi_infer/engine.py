@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from magi_train.parallel.comm import broadcast_tensor
 from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
 from magi_infer.preflight import PreflightError, engine_device, preflight, request_problems
+from magi_infer.live import collapse, expand
 from magi_infer.request import Request
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
 from magi_train.checkpoint.weights import load_weights
@@ -54,6 +56,7 @@ class Result:
     model_calls: int
     seconds: float
     chunk_seconds: List[float] = field(default_factory=list)  # time from start to each chunk's frames on disk
+    prompts: List[str] = field(default_factory=list)  # the prompt of each generated chunk (after live updates)
 
 
 class InferenceEngine:
@@ -173,14 +176,21 @@ class InferenceEngine:
         v = self.cfg.video
         if req.mode == "t2v":
             return None
+        from magi_infer.inputs import as_uint8_frames, is_path, resize_frames
+
         if req.mode == "i2v":
-            if not req.image:
+            if req.image is None or (is_path(req.image) and not str(req.image)):
                 raise ValueError("mode=i2v needs image=PATH")
-            frames = read_image(req.image, v.height, v.width)
+            frames = read_image(req.image, v.height, v.width) if is_path(req.image) else \
+                resize_frames(as_uint8_frames(req.image, "image", 3)[None], v.height, v.width)
         else:
-            if not req.prefix_video:
+            if req.prefix_video is None or (is_path(req.prefix_video) and not str(req.prefix_video)):
                 raise ValueError("mode=v2v needs prefix_video=PATH")
-            frames = read_video(req.prefix_video, v.fps, v.height, v.width, max_frames=req.prefix_frames)
+            if is_path(req.prefix_video):
+                frames = read_video(req.prefix_video, v.fps, v.height, v.width, max_frames=req.prefix_frames)
+            else:
+                frames = resize_frames(as_uint8_frames(req.prefix_video, "prefix_video", 4)[:req.prefix_frames],
+                                       v.height, v.width)
             usable = frames.shape[0] // TEMPORAL * TEMPORAL
             if usable == 0:
                 raise ValueError(f"prefix_video={req.prefix_video} has {frames.shape[0]} frames at {v.fps} fps; "
@@ -236,13 +246,28 @@ class InferenceEngine:
         with ChunkWorker(fn, depth=2) as worker:
             yield lambda chunk: worker.submit(chunk, chunk.latent)
 
-    def generate(self, req: Request, output: Optional[str] = None) -> Result:
-        from magi_train.data.video_io import StreamingMp4Writer
+    def _sampler_for(self, num_steps: Optional[int]) -> StaircaseSampler:
+        """The sampler of the config, or one with another number of steps per chunk (built once per count)."""
+        if num_steps is None or num_steps == self.cfg.sampler.num_steps:
+            return self.sampler
+        samplers = self.__dict__.setdefault("_samplers", {})
+        if num_steps not in samplers:
+            from magi_infer.config import validate_generate
 
-        errors = request_problems(self.cfg, req, self.is_main, output)  # before any sampling
+            cfg = dataclasses.replace(self.cfg, sampler=dataclasses.replace(self.cfg.sampler, num_steps=num_steps))
+            validate_generate(cfg)  # steps must fit the window and the kv ranges
+            samplers[num_steps] = StaircaseSampler(self.model, cfg.sampler, forward=self.sampler._dit)
+        return samplers[num_steps]
+
+    def _start(self, req: Request, output: Optional[str], check_output: bool) -> _Run:
+        """Check the request, then everything the sampling loop needs (prefix latents, captions, noise, plans)."""
+        if req.num_steps is not None and (not isinstance(req.num_steps, int) or req.num_steps < 1):
+            raise PreflightError(f"cannot generate:\n  num_steps={req.num_steps!r} must be a positive integer")
+        errors = request_problems(self.cfg, req, self.is_main and check_output, output)  # before any sampling
         if errors:
             raise PreflightError("cannot generate:\n  " + "\n  ".join(errors))
         start = time.perf_counter()
+        sampler = self._sampler_for(req.num_steps)
         cw = self.cfg.model.chunk_width
         h, w = self._latent_size()
         prefix = self._prefix(req)
@@ -251,47 +276,172 @@ class InferenceEngine:
         # i2v: the image latent is latent frame 0 of the output; v2v: the output follows the prefix.
         total_latents = new_latents if req.mode == "i2v" else P + new_latents
         num_chunks = math.ceil(total_latents / cw)
-        captions = self._captions(req.prompts, num_chunks, P // cw)
-        gen = torch.Generator(device="cpu").manual_seed(req.seed)  # CPU stream: same noise on any device
+        off = P // cw
+        prompts = expand(list(req.prompts), num_chunks - off)
+        captions = self._captions(collapse(prompts), num_chunks, off)
+        if req.generator is not None:
+            gen = req.generator
+            if gen.device.type != "cpu":
+                raise ValueError(f"generator must be a CPU torch.Generator (the noise is drawn on the CPU so that any "
+                                 f"device gives the same video), got one on {gen.device}")
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(req.seed)  # CPU stream: same noise on any device
         channels = self.cfg.model.in_channels // (2 if self.cfg.model.half_channel_vae else 1)
         noise = torch.randn(1, channels, num_chunks * cw, h, w, generator=gen).to(self.device)
+        return _Run(req, sampler, prefix, P, off, num_chunks, captions, noise, sampler.plans(num_chunks, off),
+                    prompts, start)
 
-        plans = self.sampler.plans(num_chunks, P // cw)
-        out_path = Path(output or req.output)
-        v = self.cfg.video
-        written, chunk_times = 0, []
-        bar = tqdm(total=len(plans), unit="step", disable=not (self.cfg.progress and self.is_main), desc="generating")
-        done_chunks = 0
+    def _steps(self, run: _Run, live, callback, cancel) -> Iterator:
+        """The sampler's emitted chunks (prefix pasted), with live prompts, progress and cancellation after
+        every step. Under several ranks, rank 0 decides (live prompt, cancel) and broadcasts the decision."""
+        from magi_infer.live import collapse
+
+        plans, off = run.plans, run.off
+        first_step = {}  # absolute chunk -> the step at which it first denoises
+        for plan in plans:
+            for c in plan.chunks:
+                first_step.setdefault(c, plan.step)
+        watch = live is not None or cancel is not None
+
+        def started_after(step: int) -> int:  # generated chunks that have started once `step` has run
+            return sum(1 for c, s in first_step.items() if s <= step)
+
+        def poll(step: int) -> None:
+            """Between step `step` and the next: apply a live prompt, honour a cancel."""
+            flag, prompt = 0, None
+            if self.is_main:
+                if cancel is not None and cancel.is_set():
+                    flag = 2
+                elif live is not None:
+                    prompt = live.take()
+                    flag = 1 if prompt is not None else 0
+            if self.distributed and watch:
+                flag = int(broadcast_tensor(torch.tensor([flag]) if self.is_main else None, self.parallel.groups.mp,
+                                            0, self.device).item())
+            if flag == 2:
+                raise Cancelled(f"generation cancelled after sampler step {step + 1} of {len(plans)}")
+            k = started_after(step)  # the first generated chunk that has not started
+            if flag == 1 and k < len(run.prompts):
+                run.prompts[k:] = [prompt] * (len(run.prompts) - k)
+                fresh = self._captions(collapse(run.prompts), run.num_chunks, off)
+                lo = off + k
+                run.captions.y[:, lo:] = fresh.y[:, lo:]
+                run.captions.mask[:, lo:] = fresh.mask[:, lo:]
+                if live is not None:
+                    live.mark_applied(k, prompt)
+            elif flag == 1 and live is not None:
+                logger.info("live prompt %r came after the last chunk started; it conditions nothing", prompt)
+            if live is not None:
+                live.mark_started(min(started_after(step + 1), len(run.prompts)) - 1)
+
+        bar = tqdm(total=len(plans), unit="step", desc="generating",
+                   disable=not (self.cfg.progress and self.is_main and sys.stderr.isatty()))
 
         def on_step(plan) -> None:
             bar.update(1)
-            bar.set_postfix(chunks=f"{done_chunks}/{num_chunks - P // cw}")
+            if callback is not None:
+                callback(plan.step + 1, len(plans))
+            if watch:
+                poll(plan.step)
 
+        if watch:
+            poll(-1)  # a prompt set before the first step conditions the first chunk
+        try:
+            for chunk in run.sampler.sample(run.noise, run.captions, run.prefix, on_step=on_step):
+                # The sampler's emitted latent is its own copy; cloned again so the decode owns what it edits.
+                latent = chunk.latent.clone()
+                if chunk.prefix_frames:
+                    lo = chunk.index * self.cfg.model.chunk_width
+                    latent[:, :, :chunk.prefix_frames] = run.prefix[:, :, lo:lo + chunk.prefix_frames]
+                yield dataclasses.replace(chunk, latent=latent)
+        finally:
+            bar.close()
+
+    def _frames(self, run: _Run, chunk) -> torch.Tensor:
+        """The new output frames of an emitted chunk: uint8 (t, H, W, 3), t >= 0 (the request's frame count is kept)."""
+        frames = self.vae.decode_latents(chunk.latent)
+        if run.req.mode == "v2v":
+            frames = frames[chunk.prefix_frames * TEMPORAL:]
+        frames = frames[: run.req.num_frames - run.written]
+        run.written += len(frames)
+        return frames
+
+    def chunks(self, req: Request, live=None, callback: Optional[Callable[[int, int], None]] = None,
+               cancel=None) -> Iterator[ChunkFrames]:
+        """Each generated chunk's decoded frames as soon as it is clean (nothing is written).
+
+        `live`: a `magi_infer.live.LivePrompts`; `callback(step, total)` after every sampler step; `cancel`: a
+        threading.Event checked after every step (raises `Cancelled`). Under several ranks every rank calls this
+        with the same request, and passes live / cancel on all ranks or on none."""
+        run = self._start(req, None, check_output=False)
+        for chunk in self._steps(run, live, callback, cancel):
+            frames = self._frames(run, chunk)
+            g = chunk.index - run.off
+            yield ChunkFrames(g, frames.cpu(), chunk.latent, run.prompts[g], run.num_chunks - run.off,
+                              time.perf_counter() - run.start)
+
+    def open_writer(self, req: Request, output: Optional[str] = None, **options):
+        """The mp4 writer of `req`'s output (a fragmented mp4 under a temporary name until complete)."""
+        from magi_train.data.video_io import StreamingMp4Writer
+
+        v = self.cfg.video
+        return StreamingMp4Writer(Path(output or req.output), v.width, v.height, v.fps, crf=v.crf,
+                                  overwrite=req.overwrite, **options)
+
+    def generate(self, req: Request, output: Optional[str] = None, live=None,
+                 callback: Optional[Callable[[int, int], None]] = None, cancel=None,
+                 tap: Optional[Callable[[ChunkFrames], None]] = None) -> Result:
+        """Generate `req` and write it to `output` (default req.output), chunk by chunk; see `chunks` for the rest.
+        `tap(chunk)`: each chunk's frames as they are written (on the decode worker with overlap_decode)."""
+        run = self._start(req, output, check_output=True)
+        out_path = Path(output or req.output)
+        chunk_times: List[float] = []
         # Only rank 0 writes; the other ranks take part in the sampling and the decode (a collective).
-        output_file = (StreamingMp4Writer(out_path, v.width, v.height, v.fps, crf=v.crf, overwrite=req.overwrite)
-                       if self.is_main else nullcontext())
+        output_file = self.open_writer(req, output) if self.is_main else nullcontext()
 
         def decode_and_write(chunk) -> None:  # in order, one chunk at a time (inline or on the worker)
-            nonlocal written, done_chunks
-            latent = chunk.latent
-            if chunk.prefix_frames:
-                lo = chunk.index * cw
-                latent[:, :, :chunk.prefix_frames] = prefix[:, :, lo:lo + chunk.prefix_frames]
-            frames = self.vae.decode_latents(latent)
-            if req.mode == "v2v":
-                frames = frames[chunk.prefix_frames * TEMPORAL:]
-            frames = frames[: req.num_frames - written]
-            if len(frames):
-                if writer is not None:
-                    writer.write(frames.cpu())
-                written += len(frames)
-            done_chunks += 1
-            chunk_times.append(time.perf_counter() - start)
+            frames = self._frames(run, chunk).cpu()
+            if len(frames) and writer is not None:
+                writer.write(frames)
+            chunk_times.append(time.perf_counter() - run.start)
+            if tap is not None:
+                g = chunk.index - run.off
+                tap(ChunkFrames(g, frames, chunk.latent, run.prompts[g], run.num_chunks - run.off, chunk_times[-1]))
 
         with output_file as writer, self._decoder(decode_and_write) as submit:
-            for chunk in self.sampler.sample(noise, captions, prefix, on_step=on_step):
-                # The sampler's emitted latent is its own copy; cloned again so the decode owns what it edits.
-                chunk = dataclasses.replace(chunk, latent=chunk.latent.clone())
+            for chunk in self._steps(run, live, callback, cancel):
                 submit(chunk)
-        bar.close()
-        return Result(out_path, written, num_chunks, len(plans), time.perf_counter() - start, chunk_times)
+        return Result(out_path, run.written, run.num_chunks, len(run.plans), time.perf_counter() - run.start,
+                      chunk_times, list(run.prompts))
+
+
+class Cancelled(RuntimeError):
+    """A generation stopped by its `cancel` event (between two sampler steps)."""
+
+
+@dataclass
+class ChunkFrames:
+    index: int  # generated chunk, 0-based in output order
+    frames: torch.Tensor  # uint8 (t, H, W, 3) on the CPU: this chunk's new output frames
+    latent: torch.Tensor  # (1, C, chunk_width, H, W) fp32, the clean chunk (prefix frames pasted)
+    prompt: str
+    num_chunks: int  # generated chunks in the request
+    seconds: float  # since the request started
+
+
+@dataclass
+class _Run:
+    """One generation in progress: what `_start` prepared, and the frames written so far."""
+
+    req: Request
+    sampler: StaircaseSampler
+    prefix: Optional[torch.Tensor]
+    P: int  # prefix latent frames
+    off: int  # chunks entirely inside the prefix (never denoised nor emitted)
+    num_chunks: int
+    captions: Captions
+    noise: torch.Tensor
+    plans: list
+    prompts: List[str]  # per generated chunk (live updates change the tail)
+    start: float
+    written: int = 0

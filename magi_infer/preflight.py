@@ -196,7 +196,24 @@ def _conditioning(cfg: GenerateConfig, req: Request, is_main: bool) -> tuple[int
     """(latent frames of the clean prefix, errors) for the i2v image or v2v prefix video."""
     from magi_train.data.video_io import probe_video, read_image
 
+    from magi_infer.inputs import as_uint8_frames, is_path
+
     v = cfg.video
+    if req.mode == "i2v" and req.image is not None and not is_path(req.image):
+        try:
+            as_uint8_frames(req.image, "image", 3)
+        except ValueError as e:
+            return 0, [str(e)]
+        return 1, []
+    if req.mode == "v2v" and req.prefix_video is not None and not is_path(req.prefix_video):
+        try:
+            frames = as_uint8_frames(req.prefix_video, "prefix_video", 4)
+        except ValueError as e:
+            return 0, [str(e)]
+        usable = min(len(frames), req.prefix_frames or len(frames)) // TEMPORAL * TEMPORAL
+        if usable == 0:
+            return 0, [f"prefix_video has {len(frames)} frames; v2v needs at least {TEMPORAL}"]
+        return usable // TEMPORAL, []
     if req.mode == "i2v":
         if not req.image:
             return 0, ["mode=i2v needs image=PATH"]

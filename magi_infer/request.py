@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from magi_infer.config import GenerateConfig
 
@@ -14,12 +14,16 @@ class Request:
     mode: str = "t2v"
     num_frames: int = 96
     seed: int = 1234
-    image: Optional[str] = None
-    prefix_video: Optional[str] = None
+    # A path, or frames already in memory: uint8 (H, W, 3) for the image, (T, H, W, 3) for the prefix video (at
+    # video.fps); either is resized to the video size as a file would be.
+    image: Any = None
+    prefix_video: Any = None
     prefix_frames: Optional[int] = None
     output: str = "out.mp4"
     overwrite: bool = False  # replace an existing output file
     allow_empty_prompt: bool = False  # empty prompts (unconditional generation) are meant
+    num_steps: Optional[int] = None  # sampler steps per chunk; None = sampler.num_steps of the config
+    generator: Any = None  # a CPU torch.Generator for the noise, instead of `seed`
 
     @staticmethod
     def from_config(cfg: GenerateConfig) -> "Request":
