@@ -96,6 +96,19 @@ def runtime_model(c: GenerateConfig):
     return c.model if c.dtype == "auto" else dataclasses.replace(c.model, params_dtype=c.dtype)
 
 
+def summary(c: GenerateConfig, source: str, device, parallel=None) -> str:
+    """The resolved configuration in a few lines: what the CLI prints once at start-up (rank 0)."""
+    s, v, m = c.sampler, c.video, c.model
+    layout = "" if parallel is None else f", parallel tp{parallel.tp} cp{parallel.cp} pp{parallel.pp}"
+    return "\n".join([
+        f"loaded {source} (model={m.name}) on {device}, dtype {m.params_dtype}{layout}",
+        f"  sampler: {s.num_steps} steps/chunk, window {s.window_size}, cfg_number={s.cfg_number}, fp8={s.fp8}, "
+        f"kv_cache={s.kv_cache}, text_scales={list(s.text_scales)}",
+        f"  video: {v.width}x{v.height} at {v.fps} fps; text: {c.text.encoder}; vae: {c.vae.kind}"
+        f"{'' if c.vae.dir is None else ' ' + c.vae.dir}; compile={c.compile}, overlap_decode={c.overlap_decode}",
+    ])
+
+
 def register_generate_config() -> None:
     """Store `GenerateConfig` in Hydra's ConfigStore as `generate_schema`. Safe to call more than once."""
     from hydra.core.config_store import ConfigStore

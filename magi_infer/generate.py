@@ -18,7 +18,8 @@ Several GPUs serve one request together (same video as one process):
     torchrun --nproc_per_node 8 magi_infer/generate.py model=magi1_24b_distill parallel.cp=8 ...
     torchrun --nproc_per_node 4 magi_infer/generate.py ... parallel.cp=2 parallel.pp=2   (or parallel.tp=...)
 
-Only rank 0 prints and writes the video.
+Only rank 0 prints and writes the video. Besides the video, `<output>.json` records the prompts, seed, resolved
+config and version (magi_infer/sidecar.py).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from magi_infer.config import register_generate_config, to_generate_config  # noqa: E402
+from magi_infer.config import register_generate_config, summary, to_generate_config  # noqa: E402
 from magi_infer.engine import InferenceEngine, Request  # noqa: E402
 from magi_infer.preflight import preflight  # noqa: E402
+from magi_infer.sidecar import write_sidecar  # noqa: E402
 from magi_train.config.paths import config_dir  # noqa: E402
 from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
 
@@ -53,10 +55,10 @@ def run(cfg: DictConfig):
         preflight(gen_cfg, parallel, request)  # every check of config, inputs, output and memory, before the engine
         engine = InferenceEngine(gen_cfg, parallel=parallel)
         if parallel.is_main:
-            print(f"loaded {engine.source} (model={gen_cfg.model.name}, cfg_number={gen_cfg.sampler.cfg_number}, "
-                  f"{gen_cfg.sampler.num_steps} steps/chunk, fp8={gen_cfg.sampler.fp8}) on {engine.device}", flush=True)
+            print(summary(engine.cfg, engine.source, engine.device, parallel), flush=True)  # once, rank 0
         result = engine.generate(request)
         if parallel.is_main:
+            write_sidecar(result.output, request, engine.cfg, result, engine.source)
             print(f"wrote {result.output}: {result.frames} frames {gen_cfg.video.width}x{gen_cfg.video.height} at "
                   f"{gen_cfg.video.fps} fps, {result.chunks} chunks, {result.model_calls} sampler steps, "
                   f"{result.seconds:.1f} s (first chunk on disk after {result.chunk_seconds[0]:.1f} s)", flush=True)

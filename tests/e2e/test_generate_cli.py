@@ -6,6 +6,7 @@ the request that come before any model (bad keys and values, missing input direc
 weights) run in-process in tests/unit/test_generate_guards.py through the same `generate.run`; here the program
 shows that such a failure reaches the user as a non-zero exit with the message, and nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,14 @@ def test_generate_writes_the_requested_video(trained, tmp_path):
     info = probe_video(out)
     assert (info.frames, info.width, info.height, info.fps, info.codec) == (30, 64, 64, 12.0, "h264")
     assert f"writing {tmp_path}/.demo.mp4." in run.stdout  # the live preview's name is said
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.mp4"]  # no temporary file left
+    # No temporary file left; the sidecar says how to make the same video again.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.mp4", "demo.mp4.json"]
+    side = json.loads((tmp_path / "demo.mp4.json").read_text())
+    assert side["prompts"] == ["a red blob moves right", "the red blob moves down"] and side["seed"] == 1234
+    assert side["config"]["video"]["fps"] == 12 and side["num_frames"] == 30
+    # Start-up says the resolved configuration once and nothing else: no group chatter, no absl warning.
+    assert run.stdout.count("loaded ") == 1 and "sampler: 8 steps/chunk" in run.stdout
+    assert "absl" not in run.stderr and "parallel_state" not in run.stderr + run.stdout
 
 
 @pytest.mark.slow
