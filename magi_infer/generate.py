@@ -35,14 +35,17 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from magi_infer.config import register_generate_config, summary, to_generate_config  # noqa: E402
-from magi_infer.engine import InferenceEngine, Request  # noqa: E402
-from magi_infer.preflight import preflight  # noqa: E402
 from magi_infer.sidecar import write_sidecar  # noqa: E402
 from magi_train.config.paths import config_dir  # noqa: E402
-from magi_train.parallel.groups import init_parallel, shutdown  # noqa: E402
 
 
 def run(cfg: DictConfig):
+    # Imported when a video is to be made, not with the module: `--help` and a bad override are answered
+    # without loading torch (seconds of a start-up that ends in a message).
+    from magi_infer.engine import InferenceEngine, Request
+    from magi_infer.preflight import preflight
+    from magi_train.parallel.groups import init_parallel, shutdown
+
     gen_cfg = to_generate_config(cfg)
     request = Request.from_config(gen_cfg)
     # The process group first (cheap): it says which rank writes the output and which GPU this rank measures.

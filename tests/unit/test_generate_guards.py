@@ -20,6 +20,7 @@ from hydra.errors import ConfigCompositionException
 import magi_infer.engine as engine_module
 import magi_infer.generate as generate_module
 import magi_infer.memory as memory_module
+import magi_train.parallel.groups as groups_module
 from magi_infer.config import register_generate_config, to_generate_config
 from magi_infer.engine import InferenceEngine, Request
 from magi_infer.preflight import PreflightError, preflight, request_problems
@@ -60,13 +61,14 @@ class Reached(Exception):
 def run(monkeypatch):
     """generate.run(overrides) with a one-process stand-in group and an engine that must not be reached."""
     parallel = SimpleNamespace(dp=1, world_size=1, tp=1, cp=1, pp=1, is_main=True, device=torch.device("cpu"))
-    monkeypatch.setattr(generate_module, "init_parallel", lambda cfg: parallel)
-    monkeypatch.setattr(generate_module, "shutdown", lambda: None)
+    # generate.run imports these when called (its module stays light for --help): replace them at their source.
+    monkeypatch.setattr(groups_module, "init_parallel", lambda cfg: parallel)
+    monkeypatch.setattr(groups_module, "shutdown", lambda: None)
 
     def engine(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(generate_module, "InferenceEngine", engine)
+    monkeypatch.setattr(engine_module, "InferenceEngine", engine)
     return lambda *items: generate_module.run(composed(*items))
 
 
