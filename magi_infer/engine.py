@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from magi_train.parallel.comm import broadcast_tensor
 from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
-from magi_infer.preflight import PreflightError, engine_device, preflight, request_problems
+from magi_infer.preflight import PreflightError, engine_device, prefix_latent_frames, preflight, request_problems
 from magi_infer.live import collapse, expand
 from magi_infer.request import Request
 from magi_train.diffusion.sampler import Captions, StaircaseSampler
@@ -176,6 +176,8 @@ class InferenceEngine:
         v = self.cfg.video
         if req.mode == "t2v":
             return None
+        if req.mode == "v2v" and req.prefix_latents is not None:
+            return prefix_latent_frames(req).to(self.device, torch.float32)
         from magi_infer.inputs import as_uint8_frames, is_path, resize_frames
 
         if req.mode == "i2v":

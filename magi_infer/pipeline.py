@@ -101,8 +101,8 @@ class MagiPipeline:
         return math.ceil(math.ceil(num_frames / TEMPORAL) / self.config.model.chunk_width)
 
     # ------------------------------------------------------------------ generation
-    def _request(self, prompt, mode, num_frames, image, prefix_video, prefix_frames, seed, generator, num_steps,
-                 output, overwrite, allow_empty_prompt) -> Request:
+    def _request(self, prompt, mode, num_frames, image, prefix_video, prefix_frames, prefix_latents, seed, generator,
+                 num_steps, output, overwrite, allow_empty_prompt) -> Request:
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -115,10 +115,12 @@ class MagiPipeline:
         return Request(prompts, mode, c.num_frames if num_frames is None else num_frames,
                        c.seed if seed is None else seed, image, prefix_video, prefix_frames,
                        output=str(output) if output is not None else "", overwrite=overwrite,
-                       allow_empty_prompt=allow_empty_prompt, num_steps=num_steps, generator=generator)
+                       allow_empty_prompt=allow_empty_prompt, num_steps=num_steps, generator=generator,
+                       prefix_latents=prefix_latents)
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, mode: str = "t2v", num_frames: Optional[int] = None,
                  image: Any = None, prefix_video: Any = None, prefix_frames: Optional[int] = None,
+                 prefix_latents: Optional[torch.Tensor] = None,
                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  num_steps: Optional[int] = None, output: Union[str, Path, None] = None, overwrite: bool = False,
                  output_type: str = "np", live: Optional[LivePrompts] = None,
@@ -126,11 +128,13 @@ class MagiPipeline:
                  allow_empty_prompt: bool = False) -> VideoOutput:
         """Generate one video. `output`: also write it there (mp4, plus a JSON sidecar `<output>.json`).
         `output_type`: "np" (uint8 numpy), "pt" (uint8 tensor) or "latent" (the clean latents, nothing decoded
-        kept). `live`: a LivePrompts to change the prompt of the chunks to come while generating;
+        kept). `prefix_latents` (mode="v2v"): the clean latents (1, C, T, h, w) of a video to continue, e.g. an
+        earlier call's `output_type="latent"`, instead of encoding `prefix_video`. `live`: a LivePrompts to change the prompt of the chunks to come while generating;
         `callback(step, total)` after every sampler step; `cancel`: a threading.Event (raises Cancelled)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
-        req = self._request(prompt, mode, num_frames, image, prefix_video, prefix_frames, seed, generator,
+        req = self._request(prompt, mode, num_frames, image, prefix_video, prefix_frames, prefix_latents, seed,
+                            generator,
                             num_steps, output, overwrite, allow_empty_prompt)
         start = time.perf_counter()
         if output is not None:
@@ -163,13 +167,15 @@ class MagiPipeline:
 
     def stream(self, prompt: Union[str, Sequence[str]], *, mode: str = "t2v", num_frames: Optional[int] = None,
                image: Any = None, prefix_video: Any = None, prefix_frames: Optional[int] = None,
+               prefix_latents: Optional[torch.Tensor] = None,
                seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                num_steps: Optional[int] = None, output: Union[str, Path, None] = None, overwrite: bool = False,
                live: Optional[LivePrompts] = None, callback: Optional[Callable[[int, int], None]] = None,
                cancel=None, allow_empty_prompt: bool = False) -> Iterator[ChunkOutput]:
         """Yield each generated chunk as soon as it is clean. `output`: the mp4 is also written as chunks arrive
         (a fragmented mp4, playable while it grows, published under `output` when complete)."""
-        req = self._request(prompt, mode, num_frames, image, prefix_video, prefix_frames, seed, generator,
+        req = self._request(prompt, mode, num_frames, image, prefix_video, prefix_frames, prefix_latents, seed,
+                            generator,
                             num_steps, output, overwrite, allow_empty_prompt)
         writer = self.engine.open_writer(req) if output is not None and self.is_main else None
         written, prompts, times = 0, [], []

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
-from magi_infer.config import TEMPORAL, GenerateConfig, validate_generate
+from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, validate_generate
 from magi_infer.request import Request
 
 if TYPE_CHECKING:
@@ -199,6 +199,8 @@ def _conditioning(cfg: GenerateConfig, req: Request, is_main: bool) -> tuple[int
     from magi_infer.inputs import as_uint8_frames, is_path
 
     v = cfg.video
+    if req.mode == "v2v" and req.prefix_latents is not None:
+        return _prefix_latent_problems(cfg, req)
     if req.mode == "i2v" and req.image is not None and not is_path(req.image):
         try:
             as_uint8_frames(req.image, "image", 3)
@@ -244,6 +246,28 @@ def _conditioning(cfg: GenerateConfig, req: Request, is_main: bool) -> tuple[int
                    f"{f' (prefix_frames={req.prefix_frames})' if req.prefix_frames else ''}; v2v needs at least "
                    f"{TEMPORAL}"]
     return usable // TEMPORAL, []
+
+
+def prefix_latent_frames(req: Request):
+    """The v2v prefix latents of `req` that are used (the first ceil(prefix_frames / 4) with prefix_frames)."""
+    lat = req.prefix_latents
+    return lat if req.prefix_frames is None else lat[:, :, :math.ceil(req.prefix_frames / TEMPORAL)]
+
+
+def _prefix_latent_problems(cfg: GenerateConfig, req: Request) -> tuple[int, List[str]]:
+    lat, m = req.prefix_latents, cfg.model
+    if req.prefix_video is not None:
+        return 0, ["give prefix_video or prefix_latents, not both"]
+    channels = m.in_channels // (2 if m.half_channel_vae else 1)
+    h, w = cfg.video.height // SPATIAL, cfg.video.width // SPATIAL
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[0] != 1 or \
+            (lat.shape[1], lat.shape[3], lat.shape[4]) != (channels, h, w) or lat.shape[2] < 1:
+        shape = tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__
+        return 0, [f"prefix_latents must be a float tensor of shape (1, {channels}, T >= 1, {h}, {w}) (the latents of "
+                   f"a {cfg.video.width}x{cfg.video.height} video), got {shape}"]
+    if not torch.isfinite(lat).all():
+        return 0, ["prefix_latents holds NaN or infinite values"]
+    return prefix_latent_frames(req).shape[2], []
 
 
 def _prompt_problems(cfg: GenerateConfig, req: Request, prefix_latents: int) -> List[str]:

@@ -24,6 +24,9 @@ class Request:
     allow_empty_prompt: bool = False  # empty prompts (unconditional generation) are meant
     num_steps: Optional[int] = None  # sampler steps per chunk; None = sampler.num_steps of the config
     generator: Any = None  # a CPU torch.Generator for the noise, instead of `seed`
+    # v2v: clean latents (1, C, T, h, w) of the video to continue, instead of encoding prefix_video (which
+    # then must be None); prefix_frames (pixel frames) keeps the first ceil(prefix_frames / 4) of them.
+    prefix_latents: Any = None
 
     @staticmethod
     def from_config(cfg: GenerateConfig) -> "Request":

@@ -211,3 +211,39 @@ def test_from_pretrained_names_what_is_wrong(tmp_path):
         MagiPipeline.from_pretrained(bad)
     with pytest.raises(ValueError, match="overrides must be a mapping"):
         MagiPipeline.from_pretrained(TINY, overrides="video.height=32")
+
+
+def test_v2v_continues_from_cached_latents(pipe):
+    """An extension from a finished video's latents: its first output chunk follows the prefix, and continuing
+    the latents of the first part of a video gives a valid, different continuation per seed."""
+    first = pipe("a red blob moves right", num_frames=24, seed=1, num_steps=STEPS, output_type="latent")
+    more = pipe("the red blob moves down", mode="v2v", prefix_latents=first.latents, num_frames=24, seed=2,
+                num_steps=STEPS)
+    assert more.frames.shape == (24, 64, 64, 3) and more.prompts == ["the red blob moves down"]
+    chunks = list(pipe.stream("the red blob moves down", mode="v2v", prefix_latents=first.latents, num_frames=24,
+                              seed=2, num_steps=STEPS))
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), more.frames)
+    with pytest.raises(ValueError, match=r"prefix_latents must be a float tensor of shape \(1, 16, T >= 1, 8, 8\)"):
+        pipe("x", mode="v2v", prefix_latents=torch.zeros(1, 16, 6, 4, 4), num_steps=STEPS)
+    with pytest.raises(ValueError, match="not both"):
+        pipe("x", mode="v2v", prefix_latents=first.latents, prefix_video="a.mp4", num_steps=STEPS)
+
+
+def test_i2v_takes_an_array_as_it_takes_the_same_image_file(tmp_path):
+    """With a (tiny, released-format) ViT VAE: image=array conditions exactly as image=the PNG of that array,
+    and the first output frame group is the image's."""
+    from magi_train.data.synthetic_video import write_png
+    from tests.tiny_assets import make_vae
+
+    vae = make_vae(tmp_path / "vae")
+    pipe = MagiPipeline.from_pretrained(TINY, vae_dir=vae, overrides={"vae.kind": "vit", "progress": False})
+    rgb = np.zeros((40, 56, 3), np.uint8)  # another size than the video: resized the same way either way
+    rgb[:, :28] = (200, 30, 30)
+    rgb[:, 28:] = (20, 40, 220)
+    write_png(tmp_path / "cond.png", rgb)
+    from_file = pipe("a red blob", mode="i2v", image=str(tmp_path / "cond.png"), num_frames=24, num_steps=STEPS)
+    from_array = pipe("a red blob", mode="i2v", image=rgb, num_frames=24, num_steps=STEPS)
+    assert from_array.frames.shape == (24, 64, 64, 3)
+    assert np.array_equal(from_array.frames, from_file.frames)
+    with pytest.raises(ValueError, match=r"image must be uint8 RGB of shape \(H, W, 3\), got shape \(4, 4\)"):
+        pipe("a red blob", mode="i2v", image=np.zeros((4, 4), np.uint8), num_steps=STEPS)
