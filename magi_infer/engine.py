@@ -318,8 +318,13 @@ class InferenceEngine:
                     prompt = live.take()
                     flag = 1 if prompt is not None else 0
             if self.distributed and watch:
-                flag = int(broadcast_tensor(torch.tensor([flag]) if self.is_main else None, self.parallel.groups.mp,
-                                            0, self.device).item())
+                group = self.parallel.groups.mp
+                mine = torch.tensor([flag], device=self.device) if self.is_main else None
+                flag = int(broadcast_tensor(mine, group, 0, self.device).item())
+                if flag == 1:  # the text too, so that every rank records which prompt each chunk got
+                    data = torch.tensor(list(prompt.encode()), dtype=torch.uint8, device=self.device) \
+                        if self.is_main else None
+                    prompt = bytes(broadcast_tensor(data, group, 0, self.device).cpu().tolist()).decode()
             if flag == 2:
                 raise Cancelled(f"generation cancelled after sampler step {step + 1} of {len(plans)}")
             k = started_after(step)  # the first generated chunk that has not started
