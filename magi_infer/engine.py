@@ -305,11 +305,11 @@ class InferenceEngine:
                 first_step.setdefault(c, plan.step)
         watch = live is not None or cancel is not None
 
-        def started_after(step: int) -> int:  # generated chunks that have started once `step` has run
-            return sum(1 for c, s in first_step.items() if s <= step)
+        def started_before(step: int) -> int:  # generated chunks that have started before `step` runs
+            return sum(1 for s in first_step.values() if s < step)
 
         def poll(step: int) -> None:
-            """Between step `step` and the next: apply a live prompt, honour a cancel."""
+            """Before step `step` runs: apply a live prompt, honour a cancel."""
             flag, prompt = 0, None
             if self.is_main:
                 if cancel is not None and cancel.is_set():
@@ -326,8 +326,8 @@ class InferenceEngine:
                         if self.is_main else None
                     prompt = bytes(broadcast_tensor(data, group, 0, self.device).cpu().tolist()).decode()
             if flag == 2:
-                raise Cancelled(f"generation cancelled after sampler step {step + 1} of {len(plans)}")
-            k = started_after(step)  # the first generated chunk that has not started
+                raise Cancelled(f"generation cancelled after sampler step {step} of {len(plans)}")
+            k = started_before(step)  # the first generated chunk that has not started
             if flag == 1 and k < len(run.prompts):
                 run.prompts[k:] = [prompt] * (len(run.prompts) - k)
                 fresh = self._captions(collapse(run.prompts), run.num_chunks, off)
@@ -336,10 +336,10 @@ class InferenceEngine:
                 run.captions.mask[:, lo:] = fresh.mask[:, lo:]
                 if live is not None:
                     live.mark_applied(k, prompt)
-            elif flag == 1 and live is not None:
+            elif flag == 1:
                 logger.info("live prompt %r came after the last chunk started; it conditions nothing", prompt)
             if live is not None:
-                live.mark_started(min(started_after(step + 1), len(run.prompts)) - 1)
+                live.mark_started(min(started_before(step + 1), len(run.prompts)) - 1)
 
         bar = tqdm(total=len(plans), unit="step", desc="generating",
                    disable=not (self.cfg.progress and self.is_main and sys.stderr.isatty()))
@@ -348,13 +348,10 @@ class InferenceEngine:
             bar.update(1)
             if callback is not None:
                 callback(plan.step + 1, len(plans))
-            if watch:
-                poll(plan.step)
 
-        if watch:
-            poll(-1)  # a prompt set before the first step conditions the first chunk
         try:
-            for chunk in run.sampler.sample(run.noise, run.captions, run.prefix, on_step=on_step):
+            for chunk in run.sampler.sample(run.noise, run.captions, run.prefix, on_step=on_step,
+                                            before_step=(lambda plan: poll(plan.step)) if watch else None):
                 # The sampler's emitted latent is its own copy; cloned again so the decode owns what it edits.
                 latent = chunk.latent.clone()
                 if chunk.prefix_frames:

@@ -109,14 +109,19 @@ class StaircaseSampler:
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, captions: Captions, prefix: Optional[torch.Tensor] = None,
-               on_step: Optional[Callable[[StepPlan], None]] = None) -> Iterator[EmittedChunk]:
-        """noise (1, C, n*chunk_width, H, W) fp32; prefix (1, C, P, H, W) clean latents or None."""
+               on_step: Optional[Callable[[StepPlan], None]] = None,
+               before_step: Optional[Callable[[StepPlan], None]] = None) -> Iterator[EmittedChunk]:
+        """noise (1, C, n*chunk_width, H, W) fp32; prefix (1, C, P, H, W) clean latents or None.
+        `before_step(plan)` / `on_step(plan)` run before / after each step (the engine applies live prompts
+        before a step, so that one given while a chunk is being decoded still reaches the next step)."""
         n = self.prepare(noise, captions, prefix)
         cw = self.chunk_width
         P = 0 if prefix is None else prefix.shape[2]
         off = P // cw
         plans = self.plans(n, off)
         for plan in plans:
+            if before_step is not None:
+                before_step(plan)
             if plan.extract_prefix:
                 self._extract_prefix(off)
             self._step(plan)
