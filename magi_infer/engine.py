@@ -90,6 +90,7 @@ class InferenceEngine:
 
         self.sampler = StaircaseSampler(self.model, cfg.sampler,
                                         forward=compiled_forward(self.model, cfg.compile, cfg.compile_backend))
+        self._samplers = {}  # other step counts asked for by requests (num_steps), built when first asked
         # Rank 0 encodes the prompts and broadcasts the caption rows: one T5 in the job, identical captions.
         self.text_encoder = self._build_text_encoder() if self.is_main else None
         self.special_tokens = self._load_special_tokens() if self.is_main else None
@@ -252,7 +253,7 @@ class InferenceEngine:
         """The sampler of the config, or one with another number of steps per chunk (built once per count)."""
         if num_steps is None or num_steps == self.cfg.sampler.num_steps:
             return self.sampler
-        samplers = self.__dict__.setdefault("_samplers", {})
+        samplers = self._samplers
         if num_steps not in samplers:
             from magi_infer.config import validate_generate
 
