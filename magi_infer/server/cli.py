@@ -96,7 +96,7 @@ def serve(pipe, server_cfg) -> None:
             threading.Thread(target=drain, name="magi-serve-drain", daemon=True).start()
 
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=5, ws="websockets")
+                            access_log=False, timeout_graceful_shutdown=5, ws="websockets-sansio")
     Server(config).run()
 
 

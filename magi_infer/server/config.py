@@ -34,7 +34,6 @@ class ServerConfig:
     default_seconds: float = 4.0  # a request with neither seconds nor num_frames (the OpenAI default, 4 s)
     keepalive_s: float = 60.0  # multi-rank: an idle rank 0 pings the followers this often (collective timeouts)
     static: bool = True  # serve the web page (magi_infer/server/static) at / and /static
-    allowed_origins: List[str] = field(default_factory=list)  # CORS origins besides the page's own (none by default)
 
 
 @dataclass
