@@ -14,14 +14,20 @@ wandb writer and its dynamic inference engine's logging): 0.7-0.8 s of CPU per p
 imported, `wandb` is marked unimportable so those modules take their own "wandb not installed" branch; the mark
 is removed afterwards, so our metrics writer (observability/metrics.py) imports the real wandb when a run asks
 for it.
+
+Only what needs megatron imports this module: tensor / context parallelism, training's backward through
+megatron's linear function, the process-group grid of a multi-process job. One-process inference never does
+(model/linear.py, parallel/groups.py), which saves it a second of start-up.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import sys
 import threading
+import warnings
 
 import torch
 
@@ -56,12 +62,22 @@ def _import_megatron():
     hide_wandb = "wandb" not in sys.modules
     if hide_wandb:
         sys.modules["wandb"] = None
+    # megatron's modules log INFO lines as they are imported ("Detected Megatron Core, using Megatron-FSDP ..."),
+    # on every rank, about features we do not use; its later warnings still come through.
+    megatron_log = logging.getLogger("megatron")
+    log_level = megatron_log.level
+    megatron_log.setLevel(logging.WARNING)
     try:
-        # megatron.core's __init__ imports tensor_parallel, the fusions and parallel_state; the other two are what
-        # it leaves out of the modules below.
-        for name in ("megatron.core", "megatron.core.hyper_comm_grid", "megatron.core.process_groups_config"):
-            importlib.import_module(name)
+        with warnings.catch_warnings():
+            # hyper_comm_grid warns on import, on every rank, that absl-py is missing and it logs through the
+            # standard logging module instead: that fallback is what we want (our log levels apply to it).
+            warnings.filterwarnings("ignore", message="absl.logging is not installed")
+            # megatron.core's __init__ imports tensor_parallel, the fusions and parallel_state; the other two are
+            # what it leaves out of the modules below.
+            for name in ("megatron.core", "megatron.core.hyper_comm_grid", "megatron.core.process_groups_config"):
+                importlib.import_module(name)
     finally:
+        megatron_log.setLevel(log_level)
         torch.compile = real
         if hide_wandb and sys.modules.get("wandb", 0) is None:
             del sys.modules["wandb"]

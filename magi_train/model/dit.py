@@ -46,8 +46,9 @@ from magi_train.model.embedders import CaptionEmbedder, FinalLinear, TimestepEmb
 from magi_train.model.layout import LocalLayout, LocalPlacement, TokenLayout
 from magi_train.model.norms import LayerNorm1p
 from magi_train.model.rope import LearnableRope3D, apply_rotary, split_table
-from magi_train.model.spec import (AttentionSubmodules, LayerImpl, LayerSubmodules, MLPSubmodules, ModuleSpec,
-                                   build_module, get_layer_spec, megatron_config, scaled_init_std)
+from magi_train.model.spec import (AttentionSubmodules, LayerImpl, LayerSubmodules, LinearConfig, MLPSubmodules,
+                                   ModuleSpec, build_module, get_layer_spec, scaled_init_std)
+from magi_train.model.storage import allocate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,7 +77,7 @@ def _skip_init(_: torch.Tensor) -> None:
 def build_linear(spec, in_features: int, out_features: int, dtype: torch.dtype,
                  compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A single-process linear slot (global sizes, no process group)."""
-    return build_module(spec, in_features, out_features, config=megatron_config(dtype, 1), init_method=_skip_init,
+    return build_module(spec, in_features, out_features, config=LinearConfig(dtype), init_method=_skip_init,
                         bias=False, tp_group=None, compute_dtype=compute_dtype, sequence_parallel=False)
 
 
@@ -569,7 +570,7 @@ def build_dit(cfg: ModelConfig, tp_group=None, init_weights: bool = True, device
     model = meta_dit(cfg)
     if device is not None and torch.device(device).type == "meta":
         return model
-    model.to_empty(device=device or "cpu")
+    allocate(model, device or "cpu")  # to_empty without torch.fx's import of sympy (storage.py)
     if init_weights:
         model.init_weights(init_seed)
     else:

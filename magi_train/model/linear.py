@@ -16,12 +16,10 @@ Adaptations (the first two about the released checkpoint):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
-
-from magi_train.mcore import ModelParallelConfig, linear_with_grad_accumulation_and_async_allreduce
 
 
 def cast_for_compute(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]
@@ -37,9 +35,17 @@ def cast_for_compute(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optio
 
 
 def local_matmul(x: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """x @ weightᵀ through megatron's linear autograd function with no communication."""
+    """x @ weightᵀ through megatron's linear autograd function with no communication.
+
+    Where no gradient is recorded (inference, evaluation) the product is `torch.matmul(x, weight.t())`, the very
+    call that function's forward makes with communication off: the same numbers, without importing megatron-core
+    (1 s of imports) into a process that only runs the model."""
     x, weight = cast_for_compute(x, weight, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return torch.matmul(x, weight.t())
+        from magi_train.mcore import linear_with_grad_accumulation_and_async_allreduce
+
         return linear_with_grad_accumulation_and_async_allreduce(
             x, weight, None, gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False)
 
@@ -48,10 +54,11 @@ class Linear(nn.Module):
     """y = x Wᵀ (no bias), W of shape (out, in) in `config.params_dtype`.
 
     The constructor takes the layer-spec contract shared with the TE linears (global sizes, `config`,
-    `init_method`, `tp_group`, `compute_dtype`, `sequence_parallel`); a single-process layer accepts only
+    `init_method`, `tp_group`, `compute_dtype`, `sequence_parallel`; of `config`, spec.py's LinearConfig or
+    megatron's ModelParallelConfig, only `params_dtype` is read); a single-process layer accepts only
     `tp_group=None` and `sequence_parallel=False`. Weights are drawn by `VideoDiT.init_weights`."""
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init_method=None,
+    def __init__(self, input_size: int, output_size: int, *, config: Any, init_method=None,
                  bias: bool = False, tp_group=None, compute_dtype: Optional[torch.dtype] = None,
                  sequence_parallel: bool = False):
         super().__init__()

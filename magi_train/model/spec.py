@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from magi_train.mcore import ModelParallelConfig
 from magi_train.model.attention import ATTENTION_BACKENDS, SDPA_MAX_MASK_ELEMENTS
 from magi_train.model.linear import CaptionKVLinear, Linear
 from magi_train.model.norms import LayerNorm1p, plain_layer_norm
+
+if TYPE_CHECKING:
+    from magi_train.mcore import ModelParallelConfig
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,22 @@ def get_layer_spec(name: str, attention_backend: str) -> LayerImpl:
     raise ValueError(f"model.layer_spec={name!r} is not one of ['local', 'te']")
 
 
+@dataclass(frozen=True)
+class LinearConfig:
+    """What a single-process linear slot (linear.py's, or TE's without a tp_group) reads from its `config`:
+    the fields of `megatron_config(params_dtype, 1)` they use, with the same values. Building the model
+    through it rather than megatron's ModelParallelConfig keeps megatron-core (1 s of imports: DTensor,
+    sympy, its DDP) out of single-process inference; tensor parallelism builds megatron's own config."""
+
+    params_dtype: torch.dtype
+    sequence_parallel: bool = False
+    perform_initialization: bool = False  # VideoDiT.init_weights draws the weights (see megatron_config)
+
+
 def megatron_config(params_dtype: torch.dtype, tp_size: int, init: bool = False) -> ModelParallelConfig:
+    """megatron-core's config for its tensor-parallel linears (magi_train/parallel/tensor.py)."""
+    from magi_train.mcore import ModelParallelConfig
+
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         params_dtype=params_dtype,

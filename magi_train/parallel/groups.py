@@ -9,20 +9,60 @@ are handed on as a `ProcessGroupCollection`; no module looks them up from global
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 
 from magi_train.config.schema import ParallelConfig
-from magi_train.mcore import HyperCommGrid, ProcessGroupCollection
+
+if TYPE_CHECKING:
+    from magi_train.mcore import ProcessGroupCollection
+
+# The groups of every layout, and the megatron-core group combinations they are made from.
+_GROUP_DIMS = {"tp": "tp", "cp": "cp", "pp": "pp", "dp": "dp",
+               # Gradients are summed over data and context parallel ranks alike (both see different tokens).
+               "dp_cp": ["cp", "dp"], "tp_cp": ["tp", "cp"], "mp": ["tp", "cp", "pp"],
+               # fp8 amax reduction (megatron's choice): every rank of one pipeline stage.
+               "tp_dp_cp": ["tp", "cp", "dp"]}
+
+
+def _build_groups(sizes: list, backend: str) -> ProcessGroupCollection:
+    from magi_train.mcore import HyperCommGrid, ProcessGroupCollection
+
+    # HyperCommGrid logs one INFO line per group it makes, on every rank: chatter, not information.
+    logging.getLogger("megatron.core.hyper_comm_grid").setLevel(logging.WARNING)
+    grid = HyperCommGrid(sizes, ["tp", "cp", "pp", "dp"], backend=backend)
+    return ProcessGroupCollection(**{name: grid.create_pg(dims) for name, dims in _GROUP_DIMS.items()})
+
+
+class OneProcessGroups:
+    """The groups of a one-process job, made when one is first asked for.
+
+    A single process (one-GPU inference, `python train.py`) needs no group to generate: its layers never
+    communicate. Making the grid eagerly would import megatron-core (1 s) into every such start-up. Deferring
+    it is safe only here: creating a group is collective over the world, and with one process nobody waits.
+    The made collection is kept, so every caller gets the same group objects."""
+
+    def __init__(self, make: Callable[[], ProcessGroupCollection]) -> None:
+        self._make = make
+        self._made = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # the instance's own fields, before __init__ set them (copy, pickle)
+            raise AttributeError(name)
+        if self._made is None:
+            self._made = self._make()
+        return getattr(self._made, name)
 
 
 @dataclass
 class Parallel:
-    groups: ProcessGroupCollection
+    groups: ProcessGroupCollection  # or OneProcessGroups: the same attributes
     rank: int
     world_size: int
     device: torch.device
@@ -117,19 +157,8 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None) -> Parallel:
     init_distributed(backend)
     world = dist.get_world_size()
     dp = check_world(cfg, world)
-    grid = HyperCommGrid([cfg.tp, cfg.cp, cfg.pp, dp], ["tp", "cp", "pp", "dp"], backend=backend)
-    groups = ProcessGroupCollection(
-        tp=grid.create_pg("tp"),
-        cp=grid.create_pg("cp"),
-        pp=grid.create_pg("pp"),
-        dp=grid.create_pg("dp"),
-        # Gradients are summed over data and context parallel ranks alike (both see different tokens).
-        dp_cp=grid.create_pg(["cp", "dp"]),
-        tp_cp=grid.create_pg(["tp", "cp"]),
-        mp=grid.create_pg(["tp", "cp", "pp"]),
-        # fp8 amax reduction (megatron's choice): every rank of one pipeline stage.
-        tp_dp_cp=grid.create_pg(["tp", "cp", "dp"]),
-    )
+    sizes = [cfg.tp, cfg.cp, cfg.pp, dp]
+    groups = OneProcessGroups(lambda: _build_groups(sizes, backend)) if world == 1 else _build_groups(sizes, backend)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Parallel(groups, dist.get_rank(), world, device, tp=cfg.tp, cp=cfg.cp, pp=cfg.pp, dp=dp,
                     sequence_parallel=cfg.sequence_parallel)

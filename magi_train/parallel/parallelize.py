@@ -25,13 +25,13 @@ from magi_train.model.float8 import check_float8_device, convert_dit_to_float8, 
 from magi_train.model.fp8 import is_fp8_linear
 from magi_train.model.norms import select_fused_norms
 from magi_train.model.spec import megatron_config
+from magi_train.model.storage import allocate
 from magi_train.parallel.dispatch import MagiContextParallel, MagiCoreAttention, MagiDispatchLayout
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.pipeline import InferencePipeline, stage_layers
 from magi_train.parallel.plan import DiTParallelPlan, plan_of, record_full_state, shard_spec  # noqa: F401
 from magi_train.parallel.sequence import UlyssesLayout
 from magi_train.parallel.sharding import local_from_full
-from magi_train.parallel.tensor import CaptionKVColumnLinear, ColumnLinear, RowLinear
 
 CP_IMPLS = ("ulysses", "magi")
 
@@ -74,6 +74,10 @@ def _tp_linear_classes(cfg: ModelConfig):
         from magi_train.model.te_spec import te_linear_classes  # TE linears shard themselves given the group
 
         return te_linear_classes()
+    # Imported with tensor parallelism only: the classes derive from megatron-core's, 1 s of imports that a
+    # single-process model never needs.
+    from magi_train.parallel.tensor import ColumnLinear, RowLinear
+
     return ColumnLinear, RowLinear
 
 
@@ -81,6 +85,8 @@ def apply_tp(model: VideoDiT, tp_group, sequence_parallel: bool) -> None:
     """Swap every layer's linears for tensor-parallel ones (global sizes; the classes split them), on the meta
     device. Heads split over the group: q/qx/k/v/fc1 by output features, proj/fc2 by input features; with
     fewer KV heads than ranks each rank holds a copy of one (k, v, linear_kv_xattn)."""
+    from magi_train.parallel.tensor import CaptionKVColumnLinear
+
     cfg, tp = model.cfg, tp_group.size()
     column, row = _tp_linear_classes(cfg)
     common = dict(config=megatron_config(model.dtype, tp), init_method=lambda _: None, bias=False, tp_group=tp_group)
@@ -168,7 +174,7 @@ def parallelize_dit(model: VideoDiT, parallel: Parallel, *, cp_impl: str = "ulys
 def materialize(model: VideoDiT, device, init_seed: Optional[int] = None) -> VideoDiT:
     """Storage on `device`, then weights: `init_seed` draws each at full size and cuts this rank's shard (every
     layout starts from the same model); None leaves them to a checkpoint load (norms and RoPE at defaults)."""
-    model.to_empty(device=device)
+    allocate(model, device)  # model.to_empty, without the import of sympy that it costs (model/storage.py)
     if init_seed is None:
         model.reset_defaults()
         return model

@@ -21,8 +21,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from magi_train.mcore import all_to_all
-
 
 @dataclass(frozen=True)
 class TokenWindow:
@@ -65,6 +63,8 @@ def gather_tokens(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.
 
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """(N, S/cp, h, d) token slice of all heads -> (N, S, h/cp, d) all tokens of this rank's heads."""
+    from magi_train.mcore import all_to_all  # megatron-core only where context parallelism communicates
+
     cp = dist.get_world_size(group)
     N, s, h, d = x.shape
     send = x.reshape(N, s, cp, h // cp, d).permute(2, 0, 1, 3, 4).contiguous()  # (cp, N, s, h/cp, d)
@@ -75,6 +75,8 @@ def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Inverse of `seq_to_heads`: (N, S, h/cp, d) -> (N, S/cp, h, d)."""
+    from magi_train.mcore import all_to_all  # megatron-core only where context parallelism communicates
+
     cp = dist.get_world_size(group)
     N, S, hl, d = x.shape
     s = S // cp

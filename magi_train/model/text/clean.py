@@ -17,8 +17,7 @@ import html
 import re
 import urllib.parse
 
-import ftfy
-from bs4 import BeautifulSoup
+from magi_train.model.text.extra import t5_dependency
 
 Rule = tuple[re.Pattern[str], str]
 
@@ -104,7 +103,7 @@ def _apply(rules: tuple[Rule, ...], text: str) -> str:
 
 def _repair(text: str) -> str:
     """Fix mojibake, then decode entities (twice: captions scraped from HTML are often double-escaped)."""
-    text = ftfy.fix_text(text)
+    text = t5_dependency("ftfy", "the caption cleaning (T5 prompts)").fix_text(text)
     return html.unescape(html.unescape(text)).strip()
 
 
@@ -112,7 +111,8 @@ def clean_caption(text: str) -> str:
     """One pass of the released caption cleaner (see the module docstring)."""
     text = urllib.parse.unquote_plus(str(text)).strip().lower()
     text = _apply(_LINK_RULES, text)
-    text = BeautifulSoup(text, features="html.parser").text
+    bs4 = t5_dependency("bs4", "the caption cleaning (T5 prompts)")  # beautifulsoup4; imported once, then cached
+    text = bs4.BeautifulSoup(text, features="html.parser").text
     text = _apply(_SYMBOL_RULES, text)
     if len(_WORD_SEPARATOR.findall(text)) > _MAX_KEPT_SEPARATORS:
         text = _WORD_SEPARATOR.sub(" ", text)

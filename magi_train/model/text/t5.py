@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, T5EncoderModel
 
 from magi_train.model.text.clean import prepare_prompt
+from magi_train.model.text.extra import t5_dependency
 
 # The released layout keeps the encoder in a sub-folder of `t5_pretrained`.
 RELEASED_SUBDIR = "t5-v1_1-xxl"
@@ -43,9 +43,12 @@ class T5TextEncoder:
         self.path = resolve_t5_directory(directory)
         self.device = torch.device(device)
         self.max_length = max_length
+        # Imported here: transformers costs seconds of start-up and is the optional t5 extra.
+        transformers = t5_dependency("transformers", "the T5 text encoder (text.encoder=t5)")
+        t5_dependency("sentencepiece", "the T5 tokenizer (text.encoder=t5)")
         # local_files_only: a missing file must be an error here, never a silent download attempt.
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        model = T5EncoderModel.from_pretrained(self.path, dtype=torch.float32, local_files_only=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        model = transformers.T5EncoderModel.from_pretrained(self.path, dtype=torch.float32, local_files_only=True)
         self.model = model.to(self.device).eval()
 
     @property
