@@ -48,8 +48,14 @@ def run(cfg: DictConfig) -> None:
                              "engine serves each request on all ranks; start exactly tp x cp x pp processes")
         pipe = MagiPipeline(gen_cfg, parallel=parallel if parallel.world_size > 1 else None)
         if not pipe.is_main:
+            import signal
+
             from magi_infer.server.runner import follow
 
+            # torchrun passes a SIGTERM / SIGINT to every rank; a follower ends when rank 0, after draining,
+            # sends it the shutdown message (dying now would leave rank 0's running job in a broken collective).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             follow(pipe)
             return
         # One line per job from this server; the mp4 writer's note on its temporary file is noise here.

@@ -28,7 +28,9 @@ class ServerConfig:
     max_upload_mb: float = 64.0  # an input_reference / video upload
     api_key: Optional[str] = None  # null: no key; else `Authorization: Bearer KEY` (or ?api_key=KEY on the WebSocket)
     output_root: str = "outputs/serve"  # every file the server writes or serves is under <output_root>/<video id>/
-    shutdown_grace_s: float = 30.0  # SIGTERM/SIGINT: the running job may finish for this long, then it is cancelled
+    # SIGTERM/SIGINT: the running job may finish for this long, then it is cancelled. Under torchrun keep it well
+    # below 30 s: torchrun SIGKILLs its ranks 30 s after passing them a SIGTERM.
+    shutdown_grace_s: float = 20.0
     retain_jobs: int = 100  # finished jobs kept (files and listing); the oldest finished one beyond is deleted
     model_name: Optional[str] = None  # the `model` of video objects and the only one requests may name; null: model.name
     default_seconds: float = 4.0  # a request with neither seconds nor num_frames (the OpenAI default, 4 s)
