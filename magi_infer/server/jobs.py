@@ -192,7 +192,10 @@ class JobStore:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown()
-            if len(self._queue) >= self.cfg.max_queue and (self._running is not None or self._queue):
+            # Jobs that would wait behind a running one with this one added (a queued job with nothing running
+            # is about to start, whether or not the worker has taken it yet).
+            waiting = len(self._queue) + 1 - (1 if self._running is None else 0)
+            if waiting > self.cfg.max_queue:
                 raise QueueFull()
             job_id = self.new_id()
             job = Job(job_id, spec, self.root / job_id, self.model_name, self.size, self.fps, live=live,
