@@ -299,8 +299,6 @@ class JobStore:
         logger.info("job %s started: %s, %d frames, %d prompt(s)", job.id, job.spec["mode"],
                     job.spec["num_frames"], len(job.spec["prompts"]))
         inputs = job.inputs()
-        self._send({"type": "job", "id": job.id, "spec": job.spec},
-                   {name: path.read_bytes() for name, path in inputs.items()})
         v = self.pipe.config.video
         latents = []
         last_progress = [0.0]
@@ -336,6 +334,8 @@ class JobStore:
 
         writer = None
         try:
+            self._send({"type": "job", "id": job.id, "spec": job.spec},
+                       {name: path.read_bytes() for name, path in inputs.items()})
             # The tee hands the mp4's bytes to the feed as the muxer writes them: the stream is the file.
             writer = StreamingMp4Writer(job.video_path, v.width, v.height, v.fps, crf=v.crf,
                                         on_bytes=job.feed.append)
