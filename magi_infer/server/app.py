@@ -82,9 +82,11 @@ def create_app(pipe, cfg) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        # A plain link (the web page's <a href> to a video, a <video src>) cannot send a header: ?api_key= too.
+        key = key or request.query_params.get("api_key", "")
         if not (key and hmac.compare_digest(key.encode(), str(server_cfg.api_key).encode())):
-            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` (or ?api_key=KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def job_or_404(video_id: str):
         job = store.get(video_id)  # ids are checked against video_<32 hex> before any lookup or path
@@ -142,6 +144,15 @@ def create_app(pipe, cfg) -> FastAPI:
     async def health():
         return {"status": "ok" if store.accepting else "shutting_down", "model": model_name,
                 "size": store.size, "fps": store.fps}
+
+    @app.get("/v1/magi/info")
+    async def info(request: Request):
+        """What a client needs to fill a request form: the served size, chunk length, defaults and limits."""
+        authorize(request)
+        c = pipe.config
+        return {"model": model_name, "chunk_frames": pipe.chunk_frames, "fps": c.video.fps, "width": c.video.width,
+                "height": c.video.height, "num_steps": c.sampler.num_steps, "max_frames": server_cfg.max_frames,
+                "max_steps": server_cfg.max_steps, "auth": server_cfg.api_key is not None}
 
     @app.post("/v1/videos")
     async def create(request: Request):

@@ -306,6 +306,13 @@ def test_the_key_is_required(server):
         wrong.videos.list()
     assert e.value.body["code"] == "invalid_api_key"
     assert httpx.post(server[0] + "/v1/videos", json={"prompt": "x"}).status_code == 401
+    # A link cannot send a header: the key as a query parameter does, on every /v1 route.
+    assert httpx.get(server[0] + "/v1/videos?api_key=wrong").status_code == 401
+    assert httpx.get(server[0] + f"/v1/videos?api_key={KEY}").status_code == 200
+    info = httpx.get(server[0] + f"/v1/magi/info?api_key={KEY}").json()
+    assert (info["model"], info["chunk_frames"], info["width"], info["height"], info["auth"]) == \
+        ("tiny", 24, 64, 64, True)
+    assert httpx.get(server[0] + "/v1/magi/info").status_code == 401
 
 
 def test_ids_are_checked_and_nothing_outside_output_root_is_served(client, server, tmp_path):
