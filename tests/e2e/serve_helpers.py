@@ -1,11 +1,8 @@
-"""Test helpers for magi-serve: a tiny checkpoint trained by the real trainer, and the real app served by
-uvicorn on a free port of 127.0.0.1 in a thread of the test process (so the test can hold the pipeline)."""
+"""Test helpers for magi-serve: the real app served by uvicorn on a free port of 127.0.0.1 in a thread of the
+test process (so that the test holds the pipeline), and the committed trained tiny model to serve."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -13,19 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def train_tiny(out: Path, timeout: float = 600) -> Path:
-    """Two steps of the tiny experiment (about 10 s); returns the checkpoint root to load the pipeline from."""
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "1", "magi_train/train.py", "experiment=tiny",
-           f"trainer.output_dir={out}", "trainer.progress_bar=false", "trainer.max_steps=2", "trainer.save_every=2",
-           "trainer.eval_every=0", "trainer.wandb.mode=disabled"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if run.returncode != 0:
-        raise RuntimeError(f"training the tiny checkpoint failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return out / "checkpoints"
+# The tiny preset after experiment=tiny's 400 steps, released layout (its README): loads in a second.
+TINY = REPO / "tests" / "fixtures" / "tiny_base"
 
 
 @contextmanager
@@ -40,7 +26,7 @@ def serving(pipe, output_root: Path, start_timeout: float = 60, **server_fields)
     cfg = ServerConfig(host="127.0.0.1", port=0, output_root=str(output_root), **server_fields)
     app = create_app(pipe, cfg)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                           ws="websockets", timeout_graceful_shutdown=5))
+                                           ws="websockets-sansio", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
