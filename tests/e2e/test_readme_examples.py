@@ -48,7 +48,7 @@ def workdir(tmp_path_factory):
 
 
 def test_the_readme_has_the_three_ways_in():
-    assert {"train", "python", "cli"} <= set(examples())
+    assert {"train", "python", "cli", "serve", "client", "curl"} <= set(examples())
 
 
 def test_python_example(workdir):
@@ -65,3 +65,34 @@ def test_cli_example(workdir):
     run(*examples()["cli"], workdir)
     info = probe_video(workdir / "cli.mp4")
     assert (info.frames, info.width, info.height) == (48, 64, 64)
+
+
+def test_server_examples(workdir):
+    """The serve block started as written (on a free port instead of 8000), then the client and curl blocks."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    blocks = {name: (lang, code.replace("8000", port)) for name, (lang, code) in examples().items()}
+    command = re.sub(r"\s+#.*", "", blocks["serve"][1].strip())
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=workdir, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in server.stdout:  # start-up: the resolved config, then the address
+            lines.append(line)
+            if f"serving on http://127.0.0.1:{port}" in line:
+                break
+        else:
+            pytest.fail("magi-serve exited before serving:\n" + "".join(lines[-50:]))
+        out = run(*blocks["client"], workdir).stdout
+        assert out.split() == ["completed", "64x64", "2"]
+        assert probe_video(workdir / "served.mp4").frames == 48
+        run(*blocks["curl"], workdir)
+        assert probe_video(workdir / "live.mp4").frames == 48  # the stream ran until the job completed
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=120)
+    assert server.returncode == 0
