@@ -231,6 +231,11 @@ def test_the_api_key_field_authorizes_the_page(browser, pipe, tmp_path):
             job = httpx.get(f"{url}/v1/videos/{s['videoId']}", headers={"Authorization": f"Bearer {key}"},
                             timeout=30).json()
             assert job["status"] == "completed"
-            page.locator(f"#job-{s['videoId']}[data-status=completed] a.content-link").wait_for(timeout=TIMEOUT_MS)
+            link = page.locator(f"#job-{s['videoId']}[data-status=completed] a.content-link")
+            link.wait_for(timeout=TIMEOUT_MS)
+            mp4 = httpx.get(httpx.URL(page.url).join(link.get_attribute("href")), timeout=30)  # no header
+            assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
+            # The form now knows the served model (GET v1/magi/info needs the key too).
+            assert f"{CHUNK_FRAMES} frames per chunk, 64x64" in page.inner_text("#frames-hint")
         finally:
             page.close()

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 // Frames per chunk when the server does not say (both the released models and the tiny preset use 24).
 const DEFAULT_CHUNK_FRAMES = 24;
 
-// What the page knows about the server (GET health).
+// What the page knows about the server (GET v1/magi/info).
 const server = { chunkFrames: DEFAULT_CHUNK_FRAMES, known: false };
 // The live session: one job at a time.
 let session = null;
@@ -70,9 +70,9 @@ function intField(id) {
 // ------------------------------------------------------------------------------------- server settings
 
 async function loadServerInfo() {
-  // GET health (no key needed): the model, its size and fps, and (newer servers) its frames per chunk.
+  // GET v1/magi/info: the served model's frames per chunk, default steps and the server's limits.
   try {
-    const response = await fetch("health");
+    const response = await fetch("v1/magi/info", { headers: authHeaders() });
     if (response.ok) {
       const info = await response.json();
       server.info = info;
@@ -80,9 +80,12 @@ async function loadServerInfo() {
         server.chunkFrames = info.chunk_frames;
         server.known = true;
       }
+      if (info.num_steps) $("num-steps").placeholder = `default ${info.num_steps}`;
+      if (info.max_steps) $("num-steps").max = info.max_steps;
+      if (info.max_frames) $("num-frames").max = info.max_frames;
     }
   } catch (_) {
-    /* keep the default */
+    /* an older server: keep the default */
   }
   updateFramesHint();
 }
@@ -96,7 +99,10 @@ function updateFramesHint() {
   } catch (e) {
     text = e.message;
   }
-  const per = server.known ? `${server.chunkFrames} frames per chunk` : `assuming ${server.chunkFrames} frames per chunk`;
+  let per = server.known ? `${server.chunkFrames} frames per chunk` : `assuming ${server.chunkFrames} frames per chunk`;
+  const info = server.info;
+  if (info && info.width && info.height) per += `, ${info.width}x${info.height} at ${info.fps} fps`;
+  if (info && info.max_frames) per += `, at most ${info.max_frames} frames`;
   $("frames-hint").textContent = `${text} (${per})`;
 }
 
@@ -447,15 +453,10 @@ async function watchJob(id) {
   }
 }
 
-async function openContent(event, id) {
-  if (!apiKey()) return; // the plain link works
-  event.preventDefault(); // a link cannot send the Authorization header: fetch, then hand over a blob
-  try {
-    const blob = await (await api(`v1/videos/${encodeURIComponent(id)}/content`)).blob();
-    window.open(URL.createObjectURL(blob), "_blank");
-  } catch (e) {
-    showError(e.message);
-  }
+// A link cannot send the Authorization header: with a key it goes in the query (the server takes ?api_key=).
+function contentUrl(id) {
+  const key = apiKey();
+  return `v1/videos/${encodeURIComponent(id)}/content` + (key ? `?api_key=${encodeURIComponent(key)}` : "");
 }
 
 function jobRow(job) {
@@ -476,10 +477,9 @@ function jobRow(job) {
   const links = cell("");
   if (job.status === "completed") {
     const a = document.createElement("a");
-    a.href = `v1/videos/${encodeURIComponent(job.id)}/content`;
+    a.href = contentUrl(job.id);
     a.textContent = "mp4";
     a.className = "content-link";
-    a.addEventListener("click", (e) => openContent(e, job.id));
     links.append(a, " ");
   }
   if (job.status !== "failed") {
