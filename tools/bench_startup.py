@@ -15,13 +15,15 @@ Prints, each a median of `--runs` fresh processes:
 
 The checkpoint is the tiny preset's random weights in the released layout, written to a temporary folder
 unless `--ckpt` names one (a folder this script wrote before, or any tiny checkpoint). Runs one process at a
-time with OMP_NUM_THREADS=1; a loaded machine inflates every figure, so compare figures from one machine.
+time with OMP_NUM_THREADS=1. Each figure comes with the process's CPU time (user + system): a loaded machine
+inflates wall times much more than CPU times, and on an idle one the two nearly agree (start-up is one thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,13 +42,14 @@ MARK = "bench_startup: first sampler step at "
 # Run in the child: note the time of the DiT's first forward (the sampler's first step), then run the
 # program exactly as `python magi_infer/generate.py ...` would (its sys.argv, its __main__).
 CHILD = f"""
-import runpy, sys, time
+import os, runpy, sys, time
 import magi_train.model.dit as dit
 forward = dit.VideoDiT.forward
 def first_forward(self, *args, **kwargs):
     if not getattr(dit.VideoDiT, "_bench_seen", False):
         dit.VideoDiT._bench_seen = True
-        print("{MARK}%.6f" % time.time(), file=sys.stderr, flush=True)
+        cpu = os.times()
+        print("{MARK}%.6f %.6f" % (time.time(), cpu.user + cpu.system), file=sys.stderr, flush=True)
     return forward(self, *args, **kwargs)
 dit.VideoDiT.forward = first_forward
 sys.argv = sys.argv[1:]
@@ -58,13 +61,20 @@ def _env() -> Dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
-def _timed(cmd: Sequence[str], cwd: Path) -> Tuple[float, subprocess.CompletedProcess]:
-    start = time.time()
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: Sequence[str], cwd: Path) -> Tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds, result) of one run; the CPU time is that of the finished child (one at a
+    time), which a loaded machine inflates much less than the wall time."""
+    cpu, start = _cpu_of_children(), time.time()
     done = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     seconds = time.time() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return seconds, done
+    return seconds, _cpu_of_children() - cpu, done
 
 
 def console_script(name: str) -> Optional[Path]:
@@ -72,12 +82,17 @@ def console_script(name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def bench_help(runs: int, cwd: Path) -> List[Tuple[str, float]]:
+def bench_help(runs: int, cwd: Path) -> List[Tuple[str, float, float]]:
+    """(command, median wall s, median CPU s) of each --help."""
     commands = [("python magi_infer/generate.py --help", [sys.executable, str(GENERATE), "--help"])]
     script = console_script("magi-generate")
     if script is not None:
         commands.insert(0, ("magi-generate --help", [str(script), "--help"]))
-    return [(label, statistics.median(_timed(cmd, cwd)[0] for _ in range(runs))) for label, cmd in commands]
+    out = []
+    for label, cmd in commands:
+        times = [_timed(cmd, cwd)[:2] for _ in range(runs)]
+        out.append((label, statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)))
+    return out
 
 
 def make_tiny_checkpoint(folder: Path) -> Path:
@@ -102,16 +117,20 @@ def generation_args(ckpt: Path, out: Path) -> List[str]:
 
 
 def bench_generate(runs: int, ckpt: Path, work: Path) -> Dict[str, float]:
-    startup, total = [], []
+    startup, startup_cpu, total, total_cpu = [], [], [], []
     for i in range(runs):
         start = time.time()
-        seconds, done = _timed([sys.executable, "-c", CHILD, *generation_args(ckpt, work / f"g{i}.mp4")], work)
+        seconds, cpu, done = _timed([sys.executable, "-c", CHILD, *generation_args(ckpt, work / f"g{i}.mp4")], work)
         marks = [line for line in done.stderr.splitlines() if line.startswith(MARK)]
         if not marks:
             raise SystemExit(f"no sampler step was seen in the generation's output:\n{done.stderr[-3000:]}")
-        startup.append(float(marks[0][len(MARK):]) - start)
+        at, cpu_at = (float(v) for v in marks[0][len(MARK):].split())
+        startup.append(at - start)
+        startup_cpu.append(cpu_at)
         total.append(seconds)
-    return {"startup_s": statistics.median(startup), "total_s": statistics.median(total)}
+        total_cpu.append(cpu)
+    return {"startup_s": statistics.median(startup), "startup_cpu_s": statistics.median(startup_cpu),
+            "total_s": statistics.median(total), "total_cpu_s": statistics.median(total_cpu)}
 
 
 def parse_importtime(stderr: str) -> List[Tuple[str, int, int]]:
@@ -127,7 +146,7 @@ def parse_importtime(stderr: str) -> List[Tuple[str, int, int]]:
 
 def bench_imports(ckpt: Path, work: Path, top: int) -> Dict[str, object]:
     cmd = [sys.executable, "-X", "importtime", *generation_args(ckpt, work / "imports.mp4")]
-    rows = parse_importtime(_timed(cmd, work)[1].stderr)
+    rows = parse_importtime(_timed(cmd, work)[2].stderr)
     by_package: Dict[str, int] = defaultdict(int)
     for name, self_us, _ in rows:
         by_package[name.split(".")[0]] += self_us
@@ -155,15 +174,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         work = Path(tmp)  # the programs run here, outside the repository, as a user's would
         if "help" in sections:
             report["help"] = bench_help(args.runs, work)
-            for label, seconds in report["help"]:
-                print(f"{label:40s} {seconds:6.2f} s  (median of {args.runs})")
+            for label, seconds, cpu in report["help"]:
+                print(f"{label:40s} {seconds:6.2f} s  (CPU {cpu:.2f} s; median of {args.runs})")
         if sections & {"generate", "imports"}:
             ckpt = args.ckpt or make_tiny_checkpoint(work / "tiny")
         if "generate" in sections:
             g = report["generate"] = bench_generate(args.runs, ckpt, work)
-            print(f"{'one-chunk tiny generation: start-up':40s} {g['startup_s']:6.2f} s  (process start -> first "
-                  f"sampler step; median of {args.runs})")
-            print(f"{'one-chunk tiny generation: total':40s} {g['total_s']:6.2f} s")
+            print(f"{'one-chunk tiny generation: start-up':40s} {g['startup_s']:6.2f} s  (CPU {g['startup_cpu_s']:.2f} s; "
+                  f"process start -> first sampler step; median of {args.runs})")
+            print(f"{'one-chunk tiny generation: total':40s} {g['total_s']:6.2f} s  (CPU {g['total_cpu_s']:.2f} s)")
         if "imports" in sections:
             imp = report["imports"] = bench_imports(ckpt, work, args.top)
             print(f"\nimports of that generation: {imp['total_s']:.2f} s (sum of -X importtime self times, one run)")

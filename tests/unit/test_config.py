@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import hydra
@@ -13,9 +12,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from magi_train.config import ConfigError, TrainConfig, register_configs, to_train_config, validate
+from magi_train.config import ConfigError, TrainConfig, config_dir, register_configs, to_train_config, validate
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()  # conf/ of this clone, as the entry points find it
 
 
 def compose(overrides: Optional[List[str]] = None, with_hydra: bool = False) -> DictConfig:

@@ -18,12 +18,13 @@ import torch
 from magi_train.checkpoint.magi1 import load_magi1_state_dict
 from magi_train.config import register_configs, to_train_config
 from magi_train.config.released import load_released_config
+from magi_train.config.paths import config_dir
 from magi_train.config.schema import ModelConfig
 from tests.configs import tiny_model
 from magi_train.model.dit import build_dit, module_dtype_plan
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
+CONF_DIR = config_dir()
 GELU = REPO / "tests" / "fixtures" / "magi1_gelu"
 
 Shape = Tuple[int, ...]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from magi_train.config import load_model_preset, register_configs, to_train_config
+from magi_train.config import config_dir, load_model_preset, register_configs, to_train_config
 from magi_train.observability.memory_plan import Layout, MicroBatch, estimate
 from magi_train.parallel.groups import check_world
 
@@ -39,7 +39,7 @@ def test_training_launchers_compose_validate_and_fit_80gb(script, gpus_expected,
     args = launcher_overrides(script, tmp_path, "data.shards=/data/shards", "trainer.max_steps=7")
     assert args[-2:] == ["data.shards=/data/shards", "trainer.max_steps=7"]  # user overrides come last and win
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = to_train_config(compose("config", overrides=args))  # validates: raises naming a bad field
     assert cfg.trainer.max_steps == 7 and cfg.data.kind == "webdataset"
     header = sbatch_header(script)
