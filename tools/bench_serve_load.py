@@ -8,9 +8,9 @@
 server.max_queue=--max-queue, so that a burst of clients overflows it) and stops it at the end; `--url` drives a
 running server (its RSS is sampled when `--pid` names its process).
 
-After two warm-up jobs, every wave starts `--clients` threads at once; each makes `--requests` requests one after
-the other, of `--chunks` chunks (cycled over the clients) at `--steps` steps per chunk. Half of the clients use
-the HTTP API (POST /v1/videos, then GET .../content?stream=true until the stream ends), the other half the live
+After two warm-up jobs, every wave starts `--clients` threads at once (their first creates `--stagger` apart, the
+connections already open); each makes `--requests` requests one after the other, of `--chunks` chunks (cycled
+over the clients) at `--steps` steps per chunk. Half of the clients (alternately) use the HTTP API (POST /v1/videos, then GET .../content?stream=true until the stream ends), the other half the live
 WebSocket (GET /v1/videos/live: create, chunk and done messages, the mp4 as binary messages). A request is either
 accepted or refused with 429 (queue full); anything else is an error. Every accepted job must end completed, its
 streamed bytes must be exactly the stored mp4 (GET .../content), the mp4 must decode to the requested frames, and
@@ -253,15 +253,16 @@ def _is_queue_full(error: dict) -> bool:
 
 
 def run_client(index: int, base: str, chunks: int, chunk_frames: int, steps: int, requests: int, start: threading.Barrier,
-               timeout: float, outcomes: List[Outcome], lock: threading.Lock) -> None:
+               stagger: float, timeout: float, outcomes: List[Outcome], lock: threading.Lock) -> None:
     import httpx
 
     via = "http" if index % 2 == 0 else "ws"
     with httpx.Client(timeout=timeout) as client:
         for r in range(requests):
-            # The first requests of a wave are sent together, each client's connection already open (else the
-            # WebSocket clients, whose handshake takes longer, would always come last to a full queue).
-            before = start.wait if r == 0 else None
+            # The first requests of a wave are sent together, each client's connection already open, client i
+            # `stagger` x i seconds after the others' start: HTTP and WebSocket clients alternate in arrival
+            # order instead of the faster kind (a message on an open socket) taking every place in the queue.
+            before = (lambda: (start.wait(), time.sleep(stagger * index))) if r == 0 else None
             out = Outcome(client=index, via=via, chunks=chunks, frames=chunks * chunk_frames)
             body = {"prompt": f"client {index} request {r}: a red blob moves right", "num_frames": out.frames,
                     "num_steps": steps, "seed": index * 100 + r}
@@ -280,9 +281,9 @@ def run_wave(base: str, args, chunk_frames: int, rss: RssSampler) -> dict:
     outcomes: List[Outcome] = []
     lock = threading.Lock()
     barrier = threading.Barrier(args.clients)
-    threads = [threading.Thread(target=run_client, args=(i, base, args.chunks[i % len(args.chunks)], chunk_frames,
-                                                         args.steps, args.requests, barrier, args.timeout, outcomes,
-                                                         lock))
+    threads = [threading.Thread(target=run_client, args=(i, base, args.chunks[(i // 2) % len(args.chunks)], chunk_frames,
+                                                         args.steps, args.requests, barrier, args.stagger,
+                                                         args.timeout, outcomes, lock))
                for i in range(args.clients)]
     with rss:
         t0 = time.perf_counter()
@@ -422,6 +423,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2], help="chunks per request, cycled over clients")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps per chunk")
     parser.add_argument("--waves", type=int, default=2)
+    parser.add_argument("--stagger", type=float, default=0.01,
+                        help="seconds between the clients' first creates of a wave (client i waits i x this)")
     parser.add_argument("--max-queue", type=int, default=4, help="server.max_queue of the server started")
     parser.add_argument("--chunk-frames", type=int, default=24, help="frames per chunk of the model served")
     parser.add_argument("--timeout", type=float, default=120.0, help="per HTTP / WebSocket operation (hang guard)")
