@@ -237,5 +237,19 @@ def test_the_api_key_field_authorizes_the_page(browser, pipe, tmp_path):
             assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
             # The form now knows the served model (GET v1/magi/info needs the key too).
             assert f"{CHUNK_FRAMES} frames per chunk, 64x64" in page.inner_text("#frames-hint")
+
+            # Cancel stops a running job: the server fails it as cancelled, the page says so (no error).
+            start(page, OLD, 6, 16)
+            page.wait_for_selector("#chunk-0[data-state=done]", timeout=TIMEOUT_MS)
+            page.click("#cancel")
+            page.wait_for_function("() => window.magiStats.cancelled || window.magiStats.error || "
+                                   "window.magiStats.done", timeout=TIMEOUT_MS)
+            s = stats(page)
+            assert s["cancelled"] and s["error"] is None and not s["done"], s
+            job = httpx.get(f"{url}/v1/videos/{s['videoId']}", params={"api_key": key}, timeout=30).json()
+            assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
+            assert job["chunks_done"] < 6
+            assert page.locator("#chunks-body tr[data-state=cancelled]").count() == 6 - s["chunksReceived"]
+            assert page.is_hidden("#error")
         finally:
             page.close()

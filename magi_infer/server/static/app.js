@@ -200,6 +200,7 @@ function newStats() {
     promptsAccepted: [],
     promptsApplied: [],
     done: false,
+    cancelled: false,
     error: null,
   };
 }
@@ -382,15 +383,36 @@ function onServerMessage(mine, data) {
       for (const c of mine.chunks) if (c.state !== "done") c.state = data.video.status === "completed" ? "done" : data.video.status;
       renderChunks();
       break;
-    case "error":
+    case "prompt_rejected": {
+      const item = mine.pendingPrompts.pop(); // never accepted: nothing of it is pending
+      if (item) item.remove();
+      const why = (data.error && data.error.message) || "rejected";
+      logPrompt(`rejected: "${data.prompt}" (${why})`, "rejected");
+      showError(`the prompt was not taken: ${why}`);
+      break;
+    }
+    case "error": {
+      const code = data.error && data.error.code;
+      const message = (data.error && data.error.message) || "unknown error";
+      if (mine.job && code === "invalid_message" && !data.video) {
+        showError(`the server did not understand a message: ${message}`); // the job goes on
+        break;
+      }
       mine.finished = true;
-      stats.error = (data.error && data.error.message) || "unknown error";
       mine.player.end();
-      showError(`the server reported an error${data.error && data.error.code ? ` (${data.error.code})` : ""}: ${stats.error}`);
-      setStatus("Failed.");
-      for (const c of mine.chunks) if (c.state !== "done") c.state = "failed";
+      if (mine.cancelRequested && code === "cancelled") {
+        stats.cancelled = true;
+        setStatus(`Job ${mine.job ? mine.job.id : ""}: cancelled.`);
+        for (const c of mine.chunks) if (c.state !== "done") c.state = "cancelled";
+      } else {
+        stats.error = message;
+        showError(`the server reported an error${code ? ` (${code})` : ""}: ${message}`);
+        setStatus("Failed.");
+        for (const c of mine.chunks) if (c.state !== "done") c.state = "failed";
+      }
       renderChunks();
       break;
+    }
     default:
       break; // a newer server's message: nothing to show for it
   }
@@ -411,6 +433,7 @@ function sendPrompt(event) {
 function cancelJob() {
   if (session && session.ws && session.ws.readyState === WebSocket.OPEN) {
     session.ws.send(JSON.stringify({ type: "cancel" }));
+    session.cancelRequested = true;
     setStatus("Cancelling…");
   }
 }
