@@ -3,6 +3,7 @@
     python tools/bench_serve_load.py --ckpt RUN/checkpoints                  # starts its own tiny server
     python tools/bench_serve_load.py --ckpt CKPT --clients 16 --requests 2 --chunks 1 2 --steps 4 --max-queue 4
     python tools/bench_serve_load.py --url http://127.0.0.1:8000 --pid PID   # a server already running
+    python tools/bench_serve_load.py --url URL --api-key KEY --chunks 1 --steps 8
 
 `--ckpt` starts `python -m magi_infer.server model=tiny ckpt.dir=CKPT server.port=0 ...` on 127.0.0.1 (with
 server.max_queue=--max-queue, so that a burst of clients overflows it) and stops it at the end; `--url` drives a
@@ -207,13 +208,13 @@ def http_request(client, base: str, out: Outcome, body: dict, timeout: float, be
         out.error = f"{out.video_id} ended {out.status}: {video.get('error')}"
 
 
-def ws_request(base: str, out: Outcome, body: dict, timeout: float, before=None) -> None:
+def ws_request(base: str, out: Outcome, body: dict, timeout: float, before=None, headers=None) -> None:
     """A live session: create, then the mp4 and the messages until done (or a refusal)."""
     from websockets.sync.client import connect
 
     url = base.replace("http://", "ws://", 1) + "/v1/videos/live"
     buffer = bytearray()
-    with connect(url, open_timeout=timeout, close_timeout=10, max_size=None) as ws:
+    with connect(url, open_timeout=timeout, close_timeout=10, max_size=None, additional_headers=headers) as ws:
         if before is not None:
             before()
         out.create_s = time.time()
@@ -253,11 +254,12 @@ def _is_queue_full(error: dict) -> bool:
 
 
 def run_client(index: int, base: str, chunks: int, chunk_frames: int, steps: int, requests: int, start: threading.Barrier,
-               stagger: float, timeout: float, outcomes: List[Outcome], lock: threading.Lock) -> None:
+               stagger: float, timeout: float, headers: Dict[str, str], outcomes: List[Outcome],
+               lock: threading.Lock) -> None:
     import httpx
 
     via = "http" if index % 2 == 0 else "ws"
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=headers) as client:
         for r in range(requests):
             # The first requests of a wave are sent together, each client's connection already open, client i
             # `stagger` x i seconds after the others' start: HTTP and WebSocket clients alternate in arrival
@@ -270,20 +272,20 @@ def run_client(index: int, base: str, chunks: int, chunk_frames: int, steps: int
                 if via == "http":
                     http_request(client, base, out, body, timeout, before)
                 else:
-                    ws_request(base, out, body, timeout, before)
+                    ws_request(base, out, body, timeout, before, headers)
             except Exception as e:  # the run goes on; the error is reported and fails the test
                 out.status, out.error = "error", f"{type(e).__name__}: {e}"
             with lock:
                 outcomes.append(out)
 
 
-def run_wave(base: str, args, chunk_frames: int, rss: RssSampler) -> dict:
+def run_wave(base: str, args, chunk_frames: int, rss: RssSampler, headers: Dict[str, str]) -> dict:
     outcomes: List[Outcome] = []
     lock = threading.Lock()
     barrier = threading.Barrier(args.clients)
     threads = [threading.Thread(target=run_client, args=(i, base, args.chunks[(i // 2) % len(args.chunks)], chunk_frames,
                                                          args.steps, args.requests, barrier, args.stagger,
-                                                         args.timeout, outcomes, lock))
+                                                         args.timeout, headers, outcomes, lock))
                for i in range(args.clients)]
     with rss:
         t0 = time.perf_counter()
@@ -395,8 +397,9 @@ def fmt(x: Optional[float]) -> str:
 
 
 def print_table(args, rss_before: Optional[int], waves: List[dict]) -> None:
-    print(f"\nmagi-serve load: {args.clients} clients x {args.requests} request(s), chunks {args.chunks}, "
-          f"{args.steps} steps/chunk, server.max_queue={args.max_queue}")
+    queue = f"server.max_queue={args.max_queue}" if args.ckpt else f"the queue of {args.url}"
+    print(f"\nmagi-serve load: {args.clients} clients x {args.requests} request(s), chunks {args.chunks} of "
+          f"{args.chunk_frames} frames, {args.steps} steps/chunk, {queue}")
     print("| wave | requests | accepted | refused (429) | errors | create->completed p50 / p90 / p99 s | "
           "create->first chunk p50 / p90 / p99 s | jobs/s | frames/s | wall s | RSS peak MiB | RSS after MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -418,6 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     where.add_argument("--ckpt", type=Path, help="a tiny-model checkpoint dir: start a server on it")
     where.add_argument("--url", help="a running server's base URL (http://127.0.0.1:PORT)")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, to sample its RSS")
+    parser.add_argument("--api-key", help="the server's key (sent as Authorization: Bearer; --ckpt: server.api_key)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2], help="chunks per request, cycled over clients")
@@ -426,7 +430,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stagger", type=float, default=0.01,
                         help="seconds between the clients' first creates of a wave (client i waits i x this)")
     parser.add_argument("--max-queue", type=int, default=4, help="server.max_queue of the server started")
-    parser.add_argument("--chunk-frames", type=int, default=24, help="frames per chunk of the model served")
+    parser.add_argument("--chunk-frames", type=int, default=None,
+                        help="frames per chunk of the model served (default: GET /v1/magi/info's, else 24)")
     parser.add_argument("--timeout", type=float, default=120.0, help="per HTTP / WebSocket operation (hang guard)")
     parser.add_argument("--workdir", type=Path, default=None, help="server outputs and log (default: a temp dir)")
     parser.add_argument("--server-arg", action="append", default=[], help="one more override for the server")
@@ -441,12 +446,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_serve_load_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    server = Server(args.ckpt.resolve(), workdir / "outputs", args.max_queue, args.server_arg) if args.ckpt else None
+    extra = args.server_arg + ([f"server.api_key={args.api_key}"] if args.api_key else [])
+    server = Server(args.ckpt.resolve(), workdir / "outputs", args.max_queue, extra) if args.ckpt else None
     base = server.url if server else args.url.rstrip("/")
     pid = server.pid if server else args.pid
     try:
         rss = RssSampler(pid)
-        with httpx.Client(timeout=args.timeout) as client:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with httpx.Client(timeout=args.timeout, headers=headers) as client:
+            if args.chunk_frames is None:
+                info = client.get(f"{base}/v1/magi/info")
+                args.chunk_frames = info.json()["chunk_frames"] if info.status_code == 200 else 24
             # Warm-up, one job at a time, over HTTP (the longest request) and over the WebSocket (the shortest):
             # the first job of a new length pays for lazy initialisation (seconds, tens of MiB), not growth.
             lengths = sorted(set(args.chunks))
@@ -457,14 +467,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if w.via == "http":
                     http_request(client, base, w, body, args.timeout)
                 else:
-                    ws_request(base, w, body, args.timeout)
+                    ws_request(base, w, body, args.timeout, headers=headers)
                 if w.status != "completed":
                     raise RuntimeError(f"a warm-up job ({w.via}, {w.chunks} chunks) did not complete: {w.status} {w.error}")
             expected = {w.video_id for w in warm}
             rss_before = rss.now()
             waves, outcomes = [], list(warm)
             for w in range(args.waves):
-                wave = run_wave(base, args, args.chunk_frames, rss)
+                wave = run_wave(base, args, args.chunk_frames, rss, headers)
                 outcomes += wave["outcomes"]
                 expected |= {o.video_id for o in wave["outcomes"] if o.video_id}
                 waves.append(summarize(wave, w + 1, rss.now(), args.chunk_frames))
