@@ -1,6 +1,6 @@
 """Load test of magi-serve: concurrent clients, a bounded queue, nothing lost, memory flat.
 
-    python tools/bench_serve_load.py --ckpt RUN/checkpoints                  # starts its own tiny server
+    python tools/bench_serve_load.py --ckpt tests/fixtures/tiny_base     # starts its own tiny server
     python tools/bench_serve_load.py --ckpt CKPT --clients 16 --requests 2 --chunks 1 2 --steps 4 --max-queue 4
     python tools/bench_serve_load.py --url http://127.0.0.1:8000 --pid PID   # a server already running
     python tools/bench_serve_load.py --url URL --api-key KEY --chunks 1 --steps 8
@@ -11,11 +11,12 @@ running server (its RSS is sampled when `--pid` names its process).
 
 After two warm-up jobs, every wave starts `--clients` threads at once (their first creates `--stagger` apart, the
 connections already open); each makes `--requests` requests one after the other, of `--chunks` chunks (cycled
-over the clients) at `--steps` steps per chunk. Half of the clients (alternately) use the HTTP API (POST /v1/videos, then GET .../content?stream=true until the stream ends), the other half the live
-WebSocket (GET /v1/videos/live: create, chunk and done messages, the mp4 as binary messages). A request is either
-accepted or refused with 429 (queue full); anything else is an error. Every accepted job must end completed, its
-streamed bytes must be exactly the stored mp4 (GET .../content), the mp4 must decode to the requested frames, and
-GET /v1/videos must list exactly the jobs that were accepted (a refused request leaves no job behind).
+over the clients) at `--steps` steps per chunk. Half of the clients (alternately) use the HTTP API (POST
+/v1/videos, then GET .../content?stream=true until the stream ends), the other half the live WebSocket (GET
+/v1/videos/live: create, chunk and done messages, the mp4 as binary messages). A request is either accepted or
+refused with 429 (queue full); anything else is an error. Every accepted job must end completed, its streamed
+bytes must be exactly the stored mp4 (GET .../content), the mp4 must decode to the requested frames, and GET
+/v1/videos must list exactly the jobs that were accepted (a refused request leaves no job behind).
 
 Printed: per wave, the accepted / refused counts, percentiles of create -> completed and of create -> first chunk
 (the first moof fragment on the HTTP stream, the `chunk` message on the WebSocket) over the accepted jobs, jobs
@@ -253,9 +254,9 @@ def _is_queue_full(error: dict) -> bool:
     return code in ("429", "queue_full", "rate_limit_exceeded") or "queue" in str(error.get("message", "")).lower()
 
 
-def run_client(index: int, base: str, chunks: int, chunk_frames: int, steps: int, requests: int, start: threading.Barrier,
-               stagger: float, timeout: float, headers: Dict[str, str], outcomes: List[Outcome],
-               lock: threading.Lock) -> None:
+def run_client(index: int, base: str, chunks: int, chunk_frames: int, steps: int, requests: int,
+               start: threading.Barrier, stagger: float, timeout: float, headers: Dict[str, str],
+               outcomes: List[Outcome], lock: threading.Lock) -> None:
     import httpx
 
     via = "http" if index % 2 == 0 else "ws"
@@ -283,9 +284,11 @@ def run_wave(base: str, args, chunk_frames: int, rss: RssSampler, headers: Dict[
     outcomes: List[Outcome] = []
     lock = threading.Lock()
     barrier = threading.Barrier(args.clients)
-    threads = [threading.Thread(target=run_client, args=(i, base, args.chunks[(i // 2) % len(args.chunks)], chunk_frames,
-                                                         args.steps, args.requests, barrier, args.stagger,
-                                                         args.timeout, headers, outcomes, lock))
+    # Clients alternate HTTP / WebSocket (by index parity) and cycle the chunk counts by pairs, so that every
+    # length is tried over both.
+    threads = [threading.Thread(target=run_client,
+                                args=(i, base, args.chunks[(i // 2) % len(args.chunks)], chunk_frames, args.steps,
+                                      args.requests, barrier, args.stagger, args.timeout, headers, outcomes, lock))
                for i in range(args.clients)]
     with rss:
         t0 = time.perf_counter()
@@ -469,7 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 else:
                     ws_request(base, w, body, args.timeout, headers=headers)
                 if w.status != "completed":
-                    raise RuntimeError(f"a warm-up job ({w.via}, {w.chunks} chunks) did not complete: {w.status} {w.error}")
+                    raise RuntimeError(f"a warm-up job ({w.via}, {w.chunks} chunks) did not complete: "
+                                       f"{w.status} {w.error}")
             expected = {w.video_id for w in warm}
             rss_before = rss.now()
             waves, outcomes = [], list(warm)

@@ -126,8 +126,8 @@ def wait_done(page) -> dict:
 def test_video_plays_the_first_chunk_while_later_chunks_are_generated(page, server, tmp_path):
     chunks, steps = 6, 16
     start(page, OLD, chunks, steps)
-    page.wait_for_function("() => { const s = window.magiStats; return s && (s.framesPresented > 0 || s.error || s.done); }",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function("() => { const s = window.magiStats; "
+                           "return s && (s.framesPresented > 0 || s.error || s.done); }", timeout=TIMEOUT_MS)
     job = httpx.get(f"{server}/v1/videos/{stats(page)['videoId']}", timeout=30).json()  # at once after the frame
     s = stats(page)
     video = page.evaluate("() => { const v = document.getElementById('video'); return {time: v.currentTime, "

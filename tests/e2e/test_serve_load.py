@@ -31,6 +31,7 @@ def test_concurrent_clients_are_served_or_refused_and_nothing_is_lost(tmp_path):
     out = tmp_path / "load.json"
     cmd = [sys.executable, "tools/bench_serve_load.py", "--ckpt", str(TINY), "--clients", str(CLIENTS),
            "--requests", "1", "--chunks", "1", "2", "--steps", "4", "--waves", "2", "--max-queue", str(MAX_QUEUE),
+           "--stagger", "0.005",
            "--workdir", str(tmp_path / "work"), "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
