@@ -36,6 +36,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from magi_infer.config import register_generate_config, summary, to_generate_config  # noqa: E402
 from magi_infer.sidecar import write_sidecar  # noqa: E402
+from magi_train.config.help import answer_help  # noqa: E402
 from magi_train.config.paths import config_dir  # noqa: E402
 
 
@@ -74,8 +75,15 @@ register_generate_config()
 
 
 @hydra.main(config_path=str(config_dir()), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """`magi-generate` and `python magi_infer/generate.py`: the Hydra app; a plain `--help` is answered without
+    Hydra's help machinery, which costs a second (magi_train/config/help.py)."""
+    if not answer_help(Path(sys.argv[0]).name, "generate", sys.argv[1:]):
+        hydra_main()
 
 
 if __name__ == "__main__":
