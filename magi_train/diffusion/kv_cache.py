@@ -20,6 +20,7 @@ last write of the writing pass) has overwritten it, so which pass last wrote a s
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -152,8 +153,6 @@ class KVCache:
         expected = current * t
         self.read_tokens[s - a] += 1
 
-        # Eager even inside torch.compile: the slots move from call to call, the compiled graphs around it do not.
-        @torch.compiler.disable
         def merge(layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             if k.shape[0] != expected:  # inference runs one sample per call
                 raise ValueError(f"KV cache call of {current} chunks x {t} tokens got {k.shape[0]} key tokens")
@@ -178,7 +177,10 @@ class KVCache:
 
         if write:
             self.filled = max(self.filled, first + write)
-        return merge
+        # Eager even inside torch.compile: the slots move from call to call, the compiled graphs around it do not.
+        # Without torch._dynamo imported nothing can be compiling, and wrapping would import it (about 3 s of
+        # CPU, paid at the first cache write of every process otherwise).
+        return torch.compiler.disable(merge) if "torch._dynamo" in sys.modules else merge
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)

@@ -247,3 +247,21 @@ def test_i2v_takes_an_array_as_it_takes_the_same_image_file(tmp_path):
     assert np.array_equal(from_array.frames, from_file.frames)
     with pytest.raises(ValueError, match=r"image must be uint8 RGB of shape \(H, W, 3\), got shape \(4, 4\)"):
         pipe("a red blob", mode="i2v", image=np.zeros((4, 4), np.uint8), num_steps=STEPS)
+
+
+def test_a_generation_imports_only_what_it_uses():
+    """One process, hash text encoder, preview decoder: no megatron-core, wandb, transformers, sympy or torch's
+    compiler stack (torch._dynamo alone costs ~3 s of CPU; the KV cache's compile guard once imported it at the
+    first cache write)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; torch.set_num_threads(1)\n"
+            "from magi_infer import MagiPipeline\n"
+            f"pipe = MagiPipeline.from_pretrained({str(TINY)!r}, overrides={{'progress': False}})\n"
+            "pipe('a red blob', num_frames=48, num_steps=4)\n"
+            "print(sorted(m for m in ('megatron.core', 'wandb', 'transformers', 'sympy', 'torch._dynamo') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
