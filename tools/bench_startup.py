@@ -7,7 +7,7 @@ Prints, each a median of `--runs` fresh processes:
             `python magi_infer/generate.py --help`
   generate  a one-chunk generation with the tiny preset (24 frames, 64x64, on the CPU): start-up, from just
             before the process is started to the first sampler step (the DiT's first forward), and the total
-            to exit
+            to exit; beside them `python -c "import torch"`, the part of any start-up that is torch's own
   imports   what that generation imports (`python -X importtime`, one run): the packages by import time (the
             sum of their modules' own times) and the costliest single modules, and whether any of the
             modules inference must not pay for (megatron-core, wandb, transformers, sympy, torch._dynamo)
@@ -129,8 +129,11 @@ def bench_generate(runs: int, ckpt: Path, work: Path) -> Dict[str, float]:
         startup_cpu.append(cpu_at)
         total.append(seconds)
         total_cpu.append(cpu)
+    # The floor no start-up can go under: a bare interpreter importing torch.
+    floor = [_timed([sys.executable, "-c", "import torch"], work)[:2] for _ in range(runs)]
     return {"startup_s": statistics.median(startup), "startup_cpu_s": statistics.median(startup_cpu),
-            "total_s": statistics.median(total), "total_cpu_s": statistics.median(total_cpu)}
+            "total_s": statistics.median(total), "total_cpu_s": statistics.median(total_cpu),
+            "torch_s": statistics.median(t[0] for t in floor), "torch_cpu_s": statistics.median(t[1] for t in floor)}
 
 
 def parse_importtime(stderr: str) -> List[Tuple[str, int, int]]:
@@ -183,6 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             print(f"{'one-chunk tiny generation: start-up':40s} {g['startup_s']:6.2f} s  (CPU {g['startup_cpu_s']:.2f} s; "
                   f"process start -> first sampler step; median of {args.runs})")
             print(f"{'one-chunk tiny generation: total':40s} {g['total_s']:6.2f} s  (CPU {g['total_cpu_s']:.2f} s)")
+            print(f"{'import torch alone (the floor)':40s} {g['torch_s']:6.2f} s  (CPU {g['torch_cpu_s']:.2f} s)")
         if "imports" in sections:
             imp = report["imports"] = bench_imports(ckpt, work, args.top)
             print(f"\nimports of that generation: {imp['total_s']:.2f} s (sum of -X importtime self times, one run)")
