@@ -115,7 +115,10 @@ def estimate(cfg: ModelConfig, height: int, width: int, num_frames: int, window:
 
 def t5_xxl_encoder_params() -> int:
     """Parameters of the t5-v1_1-xxl encoder (released T5, run in fp32), counted on the meta device."""
-    from transformers import T5Config, T5EncoderModel
+    from magi_train.model.text.extra import t5_dependency
+
+    transformers = t5_dependency("transformers", "the T5 memory estimate")
+    T5Config, T5EncoderModel = transformers.T5Config, transformers.T5EncoderModel
 
     config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                       feed_forward_proj="gated-gelu")
@@ -270,9 +273,11 @@ def _knobs(cfg: GenerateConfig, device: torch.device) -> List[str]:
 def t5_encoder_params(t5_dir: Optional[str] = None) -> int:
     """Parameters of the T5 encoder in `t5_dir` (its config.json, counted on the meta device); the released
     t5-v1_1-xxl when there is none to read."""
-    from transformers import T5Config, T5EncoderModel
-
+    from magi_train.model.text.extra import t5_dependency
     from magi_train.model.text.t5 import resolve_t5_directory
+
+    transformers = t5_dependency("transformers", "the T5 memory estimate")
+    T5Config, T5EncoderModel = transformers.T5Config, transformers.T5EncoderModel
 
     try:
         config = T5Config.from_pretrained(resolve_t5_directory(t5_dir), local_files_only=True)

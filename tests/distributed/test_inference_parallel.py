@@ -302,7 +302,8 @@ def test_generate_cli_with_context_parallel_writes_the_one_process_video(release
     run = _generate(2, two / "video.mp4", ckpt, "parallel.cp=2")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote") == 1 and "2 chunks" in run.stdout  # only rank 0 prints
-    assert sorted(p.name for p in two.iterdir()) == ["video.mp4"]  # one file, no leftovers of other ranks
+    # The video and its sidecar, no leftovers of other ranks.
+    assert sorted(p.name for p in two.iterdir()) == ["video.mp4", "video.mp4.json"]
     assert probe_video(two / "video.mp4").frames == 30
     a, b = (read_video(d / "video.mp4", 12, 64, 64) for d in (one, two))
     assert a.shape == b.shape == (30, 64, 64, 3)
