@@ -15,7 +15,7 @@ from magi_train.model.text.t5 import T5TextEncoder
 @pytest.mark.parametrize("missing", ["ftfy", "bs4"])
 def test_caption_cleaning_without_its_package_names_the_extra(monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # a None entry makes `import` fail as if not installed
-    with pytest.raises(ImportError, match=r"pip install 'magi\[t5\]'") as info:
+    with pytest.raises(ImportError, match=r"pip install '\.\[t5\]' in the magi clone") as info:
         prepare_prompt("A <b>red</b> fox")
     assert repr(missing) in str(info.value)
 
@@ -23,7 +23,7 @@ def test_caption_cleaning_without_its_package_names_the_extra(monkeypatch, missi
 def test_t5_encoder_without_transformers_names_the_extra(monkeypatch, tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a folder that passes the layout check
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match=r"text.encoder=t5.*'transformers'.*pip install 'magi\[t5\]'"):
+    with pytest.raises(ImportError, match=r"text.encoder=t5.*'transformers'.*pip install '\.\[t5\]' in the magi clone"):
         T5TextEncoder(tmp_path)
 
 

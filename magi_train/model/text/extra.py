@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INSTALL = "pip install 'magi[t5]'"
+# magi is installed from a clone or a wheel, not from PyPI (a package named magi there is someone else's).
+INSTALL = "pip install '.[t5]' in the magi clone, or pip install 'magi-<version>-py3-none-any.whl[t5]'"
 
 
 def t5_dependency(module: str, needed_for: str) -> ModuleType:
