@@ -68,7 +68,7 @@ def test_an_existing_output_is_kept_unless_overwrite_is_set(trained, tmp_path):
     assert "loaded" not in run.stdout and out.read_bytes() == b"an earlier video"
     run = launch("magi_infer/generate.py", *args, "overwrite=true")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert probe_video(out).frames == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
+    assert probe_video(out).frames == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4", "taken.mp4.json"]
 
 
 @pytest.mark.slow
