@@ -25,8 +25,8 @@ CREATE_FIELDS = ("prompt", "prompts", "input_reference", "model", "seconds", "si
 EXTEND_FIELDS = ("prompt", "prompts", "video", "model", "seconds", "num_steps", "seed", "num_frames",
                  "prefix_frames")
 LIVE_FIELDS = ("type", "prompt", "prompts", "num_frames", "seconds", "seed", "num_steps", "mode", "model", "size")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
 
 
 @dataclass
