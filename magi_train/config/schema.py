@@ -306,6 +306,16 @@ class TrainerConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Fine-tuning (magi_train/training/init_from.py): the weights a new run starts from, nothing else (step 0, a
+    # fresh optimizer, any parallel layout): a released model directory (any variant; fp8 ones dequantised), a run
+    # directory of ours (its newest checkpoint) or one checkpoint. None: the preset's random initialisation. A run
+    # that resumes its own checkpoints (trainer.resume) keeps them and ignores this (printed).
+    init_from: Optional[str] = None
+    # An exponential moving average of the trained weights for any run (training/ema.py), saved in every
+    # checkpoint as ema.<parameter>; 0 = off. Distillation keeps its own (distill.ema_decay).
+    ema_decay: float = 0.0
+    # With an EMA: validation videos are sampled with the EMA weights (false: with the live weights).
+    sample_ema: bool = True
 
 
 @dataclass
