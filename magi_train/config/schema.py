@@ -339,6 +339,28 @@ class DistillConfig:
     text_scales: List[float] = field(default_factory=lambda: list(RELEASED_TEXT_SCALES))
 
 
+# The DiT linears LoRA adapts by default (fnmatch patterns over `build_dit(...).named_modules()` names): both
+# attentions' projections and the MLP; the caption KV linear (linear_kv_xattn) only when named.
+DEFAULT_LORA_TARGETS = ("*.self_attention.linear_qkv.q", "*.self_attention.linear_qkv.k",
+                        "*.self_attention.linear_qkv.v", "*.self_attention.linear_qkv.qx",
+                        "*.self_attention.linear_proj", "*.mlp.linear_fc1", "*.mlp.linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning (experiment=lora; magi_train/model/lora.py, magi_train/parallel/lora.py): rank > 0 adds
+    adapters B A (B = 0 at the start) to the target linears and freezes everything else; only the adapters are
+    trained, checkpointed and exported (<output_dir>/adapter/)."""
+
+    rank: int = 0  # 0 = no LoRA (full training); > 0: adapters of this rank, base frozen
+    alpha: float = 16.0  # scale = alpha / rank (as peft / the LoRA paper)
+    dropout: float = 0.0  # on the adapter's input
+    targets: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # dtype of the frozen base weights: auto = model.params_dtype; bfloat16 halves the base's memory (with
+    # trainer.precision=bf16, whose autocast runs the products in bf16 anyway).
+    base_dtype: ComputeDType = ComputeDType.auto
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -348,5 +370,6 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     experiment: Optional[str] = None
     tags: List[str] = field(default_factory=list)

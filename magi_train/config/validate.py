@@ -62,6 +62,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     problems += _check_sequence_split(cfg)
     problems += _check_packing(cfg)
     problems += _check_distill(cfg)
+    problems += _check_lora(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -383,6 +384,25 @@ def _check_distill(cfg: TrainConfig) -> Iterator[str]:
     if not len(x.cfg_t_range) == len(x.prev_chunk_scales) == len(x.text_scales):
         yield (f"distill.cfg_t_range ({len(x.cfg_t_range)}), prev_chunk_scales ({len(x.prev_chunk_scales)}) and "
                f"text_scales ({len(x.text_scales)}) must have the same length")
+
+
+def _check_lora(cfg: TrainConfig) -> Iterator[str]:
+    """LoRA (lora.rank > 0): the adapter's numbers, and what a frozen base in another dtype needs."""
+    x = cfg.lora
+    if not (isinstance(x.rank, int) and x.rank >= 0):
+        yield f"lora.rank ({x.rank}) must be an integer >= 0 (0 = no LoRA)"
+    if not x.alpha > 0:
+        yield f"lora.alpha ({x.alpha}) must be > 0"
+    if not 0.0 <= x.dropout < 1.0:
+        yield f"lora.dropout ({x.dropout}) must be in [0, 1)"
+    if not x.targets or not all(isinstance(t, str) and t.strip() for t in x.targets):
+        yield f"lora.targets ({list(x.targets)}) must be a non-empty list of module name patterns"
+    yield from _one_of("lora.base_dtype", x.base_dtype, ("auto", "float32", "bfloat16", "float16"))
+    if x.rank > 0 and x.base_dtype not in ("auto", cfg.model.params_dtype) and cfg.trainer.precision == "fp32":
+        yield (f"lora.base_dtype={_show(x.base_dtype)} differs from model.params_dtype={_show(cfg.model.params_dtype)}: "
+               f"the frozen base's products then need trainer.precision=bf16 (autocast)")
+    if x.rank > 0 and cfg.distill.enabled:
+        yield "lora.rank > 0 with distill.enabled=true is not supported (distillation trains the whole student)"
 
 
 def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
