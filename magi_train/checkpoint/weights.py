@@ -136,3 +136,37 @@ def load_model_only(path: Path, models, full_shapes: Dict[str, Tuple[int, ...]],
         # A checkpoint of another model preset fails here, naming the keys and shapes that differ.
         load_into(model, state["model"], f"{path} (model weights)", full_shapes, tp_rank, tp)
     return int(state["trainer"]["step"])
+
+
+# The per-linear tensors of a released fp8 layer besides its weight (magi_train/model/fp8.py).
+FP8_SCALE_NAMES = ("weight_scale", "input_scale", "smooth_scale")
+
+
+def dequantize_fp8_state_dict(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], int]:
+    """(state dict, number of linears dequantised): every released fp8 linear replaced by the fp32 (out, in)
+    weight its forward applies, in the key order of `state`; everything else as stored.
+
+    The fp8 forward (magi_train/model/fp8.py, `_Fp8Linear.forward` + `fp8_matmul`'s exact CPU path) is
+        y = bf16(fp8(x / divisor) @ W_q^T * (a_scale * weight_scale))
+    with divisor = smooth_scale (per-channel linears) or the input_scale vector (per-tensor ones) and a_scale =
+    input_scale[0]. The weight of that linear map is W[:, j] = W_q[:, j] * (a_scale * weight_scale) / divisor[j]
+    (scales multiplied first, as the GEMM's one alpha), computed in fp32 from the exact fp8 values: the released
+    weights as the released kernels use them. What it leaves out is not a weight but a forward-time rounding
+    (the fp8 cast of each activation), which a model trained in bf16/fp32 does not have."""
+    modules = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
+    replaced: Dict[str, torch.Tensor] = {}
+    for module in modules:
+        wq = state[f"{module}.weight"]
+        if wq.dtype != torch.float8_e4m3fn or wq.ndim != 3 or wq.shape[0] != 1:
+            raise ValueError(f"{module}.weight: a released fp8 linear holds a (1, out, in) float8_e4m3fn weight, "
+                             f"got {tuple(wq.shape)} {wq.dtype}")
+        input_scale = state[f"{module}.input_scale"].float().flatten()
+        smooth = state.get(f"{module}.smooth_scale")
+        divisor = (input_scale if smooth is None else smooth.float()).reshape(1, -1)
+        alpha = input_scale[0] * state[f"{module}.weight_scale"].float().reshape(())
+        replaced[f"{module}.weight"] = wq[0].float() * alpha / divisor
+    scale_keys = {f"{m}.{n}" for m in modules for n in FP8_SCALE_NAMES}
+    leftover = [k for k, t in state.items() if t.dtype == torch.float8_e4m3fn and k not in replaced]
+    if leftover:
+        raise ValueError(f"fp8 tensors without the released scales (weight_scale, input_scale): {leftover[:5]}")
+    return {k: replaced.get(k, t) for k, t in state.items() if k not in scale_keys}, len(modules)

@@ -4,6 +4,7 @@ rank is left waiting in a collective the others have abandoned.
 
     RunDirectory     rank 0's lock on output_dir (training/run_dir.py), the fresh-run check, the launcher watch
     choose_resume    trainer.resume -> the checkpoint every rank verified, its saved config checked
+    choose_init      trainer.init_from -> the weights a new run starts from (a resumed run keeps its record)
     check_memory     the memory estimate against the device's free memory (observability/memory_check.py)
 """
 
@@ -13,7 +14,7 @@ import pickle
 import socket
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch.distributed as dist
 
@@ -169,3 +170,49 @@ def check_memory(cfg: TrainConfig, parallel: Parallel) -> None:
     problem = check_train_memory(cfg, p.tp, p.cp, p.pp, p.dp, p.device, sharing)
     if problem is not None:
         raise MemoryError(problem)
+
+
+def choose_init(cfg: TrainConfig, parallel: Parallel, resume_from: Optional[Path]) -> Optional[Dict[str, Any]]:
+    """The init_from record of this run (training/init_from.py), the same on every rank: a resumed run keeps
+    the one its checkpoint holds (trainer.init_from is then not applied: printed, with a warning when it names
+    other weights than the run started from); a new run resolves trainer.init_from (None: no init_from)."""
+    from magi_train.training.init_from import RECORD_KEY, identity_problem, resolve_init_source
+
+    spec = cfg.trainer.init_from
+    if resume_from is None:
+        return None if not spec else agree(parallel, lambda: resolve_init_source(spec, cfg.model).record())
+
+    def kept() -> Tuple[Optional[Dict[str, Any]], List[str]]:
+        recorded = read_our_trainer_state(resume_from).get(RECORD_KEY)
+        if not spec:
+            return recorded, []
+        lines = [f"trainer.init_from={spec} is not applied: the run resumes from {resume_from}"
+                 + (f", which started from {recorded['resolved']}" if recorded else "")]
+        if recorded:
+            problem = identity_problem(recorded, resolve_init_source(spec, cfg.model))
+            if problem:
+                lines.append(f"warning: {problem}")
+        return recorded, lines
+
+    recorded, lines = agree(parallel, kept)
+    for line in lines:
+        print(line, flush=True)
+    return recorded
+
+
+def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, Any], models, full_shapes) -> None:
+    """trainer.init_from's weights into this rank's model chunks (each rank reads the whole state dict and
+    keeps its tensor-parallel slices of the layers it holds); a mismatch with the preset names every field."""
+    from magi_train.checkpoint.weights import load_into
+    from magi_train.training.init_from import InitSource, read_init_weights
+
+    source = InitSource(**record)
+    state, description, notes = read_init_weights(source, cfg.model)
+    for model in models:
+        load_into(model, state, description, full_shapes, parallel.tp_rank, parallel.tp)
+    del state
+    if parallel.is_main:
+        for line in notes:
+            print(line, flush=True)
+        print(f"initialised from {source.describe()} (sha256 {source.sha256[:12]}): step 0, fresh optimizer",
+              flush=True)

@@ -50,7 +50,7 @@ from magi_train.training.objectives import Objective, build_callbacks, build_obj
 from magi_train.training.optim import lr_at, set_lr
 from magi_train.training.precision import autocast
 from magi_train.training.run_dir import CHECKPOINTS_DIR
-from magi_train.training.startup import RunDirectory, check_memory, choose_resume
+from magi_train.training.startup import RunDirectory, check_memory, choose_init, choose_resume, load_init_weights
 from magi_train.training.stop import StopRequest
 
 
@@ -90,10 +90,14 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS_DIR, tc.keep_last, read_only=not p.is_main)
         # Chosen (and its config checked) before the model is built: a resume that cannot work fails at once.
         self.resumed_from = resume_from = choose_resume(cfg, p, self.checkpoints, self.global_batch)
+        # trainer.init_from (training/init_from.py): the record every checkpoint of this run keeps.
+        self.init_from = choose_init(cfg, p, resume_from)
         if tc.check_memory:
             check_memory(cfg, p)
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
+        if self.init_from is not None and resume_from is None:
+            load_init_weights(cfg, p, self.init_from, self.models, self.full_shapes)
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
         self.optimizer.attach_grad_hooks()  # gradients reduced in buckets while backward runs (parallel/zero.py)
         self.callbacks = list(build_callbacks(cfg) if callbacks is None else callbacks)
@@ -106,9 +110,10 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0  # non-finite steps: in all, and in a row
         self.step = 0
         self.saved_step: Optional[int] = None  # step of the last checkpoint this run wrote or resumed from
-        # A fresh distillation run starts its student as the teacher; a resumed one keeps its own weights.
-        self.objective = objective or build_objective(cfg, p, cp_impl, self.full_shapes, self.models,
-                                                      self.callbacks, fresh=resume_from is None)
+        # A fresh distillation run starts its student as the teacher (unless trainer.init_from gave it weights);
+        # a resumed one keeps its own weights.
+        self.objective = objective or build_objective(cfg, p, cp_impl, self.full_shapes, self.models, self.callbacks,
+                                                      fresh=resume_from is None and self.init_from is None)
         self.batches = BatchBuilder(cfg, p, self.objective, self.global_batch, self.num_micro)
         self.shape = self.batches.shape
         # Without a pipeline one stage holds the whole model (built once: it keeps the attention placement).
@@ -286,6 +291,8 @@ class Trainer:
             extra["data_loader"] = self.batches.loader_state()
         if self.objective.state_dict():
             extra["objective"] = self.objective.state_dict()
+        if self.init_from is not None:
+            extra["init_from"] = self.init_from  # the weights the run started from (training/init_from.py)
         extra_weights = {k: v for callback in self.callbacks for k, v in callback.extra_weights().items()}
         path = save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
                                 extra_weights=extra_weights or None)
