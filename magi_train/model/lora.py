@@ -398,11 +398,37 @@ def load_adapter(model: nn.Module, path, name: Optional[str] = None, scale: floa
     exact = [fnmatch_escape(m) for m in adapter.modules]
     apply_lora(model, exact, cfg["rank"], cfg["alpha"], cfg["dropout"], name, scale=scale, freeze_base=False,
                factory=factory)
-    for module_name in adapter.modules:
-        wrapper = model.get_submodule(module_name)
-        wrapper.set_factors(name, adapter.tensors[f"{module_name}.lora_A.weight"],
-                            adapter.tensors[f"{module_name}.lora_B.weight"])
+    try:
+        for module_name in adapter.modules:
+            try:
+                model.get_submodule(module_name).set_factors(name, adapter.tensors[f"{module_name}.lora_A.weight"],
+                                                             adapter.tensors[f"{module_name}.lora_B.weight"])
+            except ValueError as e:
+                raise ValueError(f"adapter {adapter.path}, module {module_name}: {e}") from e
+    except BaseException:
+        remove_lora(model, name)  # nothing half-loaded stays behind
+        raise
     return name
+
+
+def save_adapter(model: nn.Module, directory, name: Optional[str] = DEFAULT_ADAPTER,
+                 targets: Optional[Sequence[str]] = None, step: Optional[int] = None,
+                 base_model: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
+    """Write adapter `name` of `model` as an adapter directory (magi_train/checkpoint/adapters.py). `targets`: the
+    patterns it was made with (default: its module names); `base_model`: default from `model.cfg`."""
+    from magi_train.checkpoint.adapters import base_model_identity, write_adapter
+
+    name = _single_adapter(model, name)
+    if base_model is None:
+        if not hasattr(model, "cfg"):
+            raise ValueError("save_adapter needs base_model= for a model without a ModelConfig `cfg`")
+        base_model = base_model_identity(model.cfg)
+    tensors = lora_state_dict(model, name)
+    settings = adapter_settings(model, name)
+    modules = list(dict.fromkeys(k.rsplit(".lora_", 1)[0] for k in tensors))
+    return write_adapter(directory, tensors, rank=settings["rank"], alpha=settings["alpha"],
+                         dropout=settings["dropout"], targets=list(targets) if targets is not None else modules,
+                         base_model=base_model, step=step, dtype=dtype)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
