@@ -22,6 +22,9 @@ entry per stored piece), and the save's plan is one all_gather of every rank's b
                                        caller's `extra_weights`, e.g. prefix "ema": a distillation EMA)
     trainer.json                       rank 0: the caller's `extra` plus the saving "layout"
 
+`model_keys` (LoRA: the adapters) limits what a checkpoint holds to those model keys, their optimizer state and
+their extra weights (a frozen base is rebuilt from where it came from, not stored); a load then fills only them.
+
 `extra_weights` are further sets of per-parameter tensors (one dict per held model chunk, same names and
 local shapes as its parameters) stored and resharded exactly like the model weights; a checkpoint may hold
 sets a loader does not ask for (they are skipped), and `checkpoint_has` tells whether it holds a set.
@@ -151,12 +154,15 @@ def _full_parameter_names(models: Sequence[VideoDiT]) -> List[str]:
     return list(plan_of(models[0]).full_parameters)
 
 
-def _held(models: Sequence[VideoDiT]) -> Dict[str, Tuple[VideoDiT, torch.Tensor]]:
-    """Parameter name -> (the model chunk holding it, its local tensor), over this rank's chunks."""
+def _held(models: Sequence[VideoDiT], keys: Sequence[str] | None = None) -> Dict[str, Tuple[VideoDiT, torch.Tensor]]:
+    """Parameter name -> (the model chunk holding it, its local tensor), over this rank's chunks (only `keys`,
+    when given)."""
+    wanted = None if keys is None else set(keys)
     held = {}
     for model in models:
         for name, tensor in model.state_dict(keep_vars=True).items():
-            held[name] = (model, tensor)
+            if wanted is None or name in wanted:
+                held[name] = (model, tensor)
     return held
 
 
@@ -177,10 +183,12 @@ def _check_prefix(prefix: Any) -> None:
                          f"than {', '.join(map(repr, RESERVED_PREFIXES))}")
 
 
-def _extra_held(models: Sequence[VideoDiT], extra_weights: ExtraWeights | None
+def _extra_held(models: Sequence[VideoDiT], extra_weights: ExtraWeights | None, keys: Sequence[str] | None = None
                 ) -> Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]]:
     """Prefix -> parameter name -> (the model chunk, the extra tensor), after checking that every set
-    matches the models' parameters: one dict per model, same names, same local shapes."""
+    matches the models' parameters (those among `keys`, when given): one dict per model, same names, same
+    local shapes."""
+    wanted = None if keys is None else set(keys)
     out: Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]] = {}
     for prefix, dicts in (extra_weights or {}).items():
         _check_prefix(prefix)
@@ -190,7 +198,7 @@ def _extra_held(models: Sequence[VideoDiT], extra_weights: ExtraWeights | None
                              + ("" if isinstance(dicts, Mapping) else f" of length {len(dicts)}"))
         held: Dict[str, Tuple[VideoDiT, torch.Tensor]] = {}
         for i, (model, tensors) in enumerate(zip(models, dicts)):
-            params = dict(model.named_parameters())
+            params = {n: p for n, p in model.named_parameters() if wanted is None or n in wanted}
             missing = [name for name in params if name not in tensors]
             unexpected = [name for name in tensors if name not in params]
             if missing or unexpected:
@@ -210,10 +218,11 @@ def _extra_held(models: Sequence[VideoDiT], extra_weights: ExtraWeights | None
 
 
 def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: Parallel,
-                extra: Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]]) -> Dict[str, Any]:
+                extra: Dict[str, Dict[str, Tuple[VideoDiT, torch.Tensor]]],
+                model_keys: Sequence[str] | None = None) -> Dict[str, Any]:
     """{key: (full shape, boxes this rank writes)}; keys another rank writes are left out."""
     full = _full_model(models)
-    held = _held(models)
+    held = _held(models, model_keys)
     state: Dict[str, Any] = {}
     # Parameters are identical over the dp x cp ranks: the first of them writes.
     if _group_rank(parallel.groups.dp_cp) == 0:
@@ -230,6 +239,8 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
     names = _optimizer_names(optimizer, models)
     for opt_name, moments in optimizer.owned_state().items():
         name = names[opt_name]
+        if name not in held:
+            raise ValueError(f"the optimizer trains {name!r}, which model_keys leaves out of the checkpoint")
         model, _ = held[name]
         spec = shard_spec(model, name, full[name][0])
         if spec.writer:
@@ -246,8 +257,12 @@ def _save_state(models: Sequence[VideoDiT], optimizer: ShardedAdamW, parallel: P
 
 def save_train_state(manager: CheckpointManager, step: int, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
                      extra: Dict[str, Any], parallel: Parallel,
-                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None) -> Path:
+                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None,
+                     model_keys: Sequence[str] | None = None) -> Path:
     """Write checkpoint `step` from every rank (collective); returns its final path on every rank.
+
+    `model_keys`: the whole model's keys to store (None: every state-dict key); LoRA passes its adapters', and
+    the optimizer must then train nothing else; `extra_weights` then have those parameters' names.
 
     `extra` is the JSON-able trainer state (rank 0's is written); the saving layout is added to it as
     "layout". `extra_weights` (e.g. {"ema": [one dict per model]}) are further per-parameter tensors, each
@@ -265,8 +280,9 @@ def save_train_state(manager: CheckpointManager, step: int, models: Sequence[Vid
     rank, world = ranks.rank, ranks.size
 
     def prepare() -> Tuple[str, Dict[str, Any]]:
-        held_extra = _extra_held(models, extra_weights)
-        return json.dumps({**extra, "layout": layout}, indent=2), _save_state(models, optimizer, parallel, held_extra)
+        held_extra = _extra_held(models, extra_weights, model_keys)
+        return (json.dumps({**extra, "layout": layout}, indent=2),
+                _save_state(models, optimizer, parallel, held_extra, model_keys))
 
     trainer, state = ranks.agree(prepare)  # on every rank, so that a bad `extra` fails everywhere
     # Every rank's boxes (plain data, between our own ranks), then the same plan on every rank.
@@ -394,7 +410,8 @@ def _read_boxes(path: Path, index: sharded.Index, targets: Mapping[str, Sequence
 
 def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: ShardedAdamW,
                      parallel: Parallel,
-                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None) -> Dict[str, Any]:
+                     extra_weights: Dict[str, Sequence[Dict[str, torch.Tensor]]] | None = None,
+                     model_keys: Sequence[str] | None = None) -> Dict[str, Any]:
     """Fill the models' local parameters and the optimizer's owned state for the CURRENT layout from a
     checkpoint saved under any layout (collective). Returns the saved trainer state (with "layout").
 
@@ -403,7 +420,10 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
     dicts' dtypes; a prefix the checkpoint lacks raises ValueError (see `checkpoint_has`). Extra sets the
     checkpoint holds but that are not asked for are skipped.
 
-    Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state."""
+    Parameters the optimizer owns now but that had no optimizer state when saved keep a fresh state.
+
+    `model_keys` (as saved: LoRA's adapters): only those keys are expected and filled; the rest of the model
+    is left as it is (a frozen base the caller rebuilt)."""
     path = Path(path)
     ranks = _Ranks(parallel)
     rank, world = ranks.rank, ranks.size
@@ -414,9 +434,13 @@ def load_train_state(path: str | Path, models: Sequence[VideoDiT], optimizer: Sh
         index = _read_index(path, marker)
         trainer = read_trainer_state(path)
         full = _full_model(models)
-        held = _held(models)
-        held_extra = _extra_held(models, extra_weights)
-        _check_keys(path, index, full, held, held_extra, _full_parameter_names(models) if held_extra else ())
+        if model_keys is not None:
+            full = {k: full[k] for k in model_keys}
+        held = _held(models, model_keys)
+        held_extra = _extra_held(models, extra_weights, model_keys)
+        names = _full_parameter_names(models) if model_keys is None else [n for n in _full_parameter_names(models)
+                                                                          if n in full]
+        _check_keys(path, index, full, held, held_extra, names if held_extra else ())
         targets: Dict[str, List[Box]] = {}
         for name, (model, tensor) in held.items():
             targets[f"model.{name}"] = _boxes(shard_spec(model, name, full[name][0]), tensor.detach())

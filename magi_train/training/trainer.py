@@ -46,6 +46,7 @@ from magi_train.parallel.zero import ShardedAdamW
 from magi_train.training.batches import BatchBuilder
 from magi_train.training.ema import StepCallback
 from magi_train.training.evaluation.held_out import VIDEO_FPS, HeldOut
+from magi_train.training.lora import RECORD_KEY as LORA_RECORD, LoraRun, check_base_identity, start_lora
 from magi_train.training.objectives import Objective, build_callbacks, build_objective
 from magi_train.training.optim import lr_at, set_lr
 from magi_train.training.precision import autocast
@@ -96,8 +97,16 @@ class Trainer:
             check_memory(cfg, p)
         self.stage_ids, self.models = build_train_stages(cfg, p, cp_impl)
         self.full_shapes = plan_of(self.models[0]).full_shapes  # the whole model's, recorded by parallelize_dit
-        if self.init_from is not None and resume_from is None:
+        lora = cfg.lora.rank > 0
+        # A LoRA run's checkpoints hold the adapters alone: its frozen base is rebuilt on resume too.
+        if self.init_from is not None and (resume_from is None or lora):
+            if resume_from is not None:
+                check_base_identity(self.init_from, cfg.model)
             load_init_weights(cfg, p, self.init_from, self.models, self.full_shapes)
+        # LoRA (training/lora.py): adapters on the final base weights, the base frozen; only they train.
+        self.lora: Optional[LoraRun] = start_lora(cfg, p, self.models, self.init_from) if lora else None
+        if self.lora is not None:
+            self.full_shapes = plan_of(self.models[0]).full_shapes  # with the adapters'
         self.optimizer = ShardedAdamW(self.named_parameters(), cfg.optimizer, p.groups.dp_cp)
         self.optimizer.attach_grad_hooks()  # gradients reduced in buckets while backward runs (parallel/zero.py)
         self.callbacks = list(build_callbacks(cfg) if callbacks is None else callbacks)
@@ -294,8 +303,13 @@ class Trainer:
         if self.init_from is not None:
             extra["init_from"] = self.init_from  # the weights the run started from (training/init_from.py)
         extra_weights = {k: v for callback in self.callbacks for k, v in callback.extra_weights().items()}
+        if self.lora is not None:
+            extra[LORA_RECORD] = self.lora.record()
         path = save_train_state(self.checkpoints, self.step, self.models, self.optimizer, extra, self.parallel,
-                                extra_weights=extra_weights or None)
+                                extra_weights=extra_weights or None,
+                                model_keys=self.lora.model_keys if self.lora is not None else None)
+        if self.lora is not None:
+            self.lora.export(path, self.out_dir, self.step)  # <output_dir>/adapter/, rank 0
         self.saved_step = self.step
         return path
 
@@ -303,7 +317,10 @@ class Trainer:
         if is_distributed_checkpoint(path):
             wanted = {k: v for callback in self.callbacks
                       for k, v in callback.extra_weights_to_load(path, self.models).items()}
-            extra = load_train_state(path, self.models, self.optimizer, self.parallel, extra_weights=wanted or None)
+            extra = load_train_state(path, self.models, self.optimizer, self.parallel, extra_weights=wanted or None,
+                                     model_keys=self.lora.model_keys if self.lora is not None else None)
+            if self.lora is not None:
+                self.lora.check_resumed(extra, path)
             self.step = self.saved_step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             self.objective.load_state_dict(extra.get("objective", {}))
@@ -313,6 +330,9 @@ class Trainer:
                 elif self.parallel.is_main:
                     print(f"warning: {path} holds no data loader position (not a data.kind=webdataset run): "
                           f"reading the shards from the start", flush=True)
+        elif self.lora is not None:
+            raise ValueError(f"{path} is a model-only checkpoint: a LoRA run (lora.rank > 0) resumes from its own "
+                             f"checkpoints; start from these weights with trainer.init_from={path}")
         else:  # a model-only checkpoint (tools/convert_checkpoint.py to-ours): weights and step
             p = self.parallel
             self.step = load_model_only(path, self.models, self.full_shapes, p.tp_rank, p.tp)
