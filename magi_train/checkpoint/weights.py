@@ -22,7 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from magi_train.checkpoint.magi1 import check_state_dict, load_magi1_state_dict
-from magi_train.checkpoint.distributed import is_distributed_checkpoint, read_full_model_state, read_trainer_state
+from magi_train.checkpoint.distributed import (checkpoint_has, is_distributed_checkpoint, read_full_model_state,
+                                               read_full_weights, read_trainer_state)
 from magi_train.checkpoint.manager import (MARKER_NAME, CheckpointManager, CorruptCheckpointError, find_checkpoint,
                                            read_marker, read_state_file, refuse_pickles)
 from magi_train.checkpoint.variants import Variant, resolve_weight_dir
@@ -32,6 +33,7 @@ from magi_train.parallel.sharding import shard_state_dict
 
 # The files of a model-only checkpoint (CheckpointManager.save of {"model": tensors, "trainer": JSON}).
 MODEL_FILE, TRAINER_FILE = "model.safetensors", "trainer.json"
+EMA_PREFIX = "ema"  # the EMA's weights in a checkpoint (training/ema.py EmaCallback.PREFIX)
 # Fields that only steer how we run a model, never what its weights are.
 _RUNTIME_ONLY_FIELDS = {"name", "layer_spec", "attention_backend", "init_std", "params_dtype", "fused_norms"}
 
@@ -82,8 +84,11 @@ def read_checkpoint_file(path: Path, name: str) -> Any:
     return read_state_file(path / name)
 
 
-def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Dict[str, torch.Tensor], str]:
-    """(state dict with dtypes as stored, a description of the source) for this preset."""
+def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool, ema: bool = False
+                 ) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict with dtypes as stored, a description of the source) for this preset. `ema`: a checkpoint
+    of ours gives its EMA weights (`ema.<parameter>`, kept by a run with trainer.ema_decay > 0 or by
+    distillation) instead of the trained ones; buffers come from the model weights."""
     path = Path(directory)
     ours = find_checkpoint(path)
     if ours is not None:
@@ -91,7 +96,17 @@ def load_weights(directory: str | Path, cfg: ModelConfig, fp8: bool) -> Tuple[Di
             raise ValueError(f"ckpt.dir={path} is a checkpoint of our trainer; sampler.fp8=true needs released "
                              "fp8 weights (tools/convert_checkpoint.py to-released --fp8 makes them)")
         _check_model_config(read_our_trainer_state(ours).get("config", {}).get("model", {}), cfg, ours)
-        return read_our_model_state(ours), f"checkpoint {ours}"
+        state = read_our_model_state(ours)
+        if not ema:
+            return state, f"checkpoint {ours}"
+        if not (is_distributed_checkpoint(ours) and checkpoint_has(ours, EMA_PREFIX)):
+            raise ValueError(f"EMA weights asked for, but checkpoint {ours} holds none (its run kept no EMA: "
+                             f"trainer.ema_decay=0 and not a distillation run)")
+        averaged = read_full_weights(ours, EMA_PREFIX)
+        return {k: averaged.get(k, v) for k, v in state.items()}, f"checkpoint {ours} (EMA weights)"
+    if ema:
+        raise ValueError(f"EMA weights asked for, but ckpt.dir={path} is not a checkpoint of our trainer "
+                         "(released weights hold one set)")
     wanted = Variant(distill=cfg.distill, fp8=fp8)
     weight_dir, held = resolve_weight_dir(path, wanted, wanted_by=f"model.distill={cfg.distill}, sampler.fp8={fp8}",
                                           missing_note=f", and it is not a checkpoint of ours (no {MARKER_NAME})")

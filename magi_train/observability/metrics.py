@@ -22,6 +22,7 @@ from magi_train.config.schema import TrainerConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_FILE = "wandb_run.json"  # {"id": ...}: the wandb run a resumed run continues
+GRID_VIDEO = "video/grid"  # the validation videos' grid (training/evaluation/grid.py): one per evaluation in wandb
 
 _LINE_KEYS = (("loss", ".4f"), ("eval_loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".2e"), ("tokens_per_s", ".0f"),
               ("samples_per_s", ".2f"), ("mfu", ".3f"), ("time/step", ".3f"), ("skipped_steps", "d"))
@@ -161,7 +162,8 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
     def log_videos(self, step: int, videos: Dict[str, Path], fps: int) -> None:
-        """Record validation videos (name -> mp4 path): a JSON line with their paths, and wandb media.
+        """Record validation videos (name -> mp4 path): a JSON line with their paths, and wandb media: the
+        evaluation's grid alone (GRID_VIDEO, every prompt in one video) when there is one, else each video.
 
         The line has no "loss", so readers of metrics.jsonl tell the kinds of record apart by their keys."""
         if not self.enabled:
@@ -179,7 +181,8 @@ class MetricsLogger:
 
             # From a file wandb copies the mp4 as it is (no moviepy, no re-encode); its frame rate is the
             # file's own, so `fps` is not passed (wandb warns that it would be ignored).
-            self.wandb.log({name: wandb.Video(path, format="mp4") for name, path in paths.items()}, step=step)
+            shown = {GRID_VIDEO: paths[GRID_VIDEO]} if GRID_VIDEO in paths else paths
+            self.wandb.log({name: wandb.Video(path, format="mp4") for name, path in shown.items()}, step=step)
 
     def advance(self, steps: int = 1, loss: Optional[float] = None) -> None:
         if self.bar is not None:

@@ -3,9 +3,13 @@
 `EmaCallback` holds one fp32 `EmaWeights` per model chunk of this rank (the local shards, beside the
 parameters), updates it after every optimizer step, and is saved in every checkpoint as `ema.<parameter>`
 (reshardable like the weights, through the checkpoint's `extra_weights`; `read_full_weights(path, "ema")`
-exports it). A resumed run reloads it exactly; a run that starts, or resumes from a checkpoint without an
-EMA, starts it from the weights. Distillation turns it on (distill.ema_decay) and reads its shortcut targets
-from it.
+exports it; `magi_train.checkpoint.weights.load_weights(..., ema=True)` loads it for inference). A resumed
+run reloads it exactly; a run that starts, or resumes from a checkpoint without an EMA, starts it from the
+weights. Any run turns it on with trainer.ema_decay > 0 (validation videos then sample the EMA weights unless
+trainer.sample_ema=false); distillation keeps its own (distill.ema_decay) and reads its shortcut targets from it.
+
+Only trainable parameters are averaged (a frozen one, such as a LoRA run's base weight, would average to
+itself): the EMA then holds the adapters alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_che
 NamedParams = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
 # Prefix -> one {parameter name: tensor} per held model chunk (the checkpoint's `extra_weights`).
 ExtraWeights = Dict[str, List[Dict[str, torch.Tensor]]]
+
+def trainable(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """The parameters an EMA of `model` averages: those that train."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
 
 def _named(params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
     if isinstance(params, nn.Module):
@@ -139,11 +148,11 @@ class EmaCallback(StepCallback):
 
     def start(self, models: Sequence[nn.Module]) -> None:
         if not self._loaded:
-            self.weights = [EmaWeights(model.named_parameters()) for model in models]
+            self.weights = [EmaWeights(trainable(model)) for model in models]
 
     def after_optimizer_step(self, models: Sequence[nn.Module]) -> None:
         for ema, model in zip(self.weights, models):
-            ema.update(model.named_parameters(), self.decay)
+            ema.update(trainable(model), self.decay)
 
     def extra_weights(self) -> ExtraWeights:
         return {self.PREFIX: [ema.state_dict() for ema in self.weights]}
@@ -154,7 +163,7 @@ class EmaCallback(StepCallback):
         self._loaded = is_distributed_checkpoint(path) and checkpoint_has(path, self.PREFIX)
         if not self._loaded:
             return {}
-        self.weights = [EmaWeights(model.named_parameters()) for model in models]
+        self.weights = [EmaWeights(trainable(model)) for model in models]
         return self.extra_weights()
 
     def swapped(self, model: nn.Module):
@@ -162,4 +171,4 @@ class EmaCallback(StepCallback):
         if len(self.weights) != 1:
             raise ValueError(f"the EMA swap needs the whole model on one rank; this rank holds "
                              f"{len(self.weights)} model chunks")
-        return self.weights[0].swapped(model.named_parameters())
+        return self.weights[0].swapped(trainable(model))

@@ -19,6 +19,7 @@ fit the device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -47,7 +48,7 @@ from magi_train.training.batches import BatchBuilder
 from magi_train.training.ema import StepCallback
 from magi_train.training.evaluation.held_out import VIDEO_FPS, HeldOut
 from magi_train.training.lora import RECORD_KEY as LORA_RECORD, LoraRun, check_base_identity, start_lora
-from magi_train.training.objectives import Objective, build_callbacks, build_objective
+from magi_train.training.objectives import Objective, build_callbacks, build_objective, ema_callback
 from magi_train.training.optim import lr_at, set_lr
 from magi_train.training.precision import autocast
 from magi_train.training.run_dir import CHECKPOINTS_DIR
@@ -286,7 +287,18 @@ class Trainer:
         return self.held_out.losses(self.models, loss)
 
     def validation_videos(self) -> Dict[str, Path]:
-        return self.held_out.videos(self.model, self.out_dir, self.step)
+        """The held-out prompts' videos (with the EMA weights when the run keeps an EMA and trainer.sample_ema)."""
+        ema = ema_callback(self.callbacks) if self.cfg.trainer.sample_ema else None
+        with ema.swapped(self.model) if ema is not None else contextlib.nullcontext():
+            videos = self.held_out.videos(self.model, self.out_dir, self.step)
+        if not videos:  # the ranks that write none
+            return videos
+        # All prompts in one captioned grid (training/evaluation/grid.py): what wandb shows of this evaluation.
+        from magi_train.training.evaluation.grid import GRID_NAME, prompt_captions, write_grid
+
+        grid = write_grid(list(videos.values()), prompt_captions(self.held_out), self.out_dir / "videos", self.step,
+                          VIDEO_FPS)
+        return {**videos, GRID_NAME: grid["mp4"]}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
