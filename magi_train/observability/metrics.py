@@ -163,25 +163,27 @@ class MetricsLogger:
 
     def log_videos(self, step: int, videos: Dict[str, Path], fps: int) -> None:
         """Record validation videos (name -> mp4 path): a JSON line with their paths, and wandb media: the
-        evaluation's grid alone (GRID_VIDEO, every prompt in one video) when there is one, else each video.
+        evaluation's grid alone (the entry GRID_VIDEO, every prompt in one video) when there is one, else each
+        video. The line holds the per-prompt videos under "videos" and the grid, if any, under "grid".
 
         The line has no "loss", so readers of metrics.jsonl tell the kinds of record apart by their keys."""
         if not self.enabled:
             return
         paths = {name: str(path) for name, path in videos.items()}
+        grid = paths.pop(GRID_VIDEO, None)
         line = f"step {step}/{self.max_steps} | videos " + ", ".join(f"{k} {v}" for k, v in paths.items())
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(line + (f" | grid {grid}" if grid else ""))
         else:
-            print(line, flush=True)
+            print(line + (f" | grid {grid}" if grid else ""), flush=True)
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "videos": paths, "fps": fps}) + "\n")
+            f.write(json.dumps({"step": step, "videos": paths, **({"grid": grid} if grid else {}), "fps": fps}) + "\n")
         if self.wandb is not None:
             import wandb
 
             # From a file wandb copies the mp4 as it is (no moviepy, no re-encode); its frame rate is the
             # file's own, so `fps` is not passed (wandb warns that it would be ignored).
-            shown = {GRID_VIDEO: paths[GRID_VIDEO]} if GRID_VIDEO in paths else paths
+            shown = {GRID_VIDEO: grid} if grid else paths
             self.wandb.log({name: wandb.Video(path, format="mp4") for name, path in shown.items()}, step=step)
 
     def advance(self, steps: int = 1, loss: Optional[float] = None) -> None:

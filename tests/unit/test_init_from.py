@@ -4,7 +4,6 @@ nothing else of them (step 0, a fresh optimizer); fp8 weights dequantised; a wro
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 

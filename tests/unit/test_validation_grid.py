@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from magi_train.training.evaluation.grid import (CELL_H, GRID_NAME, caption_overlay, read_frames, text_mask,
+from magi_train.training.evaluation.grid import (CELL_H, caption_overlay, read_frames, text_mask,
                                                  tile_videos, wrap, write_png)
 
 
@@ -86,11 +86,11 @@ def test_training_logs_one_grid_per_evaluation(tmp_path, monkeypatch):
         captions = trainer.held_out.batches.held_out[0]["text"]
         trainer.fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["videos"] for r in records if "videos" in r]
-    assert len(logged) == 2
-    for step, videos in zip((1, 2), logged):
-        assert sorted(videos) == sorted([GRID_NAME, "video/0", "video/1", "video/2"])
-        assert videos[GRID_NAME].endswith(f"step{step:07d}_grid.mp4")
+    logged = [r for r in records if "videos" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    for step, record in zip((1, 2), logged):
+        assert sorted(record["videos"]) == ["video/0", "video/1", "video/2"]  # per-prompt files, as before
+        assert record["grid"] == str(out / "videos" / f"step{step:07d}_grid.mp4")
         assert (out / "videos" / f"step{step:07d}_grid.png").is_file()
         assert all((out / "videos" / f"step{step:07d}_{i}.mp4").is_file() for i in range(3))
     # wandb stores the media it was given: one grid per evaluation, no per-prompt videos.

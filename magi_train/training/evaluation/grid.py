@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from magi_train.observability.metrics import GRID_VIDEO as GRID_NAME  # the grid's key among the logged videos
+from magi_train.observability.metrics import GRID_VIDEO as GRID_NAME  # noqa: F401 - the grid's key, for callers
 
 MIN_TILE_WIDTH = 256
 MAX_CAPTION_LINES = 3
