@@ -59,7 +59,7 @@ from magi_train.config.schema import ModelConfig, ParallelConfig
 from magi_train.config.validate import check_parallel
 from magi_train.observability.memory_plan_activations import (  # noqa: F401  (the planner's API, re-exported)
     _attention_kernel, _flex_mask_bytes, _Sizes, _sizes, attention_inputs, attention_metadata, boundary_activations,
-    layer_activations, lora_activations,
+    frozen_base_boundary_savings, frozen_base_layer_activations, layer_activations, lora_activations,
 )
 from magi_train.observability.memory_plan_layout import (  # noqa: F401
     ATTENTION, BACKEND_FAMILY, BYTES, F32, FLEX_BLOCK, GIB, PRECISIONS, RECOMPUTE, Layout, MicroBatch,
@@ -130,45 +130,41 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
     trained = params.trainable(layout, stage)
     p_bytes = sum(numel * item for _, numel, item in held)
     group = layout.dp * layout.cp
-    layer = layer_activations(cfg, layout, mb)
-    full_layer = sum(layer.values())
     self_in, cross_in = attention_inputs(cfg, layout, mb)
     z = _sizes(cfg, layout, mb)
     md = BYTES[cfg.params_dtype]
-    if layout.recompute == "full":
-        recomputed = z.Tr * cfg.hidden_size * md  # checkpoint keeps the layer's input only
-        rc_working = full_layer  # one layer's forward re-run during its backward
-    elif layout.recompute == "selective":
-        recomputed = full_layer - layer["self_attention"] - layer["cross_attention"] + self_in + cross_in
-        rc_working = max(layer["self_attention"] - self_in, layer["cross_attention"] - cross_in)
-    else:
-        recomputed, rc_working = full_layer, 0
-    layers = cfg.num_layers // layout.pp
-    k = layout.recomputed_layers(layers)  # the first k layers of the stage recompute (set_recompute)
-    # LoRA: what each layer's adapters save (memoised by their shapes: every layer is usually the same).
-    adapters = params.adapters(layout, stage)
+    lora = params.tuning.lora
+    adapters = params.adapters(layout, stage) if lora else {}
     dropout = params.tuning.lora_dropout
-    cache: Dict[tuple, int] = {}
+    cache: Dict[tuple, tuple] = {}
 
-    def lora_bytes(group_adapters) -> int:
-        key = tuple((name.split(".", 3)[-1], *rest) for name, *rest in group_adapters)  # the name within a layer
+    def layer_bytes(here) -> tuple:
+        """(parts, the adapters' bytes, saved without recompute, saved when recomputed, recompute's working set)
+        of one layer with the adapters `here`; memoised by their shapes (every layer is usually the same)."""
+        key = tuple((name.split(".", 3)[-1], *rest) for name, *rest in here)  # the name within a layer
         if key not in cache:
-            cache[key] = lora_activations(cfg, layout, mb, group_adapters, dropout)
+            names = [name for name, *_ in here]
+            parts = frozen_base_layer_activations(cfg, layout, mb, names) if lora else layer_activations(cfg, layout, mb)
+            extra = lora_activations(cfg, layout, mb, here, dropout)
+            full = sum(parts.values()) + extra
+            if layout.recompute == "full":
+                # checkpoint keeps the layer's input only; one layer's forward re-runs during its backward.
+                recomputed, rc_working = z.Tr * cfg.hidden_size * md, full
+            elif layout.recompute == "selective":
+                recomputed = full - parts["self_attention"] - parts["cross_attention"] + self_in + cross_in
+                rc_working = max(parts["self_attention"] - self_in, parts["cross_attention"] - cross_in)
+            else:
+                recomputed, rc_working = full, 0
+            cache[key] = (parts, extra, full, recomputed, rc_working)
         return cache[key]
 
-    per_layer_lora = [lora_bytes(adapters.get(stage * layers + i, [])) for i in range(layers)]
-    saved = 0
-    working = 0
-    for i, extra in enumerate(per_layer_lora):
-        if i < k and layout.recompute == "full":
-            saved += recomputed
-            working = max(working, rc_working + extra)  # the re-run forward saves the adapters' tensors too
-        elif i < k:
-            saved += recomputed + extra
-            working = max(working, rc_working)
-        else:
-            saved += full_layer + extra
-    per_layer = recomputed if k else full_layer
+    layers = cfg.num_layers // layout.pp
+    k = layout.recomputed_layers(layers)  # the first k layers of the stage recompute (set_recompute)
+    per = [layer_bytes(adapters.get(stage * layers + i, [])) for i in range(layers)]
+    saved = sum(rec if i < k else full for i, (_, _, full, rec, _) in enumerate(per))
+    working = max((w for _, _, _, _, w in per[:k]), default=0)
+    layer = per[0][0]
+    per_layer = per[0][3] if k else per[0][2]
     if mb.attention == "torch":
         # Backward of one slice: the gradients of its scores and probabilities (fp32); sdpa's one slice is all.
         widest = z.Ta * z.Ta if mb.attention_backend == "sdpa" else z.widest_slice
@@ -177,7 +173,11 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
     working += transient
     in_flight = layout.pp - stage  # 1F1B: stage s holds pp - s micro-batches before its first backward
     boundary = boundary_activations(cfg, layout, mb, stage == 0, stage == layout.pp - 1)
-    boundary += lora_activations(cfg, layout, mb, adapters.get(-1, []), dropout)  # adapters outside the layers
+    if lora:
+        outside = adapters.get(-1, [])
+        boundary += lora_activations(cfg, layout, mb, outside, dropout)  # adapters outside the layers
+        adapted = [name for group in adapters.values() for name, *_ in group]
+        boundary -= frozen_base_boundary_savings(cfg, layout, mb, adapted, stage == 0)
     activations = in_flight * (saved + boundary + metadata) + working
     broadcast_copy = norm_squares = 0
     if trained:
@@ -191,7 +191,8 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
         params=p_bytes, grads=buckets, optimizer=params.optimizer(layout, stage), activations=activations,
         after_backward=max(broadcast_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
         per_layer=per_layer, working=working, attention_metadata=metadata + transient, terms=layer,
-        lora_activations=sum(per_layer_lora), frozen=p_bytes - sum(numel * item for _, numel, item in trained),
+        lora_activations=sum(extra for _, extra, _, _, _ in per),
+        frozen=p_bytes - sum(numel * item for _, numel, item in trained),
     )
 
 

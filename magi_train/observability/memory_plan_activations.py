@@ -281,3 +281,65 @@ def _adapter_rows(name: str, z: _Sizes, caption_length: int) -> int:
     if name.startswith("final_linear."):
         return z.Tr
     return z.T
+
+
+def frozen_base_layer_activations(cfg: ModelConfig, layout: Layout, mb: MicroBatch, adapted: Sequence[str]
+                                  ) -> Dict[str, int]:
+    """`layer_activations` of a layer whose own parameters are all frozen (LoRA), the adapters of `adapted` (module
+    names) aside. Backward still runs through the layer for its input gradient, so nearly everything stays; what
+    only a parameter's gradient needed goes (read from model/dit.py, rope.py, attention.py, linear.py):
+      adaln          the condition path: its input (the timestep embedding) needs no gradient either
+      post_norms     `branch.float() * token_gate` keeps the branch only for the gate's gradient
+      qk_norm        RoPE keeps the normed q / k only for its learnable bands' gradient
+      caption keys   linear_kv_xattn's products, k_layernorm_xattn and (torch kernel) the cross-attention
+                     query copies that only the keys' gradient needed: the caption tokens need no gradient
+    unless the adaLN projection (the gates then train) or linear_kv_xattn (the caption keys) is adapted."""
+    parts = dict(layer_activations(cfg, layout, mb))
+    autocast = layout.precision == "bf16"
+    md = BYTES[cfg.params_dtype]
+    cd = 2 if autocast else md
+    z = _sizes(cfg, layout, mb)
+    H, d = cfg.hidden_size, cfg.kv_channels
+    cond, gate = int(H * cfg.cond_hidden_ratio), int(H * cfg.cond_gating_ratio)
+    hx = int(H * cfg.xattn_cond_hidden_ratio)
+    stats = 2 * F32
+    fp32_weights_cast = autocast and md != 2  # `weight_copies` holds bf16 copies of fp32 weights
+    if not any(".ada_modulate_layer." in name for name in adapted):
+        parts["adaln"] = 0
+        parts["post_norms"] -= 2 * z.Tr * H * F32
+        if fp32_weights_cast:
+            parts["weight_copies"] -= cond * 2 * gate * 2
+    parts["qk_norm"] -= z.T * (z.Q + z.K) * F32
+    if not any(name.endswith("linear_kv_xattn") for name in adapted):
+        kv_norm_input = z.C * z.K * F32 if autocast else z.C * 2 * z.K * cd
+        parts["cross_norm"] -= kv_norm_input + z.C * z.hkv * stats
+        if cfg.apply_layernorm_1p:
+            parts["norm_gains"] -= d * md  # k_layernorm_xattn's gamma + 1
+        if fp32_weights_cast:
+            parts["weight_copies"] -= hx * 2 * z.K * 2 + max(1, 8 // layout.tp) * z.C * hx * 2
+        if mb.attention == "torch":
+            parts["cross_attention"] -= z.T * z.hq * d * (2 if autocast else F32)
+    return parts
+
+
+def frozen_base_boundary_savings(cfg: ModelConfig, layout: Layout, mb: MicroBatch, adapted: Sequence[str],
+                                 first: bool) -> int:
+    """What `boundary_activations` holds that a frozen base (LoRA) does not: on the first stage the patch
+    embedding's input, the RoPE bands' coordinates and the caption projection's inputs (their parameters are
+    frozen and their inputs need no gradient), and on every stage the caption tokens that each layer's
+    linear_kv_xattn saved for its weight gradient (unless the caption path is adapted)."""
+    z = _sizes(cfg, layout, mb)
+    md = BYTES[cfg.params_dtype]
+    hx = int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio)
+    L = mb.caption_length or cfg.caption_max_length
+    caption_trains = any(n.startswith("y_embedder.") for n in adapted)
+    saved = 0
+    if not caption_trains and not any(n.endswith("linear_kv_xattn") for n in adapted):
+        saved += z.C * hx * md
+    if first:
+        rotary = 6 * (cfg.kv_channels // 8)
+        saved += mb.micro_batch_size * mb.seq_length * cfg.in_channels * cfg.t_patch_size * cfg.patch_size ** 2 * F32
+        saved += mb.seq_length * (3 + rotary // 2) * F32
+        if not caption_trains:
+            saved += z.R * L * (cfg.caption_channels + hx) * F32
+    return saved

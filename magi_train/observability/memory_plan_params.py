@@ -105,16 +105,18 @@ def lora_modules(cfg: ModelConfig, targets: Sequence[str]) -> Dict[str, Tuple[in
     from magi_train.model.linear import Linear
 
     model = build_dit(replace(cfg, num_layers=1), device="meta")
-    linears: Dict[str, Tuple[int, int]] = {}
     first = _LAYER + "0."
+    before: List[Tuple[str, Tuple[int, int]]] = []
+    layer: List[Tuple[str, Tuple[int, int]]] = []
+    after: List[Tuple[str, Tuple[int, int]]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Linear)):
-            continue
-        out_features, in_features = module.weight.shape
-        names = [f"{_LAYER}{i}." + name[len(first):] for i in range(cfg.num_layers)] \
-            if name.startswith(first) else [name]
-        for n in names:
-            linears[n] = (int(in_features), int(out_features))
+        if isinstance(module, (nn.Linear, Linear)):
+            out_features, in_features = module.weight.shape
+            where = layer if name.startswith(first) else (after if layer else before)
+            where.append((name, (int(in_features), int(out_features))))
+    # Model order: the layers' linears layer by layer, between the embedders' and the head's.
+    linears = dict(before + [(f"{_LAYER}{i}." + n[len(first):], f) for i in range(cfg.num_layers) for n, f in layer]
+                   + after)
     chosen: Dict[str, Tuple[int, int]] = {}
     for pattern in targets:
         hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
