@@ -79,6 +79,62 @@ class GenerateConfig:
     # Decode and write chunk n in a background thread (CUDA: its own stream) while chunk n+1 denoises
     # (magi_infer/overlap.py). One process only: under model parallelism the decode is a collective and runs in line.
     overlap_decode: bool = True
+    # LoRA adapters applied unmerged after the weights are loaded (adapter directories, see
+    # magi_train/checkpoint/adapters.py): each a path or {path, scale} (also `name`; `sha256`: the safetensors
+    # file must have it), e.g. lora='[runs/x/adapter]' or lora='[{path: a, scale: 0.8}, {path: b, scale: 0.5}]'.
+    lora: List[Any] = field(default_factory=list)
+
+
+LORA_KEYS = ("path", "scale", "name", "sha256")
+
+
+def lora_entries(entries) -> List[dict]:
+    """`lora` as {path, scale, name, sha256} dicts (a plain path is {path, scale 1}); ValueError names the bad entry."""
+    if entries is None:
+        return []
+    if isinstance(entries, (str, dict)) or not isinstance(entries, (list, tuple)):
+        entries = [entries]  # one adapter given without the list around it
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"lora[{i}]"
+        if isinstance(entry, (str, bytes)) or hasattr(entry, "__fspath__"):
+            entry = {"path": str(entry)}
+        elif hasattr(entry, "items"):
+            entry = {str(k): v for k, v in entry.items()}
+        else:
+            raise ValueError(f"{where}={entry!r} must be an adapter path or {{path: PATH, scale: S}}")
+        unknown = sorted(set(entry) - set(LORA_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(LORA_KEYS)}")
+        path, scale = entry.get("path"), entry.get("scale", 1.0)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{where} needs path: the adapter directory (adapter_model.safetensors + "
+                             "adapter_config.json)")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+            raise ValueError(f"{where}.scale={scale!r} must be a number")
+        name, sha = entry.get("name"), entry.get("sha256")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{where}.name={name!r} must be a string")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"{where}.sha256={sha!r} must be 64 lower-case hex digits")
+        out.append({"path": path, "scale": float(scale), "name": name, "sha256": sha})
+    names = [e["name"] for e in out if e["name"] is not None]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lora: adapter names repeat ({names}); each loaded adapter needs its own name")
+    return out
+
+
+def lora_problems(c: GenerateConfig) -> List[str]:
+    """The `lora` field's entries, and the layouts unmerged adapters run under."""
+    try:
+        entries = lora_entries(c.lora)
+    except ValueError as e:
+        return [str(e)]
+    if entries and c.parallel.tp > 1:
+        return [f"lora with parallel.tp={c.parallel.tp}: unmerged adapters run on one process or under "
+                "parallel.cp / parallel.pp; for tensor parallelism merge them first (magi-merge-lora --base DIR "
+                "--lora PATH --out DIR) and generate from the merged directory"]
+    return []
 
 
 # ---------------------------------------------------------------------------- Hydra glue and validation
@@ -106,7 +162,8 @@ def summary(c: GenerateConfig, source: str, device, parallel=None) -> str:
         f"kv_cache={s.kv_cache}, text_scales={list(s.text_scales)}",
         f"  video: {v.width}x{v.height} at {v.fps} fps; text: {c.text.encoder}; vae: {c.vae.kind}"
         f"{'' if c.vae.dir is None else ' ' + c.vae.dir}; compile={c.compile}, overlap_decode={c.overlap_decode}",
-    ])
+    ] + (["  lora: " + ", ".join(f"{e['path']} (scale {e['scale']:g})" for e in lora_entries(c.lora))]
+         if c.lora else []))
 
 
 def register_generate_config() -> None:
@@ -210,6 +267,7 @@ def validate_generate(c: GenerateConfig) -> GenerateConfig:
     if c.video.crf is not None and not 0 <= c.video.crf <= 51:
         errors.append(f"video.crf={c.video.crf} must lie in [0, 51] (x264's range; null = x264's default, 23)")
     errors.extend(_check_parallel(c))
+    errors.extend(lora_problems(c))
     from magi_infer.compile import COMPILE_MODES
 
     if c.compile not in COMPILE_MODES:

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from magi_train.parallel.comm import broadcast_tensor
-from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, runtime_model
+from magi_infer.config import SPATIAL, TEMPORAL, GenerateConfig, lora_entries, runtime_model
 from magi_infer.preflight import PreflightError, engine_device, prefix_latent_frames, preflight, request_problems
 from magi_infer.live import collapse, expand
 from magi_infer.request import Request
@@ -86,6 +86,10 @@ class InferenceEngine:
         self.null_caption = state["y_embedder.null_caption_embedding"].detach().float().cpu()
         del state
         self.source = source
+        # LoRA adapters, unmerged, on the loaded weights: name -> {name, path, scale, sha256} (cfg.lora mirrors it).
+        self.adapters = {}
+        for entry in lora_entries(cfg.lora):
+            self.load_lora(entry["path"], entry["scale"], entry["name"], entry["sha256"])
         from magi_infer.compile import compiled_forward
 
         self.sampler = StaircaseSampler(self.model, cfg.sampler,
@@ -95,6 +99,64 @@ class InferenceEngine:
         self.text_encoder = self._build_text_encoder() if self.is_main else None
         self.special_tokens = self._load_special_tokens() if self.is_main else None
         self.vae = self._build_vae()
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def _lora_model(self):
+        """The module holding this rank's linears (a pipeline stage's inside its InferencePipeline)."""
+        if self.distributed and self.parallel.tp > 1:
+            raise ValueError(f"LoRA adapters with parallel.tp={self.parallel.tp}: unmerged adapters run on one "
+                             "process or under parallel.cp / parallel.pp; merge them for tensor parallelism "
+                             "(magi-merge-lora)")
+        return getattr(self.model, "stage", self.model)
+
+    def load_lora(self, path, scale: float = 1.0, name: Optional[str] = None, sha256: Optional[str] = None) -> str:
+        """Add the adapter directory `path` with multiplier `scale` (unmerged); `sha256`: the digest its
+        safetensors file must have. Returns its name (default: the directory's name). Every rank calls it."""
+        from magi_train.checkpoint.adapters import adapter_digest, base_model_identity
+        from magi_train.model.lora import load_adapter
+
+        model = self._lora_model()
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"lora adapter {path} does not exist")
+        digest = adapter_digest(path)
+        if sha256 is not None and digest != sha256:
+            raise ValueError(f"lora adapter {path}: its safetensors file has sha256 {digest}, not the {sha256} "
+                             "asked for (another adapter, or a damaged copy)")
+        if name is not None and name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is loaded already ({self.adapters[name]['path']})")
+        # A pipeline stage holds only its layers' linears; the other stages adapt the rest.
+        name = load_adapter(model, path, name=name, scale=scale, base_model=base_model_identity(self.cfg.model),
+                            require_all=not (self.distributed and self.parallel.pp > 1))
+        self.adapters[name] = {"name": name, "path": str(path.resolve()), "scale": float(scale), "sha256": digest}
+        self._sync_lora_config()
+        logger.info("LoRA adapter %s loaded from %s (scale %g)", name, path, scale)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        from magi_train.model.lora import set_lora_scale
+
+        self._known_adapter(name)
+        set_lora_scale(self._lora_model(), name, scale)
+        self.adapters[name]["scale"] = float(scale)
+        self._sync_lora_config()
+
+    def unload_lora(self, name: str) -> None:
+        """Remove adapter `name`; with none left the model is the plain loaded one again."""
+        from magi_train.model.lora import remove_lora
+
+        self._known_adapter(name)
+        remove_lora(self._lora_model(), name)
+        del self.adapters[name]
+        self._sync_lora_config()
+
+    def _known_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no LoRA adapter named {name!r} is loaded (loaded: {list(self.adapters)})")
+
+    def _sync_lora_config(self) -> None:
+        """cfg.lora says what is applied now (the sidecar records it): paths, scales, sha256 of each file."""
+        self.cfg = dataclasses.replace(self.cfg, lora=[dict(a) for a in self.adapters.values()])
 
     # ------------------------------------------------------------------ components
     def _verify_manifest(self) -> None:

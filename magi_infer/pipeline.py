@@ -70,23 +70,60 @@ class MagiPipeline:
         self.engine = engine if engine is not None else InferenceEngine(config, parallel=parallel)
         self.is_main = self.engine.is_main
         self.device = self.engine.device
+        self._sync_lora()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], *, model: Optional[str] = None, device: Optional[str] = None,
                         dtype: Optional[str] = None, parallel=None, config: Union[str, Path, None] = None,
                         t5_dir: Union[str, Path, None] = None, vae_dir: Union[str, Path, None] = None,
-                        overrides: Union[Mapping[str, Any], Sequence[str], None] = None) -> "MagiPipeline":
+                        overrides: Union[Mapping[str, Any], Sequence[str], None] = None,
+                        lora: Any = None) -> "MagiPipeline":
         """`path`: a released model directory or one of our checkpoints. `model`: a preset name (conf/model),
         default inferred. `config`: a released config.json (default: one inside `path`). `t5_dir` / `vae_dir`:
         the text encoder and VAE (default: the released Hugging Face layout's `../../t5`, `../../vae` if there).
-        `overrides`: further generate keys (Hydra syntax), applied last."""
+        `overrides`: further generate keys (Hydra syntax), applied last. `lora`: LoRA adapters applied unmerged,
+        an adapter directory or a list of them, each a path or {"path": ..., "scale": ...} (the `lora` key)."""
         cfg = resolve_config(path, model=model, device=device, dtype=dtype, config=config, t5_dir=t5_dir,
                              vae_dir=vae_dir, overrides=overrides)
+        if lora is not None:
+            import dataclasses
+
+            from magi_infer.config import lora_entries, validate_generate
+
+            cfg = validate_generate(dataclasses.replace(cfg, lora=lora_entries(lora)))
         pipe = cls(cfg, parallel=parallel)
         if pipe.is_main:
             logger.info("loaded %s (model=%s) on %s", pipe.engine.source, cfg.model.name, pipe.device)
         return pipe
+
+    # ------------------------------------------------------------------ LoRA adapters
+    @property
+    def loras(self) -> Dict[str, Dict[str, Any]]:
+        """The adapters applied now: name -> {name, path, scale, sha256}."""
+        return {name: dict(entry) for name, entry in self.engine.adapters.items()}
+
+    def load_lora(self, path: Union[str, Path], scale: float = 1.0, name: Optional[str] = None) -> str:
+        """Apply the adapter directory `path` (unmerged) with multiplier `scale`; returns its name (default: the
+        directory's name). Under torchrun every rank calls it."""
+        name = self.engine.load_lora(path, scale, name)
+        self._sync_lora()
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded adapter's multiplier (0 switches it off without unloading it)."""
+        self.engine.set_lora_scale(name, scale)
+        self._sync_lora()
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
+        self._sync_lora()
+
+    def _sync_lora(self) -> None:
+        import dataclasses
+
+        # The config the sidecars record says which adapters made a video (paths, scales, sha256 of each).
+        self.config = dataclasses.replace(self.config, lora=list(self.engine.cfg.lora))
 
     # ------------------------------------------------------------------ facts
     @property

@@ -1,7 +1,8 @@
 """The JSON sidecar written next to every generated video: what it takes to make the same video again.
 
 `<video>.json` (e.g. `fox.mp4.json`) holds the prompt of each chunk, the seed, the request, the whole resolved
-generate config, where the weights came from, and magi's version. It is written atomically after the video is
+generate config, where the weights came from, the LoRA adapters applied (name, path, scale, sha256 of the
+safetensors file: `lora=` of the config takes the same entries, and checks the sha256), and magi's version. It is written atomically after the video is
 published, so a sidecar always describes a complete video.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 
 def sidecar_path(video: Path) -> Path:
@@ -44,11 +45,27 @@ def describe(video: Path, req, cfg, result, source: str) -> Dict[str, Any]:
         "prefix_video": req.prefix_video if isinstance(req.prefix_video, str) else
         (None if req.prefix_video is None else "<array>"),
         "weights": source,
+        "lora": adapters_of(cfg),
         "seconds": round(result.seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "version": magi_version(),
         "config": config_to_dict(cfg),
     }
+
+
+def adapters_of(cfg) -> List[Dict[str, Any]]:
+    """[{name, path, scale, sha256}] of the adapters `cfg.lora` names (the engine's entries carry the sha256 it
+    checked when loading; an entry without one is hashed now)."""
+    from magi_infer.config import lora_entries
+
+    out = []
+    for entry in lora_entries(getattr(cfg, "lora", None)):
+        if entry["sha256"] is None:
+            from magi_train.checkpoint.adapters import adapter_digest
+
+            entry["sha256"] = adapter_digest(entry["path"])
+        out.append({k: entry[k] for k in ("name", "path", "scale", "sha256")})
+    return out
 
 
 def write_sidecar(video: Path, req, cfg, result, source: str) -> Path:

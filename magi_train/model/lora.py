@@ -378,28 +378,34 @@ def merge_lora(model: nn.Module) -> List[str]:
 
 
 def load_adapter(model: nn.Module, path, name: Optional[str] = None, scale: float = 1.0,
-                 factory: Optional[LoraFactory] = None, base_model: Optional[dict] = None) -> str:
+                 factory: Optional[LoraFactory] = None, base_model: Optional[dict] = None,
+                 require_all: bool = True) -> str:
     """Read an adapter directory (magi_train/checkpoint/adapters.py) and add it to `model` as adapter `name`
-    (default: the directory's name, made an identifier) with multiplier `scale`. `base_model`: the identity of the
-    model (as `adapters.base_model_identity`) the adapter's recorded base is checked against. Returns the name."""
+    (default: the directory's name made an identifier, numbered if taken) with multiplier `scale`. `base_model`:
+    the identity of the model (as `adapters.base_model_identity`) the adapter's recorded base is checked against.
+    `require_all=False`: adapt the modules this model holds (a pipeline stage), at least one. Returns the name."""
     from magi_train.checkpoint.adapters import read_adapter
 
     adapter = read_adapter(path, base_model=base_model)
+    taken = adapter_names(model)
     if name is None:
-        name = re.sub(r"[^A-Za-z0-9_\-]", "_", adapter.path.name) or "adapter"
-        name = name if _NAME.match(name) else f"a_{name}"
-    if name in adapter_names(model):
+        stem = re.sub(r"[^A-Za-z0-9_\-]", "_", adapter.path.name) or "adapter"
+        stem = stem if _NAME.match(stem) else f"a_{stem}"
+        name, n = stem, 2
+        while name in taken:
+            name, n = f"{stem}_{n}", n + 1
+    if name in taken:
         raise ValueError(f"the model already holds an adapter named {name!r}: give load_adapter(name=...)")
     cfg = adapter.config
-    missing = [m for m in adapter.modules if not _has_module(model, m)]
-    if missing:
+    present = [m for m in adapter.modules if _has_module(model, m)]
+    missing = [m for m in adapter.modules if m not in present]
+    if (missing and require_all) or not present:
         raise ValueError(f"adapter {adapter.path}: the model has no module {missing[0]!r} "
                          f"({len(missing)} of its {len(adapter.modules)} modules are missing)")
-    exact = [fnmatch_escape(m) for m in adapter.modules]
-    apply_lora(model, exact, cfg["rank"], cfg["alpha"], cfg["dropout"], name, scale=scale, freeze_base=False,
-               factory=factory)
+    apply_lora(model, [fnmatch_escape(m) for m in present], cfg["rank"], cfg["alpha"], cfg["dropout"], name,
+               scale=scale, freeze_base=False, factory=factory)
     try:
-        for module_name in adapter.modules:
+        for module_name in present:
             try:
                 model.get_submodule(module_name).set_factors(name, adapter.tensors[f"{module_name}.lora_A.weight"],
                                                              adapter.tensors[f"{module_name}.lora_B.weight"])
