@@ -217,14 +217,19 @@ def apply_train_lora(models: Sequence[nn.Module], lora: LoraConfig, seed: int,
 
 
 def _cast_frozen(model: nn.Module, base_dtype: str) -> None:
-    """The frozen floating-point parameters (the base) in `base_dtype` ("auto": left as they are)."""
+    """The frozen linears' weights (the base's bulk) in `base_dtype` ("auto": left as they are). Norm gains,
+    biases and embeddings keep their dtype: the norms run in fp32 under autocast and refuse mixed parameters."""
     if str(base_dtype) == "auto":
         return
+    from magi_train.model.lora import linear_features
+
     dtype = getattr(torch, str(base_dtype))
     with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if (linear_features(module) is not None and isinstance(w, nn.Parameter) and not w.requires_grad
+                    and w.is_floating_point() and w.dtype != dtype):
+                w.data = w.data.to(dtype)
 
 
 def adapter_parameter_names(models: Sequence[nn.Module]) -> List[str]:
