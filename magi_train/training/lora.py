@@ -81,6 +81,21 @@ class LoraRun:
                              targets=list(x.targets), base_model=base_model_identity(self.cfg.model), step=step)
 
 
+def check_checkpoint_kind(lora: Optional[LoraRun], path: Path) -> None:
+    """Before loading checkpoint `path`: a LoRA run resumes a LoRA checkpoint with the same adapters and base,
+    a full run a full one (each error says which setting fits)."""
+    from magi_train.checkpoint.distributed import read_trainer_state
+
+    saved = read_trainer_state(path)
+    if lora is not None:
+        lora.check_resumed(saved, path)
+    elif saved.get(RECORD_KEY) is not None:
+        rank = saved[RECORD_KEY].get("rank")
+        raise ValueError(f"{path} is a LoRA checkpoint (adapters of rank {rank} only, no base weights): resume it "
+                         f"with lora.rank={rank} (and the same lora settings), or export its adapter and merge it "
+                         f"(tools/merge_lora.py) to train the whole model")
+
+
 def check_base_identity(record: Optional[Mapping[str, Any]], model: ModelConfig) -> None:
     """On resume: trainer.init_from's recorded weights must still be there, unchanged (their sha256)."""
     if record is None:

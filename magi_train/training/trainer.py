@@ -5,6 +5,8 @@ through an objective and optimizer-step callbacks rather than by subclassing.
     batches     this rank's micro-batches of a step, every draw seeded per sample (training/batches.py)
     callbacks   state kept beside the weights and saved with them (training/ema.py: the EMA)
     held_out    validation losses and videos (training/evaluation/)
+    lora        lora.rank > 0: adapters on a frozen base, the only parameters trained and checkpointed
+                (training/lora.py; parallel/lora.py under tensor parallelism)
 
 One step: lr, micro-batches, forward/backward (or the pipeline schedule), loss and gradients reduced over every
 rank, a skipped step if either is non-finite, else clip, optimizer step, callbacks. The loss is the sum over the
@@ -47,7 +49,8 @@ from magi_train.parallel.zero import ShardedAdamW
 from magi_train.training.batches import BatchBuilder
 from magi_train.training.ema import StepCallback
 from magi_train.training.evaluation.held_out import VIDEO_FPS, HeldOut
-from magi_train.training.lora import RECORD_KEY as LORA_RECORD, LoraRun, check_base_identity, start_lora
+from magi_train.training.lora import (RECORD_KEY as LORA_RECORD, LoraRun, check_base_identity, check_checkpoint_kind,
+                                     start_lora)
 from magi_train.training.objectives import Objective, build_callbacks, build_objective, ema_callback
 from magi_train.training.optim import lr_at, set_lr
 from magi_train.training.precision import autocast
@@ -329,10 +332,9 @@ class Trainer:
         if is_distributed_checkpoint(path):
             wanted = {k: v for callback in self.callbacks
                       for k, v in callback.extra_weights_to_load(path, self.models).items()}
+            check_checkpoint_kind(self.lora, path)  # LoRA checkpoints hold adapters alone: both kinds must agree
             extra = load_train_state(path, self.models, self.optimizer, self.parallel, extra_weights=wanted or None,
                                      model_keys=self.lora.model_keys if self.lora is not None else None)
-            if self.lora is not None:
-                self.lora.check_resumed(extra, path)
             self.step = self.saved_step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             self.objective.load_state_dict(extra.get("objective", {}))

@@ -108,8 +108,9 @@ def test_resume_is_exact_and_reloads_the_same_base(tmp_path, base_run, parallel)
     assert again == straight[3:]
 
 
-def test_resume_refuses_another_base(tmp_path, base_run, parallel, monkeypatch):
-    """The fingerprint of the rebuilt base must equal the one the adapters were trained on."""
+def test_resume_refuses_another_base_and_a_full_run(tmp_path, base_run, parallel, monkeypatch):
+    """The fingerprint of the rebuilt base must equal the one the adapters were trained on; a run without LoRA
+    cannot resume a LoRA checkpoint."""
     cfg = lora_cfg(tmp_path, base_run, max_steps=2)
     Trainer(cfg, parallel).fit()
     import magi_train.parallel.lora as parallel_lora
@@ -118,6 +119,11 @@ def test_resume_refuses_another_base(tmp_path, base_run, parallel, monkeypatch):
     monkeypatch.setattr(parallel_lora, "frozen_fingerprint", lambda m, p: [x * 1.001 for x in real(m, p)])
     with pytest.raises(ValueError, match="is not the base its adapters were trained on"):
         Trainer(replace(cfg, trainer=replace(cfg.trainer, resume="auto")), parallel)
+    monkeypatch.undo()
+    # A LoRA checkpoint holds no base: a full run cannot resume it.
+    full = replace(cfg, lora=LoraConfig(), trainer=replace(cfg.trainer, resume="auto", init_from=None))
+    with pytest.raises(ValueError, match="is a LoRA checkpoint .* resume it with lora.rank=4"):
+        Trainer(full, parallel)
 
 
 def test_a_few_lora_steps_lower_the_held_out_loss(tmp_path, base_run, parallel):
