@@ -201,12 +201,17 @@ def choose_init(cfg: TrainConfig, parallel: Parallel, resume_from: Optional[Path
 
 
 def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, Any], models, full_shapes) -> None:
-    """trainer.init_from's weights into this rank's model chunks (each rank reads the whole state dict and
-    keeps its tensor-parallel slices of the layers it holds); a mismatch with the preset names every field."""
+    """The init_from weights of `record` (choose_init) into this rank's model chunks (each rank reads the whole
+    state dict and keeps its tensor-parallel slices of the layers it holds); a mismatch with the preset names
+    every field. The source must still be the weights the record names (sha256): a run that rebuilds its
+    frozen base on resume (LoRA) never continues on other weights."""
     from magi_train.checkpoint.weights import load_into
-    from magi_train.training.init_from import InitSource, read_init_weights
+    from magi_train.training.init_from import InitSource, identity_problem, read_init_weights, resolve_init_source
 
     source = InitSource(**record)
+    problem = identity_problem(record, resolve_init_source(source.resolved, cfg.model))
+    if problem is not None:
+        raise ValueError(f"{problem}: the weights changed since the run recorded them")
     state, description, notes = read_init_weights(source, cfg.model)
     for model in models:
         load_into(model, state, description, full_shapes, parallel.tp_rank, parallel.tp)

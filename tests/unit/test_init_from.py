@@ -164,3 +164,25 @@ def test_fp8_release_is_dequantised_to_the_map_its_kernels_apply(tmp_path, capsy
         # and close to the weights before quantisation (fp8 keeps ~2 significant digits)
         w = original[f"{prefix}.weight"].double()
         assert float((deq[f"{prefix}.weight"].double() - w).abs().max() / w.abs().max()) < 0.1
+
+
+def test_a_record_whose_weights_changed_is_refused(tmp_path):
+    """A run that loads its init_from weights again (a LoRA base rebuilt on resume) checks they are the same."""
+    import shutil
+
+    from magi_train.parallel.plan import plan_of
+    from magi_train.training.init_from import resolve_init_source
+    from magi_train.training.startup import load_init_weights
+
+    copy = tmp_path / "copy"
+    shutil.copytree(TINY_BASE, copy)
+    cfg = _config(tmp_path / "run", max_steps=1)
+    record = resolve_init_source(str(copy), cfg.model).record()
+    with _trainer(cfg) as trainer:
+        models, shapes = trainer.models, plan_of(trainer.models[0]).full_shapes
+        load_init_weights(cfg, trainer.parallel, record, models, shapes)  # unchanged: loads
+        state = load_file(str(TINY_FILE))
+        state["x_embedder.weight"] = state["x_embedder.weight"] + 1
+        save_magi1_checkpoint(state, copy / "inference_weight")
+        with pytest.raises(ValueError, match="the weights changed since the run recorded them"):
+            load_init_weights(cfg, trainer.parallel, record, models, shapes)
