@@ -125,15 +125,15 @@ def lora_entries(entries) -> List[dict]:
 
 
 def lora_problems(c: GenerateConfig) -> List[str]:
-    """The `lora` field's entries, and the layouts unmerged adapters run under."""
+    """The `lora` field's entries (unmerged adapters run under every layout: tp, cp, pp)."""
     try:
-        entries = lora_entries(c.lora)
+        lora_entries(c.lora)
     except ValueError as e:
         return [str(e)]
-    if entries and c.parallel.tp > 1:
-        return [f"lora with parallel.tp={c.parallel.tp}: unmerged adapters run on one process or under "
-                "parallel.cp / parallel.pp; for tensor parallelism merge them first (magi-merge-lora --base DIR "
-                "--lora PATH --out DIR) and generate from the merged directory"]
+    if c.lora and c.parallel.tp > 1 and c.model.layer_spec != "local":
+        return [f"lora with parallel.tp={c.parallel.tp} and model.layer_spec={c.model.layer_spec}: the tensor-"
+                "parallel adapters wrap the local spec's linears (model.layer_spec=local), or merge the adapters "
+                "first (magi-merge-lora --base DIR --lora PATH --out DIR) and generate from the merged directory"]
     return []
 
 

@@ -103,17 +103,21 @@ class InferenceEngine:
     # ------------------------------------------------------------------ LoRA adapters
     def _lora_model(self):
         """The module holding this rank's linears (a pipeline stage's inside its InferencePipeline)."""
-        if self.distributed and self.parallel.tp > 1:
-            raise ValueError(f"LoRA adapters with parallel.tp={self.parallel.tp}: unmerged adapters run on one "
-                             "process or under parallel.cp / parallel.pp; merge them for tensor parallelism "
-                             "(magi-merge-lora)")
         return getattr(self.model, "stage", self.model)
+
+    def _lora_factory(self):
+        """Under tensor parallelism the adapters wrap the sharded linears (magi_train/parallel/lora.py)."""
+        if not (self.distributed and self.parallel.tp > 1):
+            return None
+        from magi_train.parallel.lora import _factory  # the trainer's ParallelLoraLinear builder
+
+        return _factory(self._lora_model())
 
     def load_lora(self, path, scale: float = 1.0, name: Optional[str] = None, sha256: Optional[str] = None) -> str:
         """Add the adapter directory `path` with multiplier `scale` (unmerged); `sha256`: the digest its
         safetensors file must have. Returns its name (default: the directory's name). Every rank calls it."""
         from magi_train.checkpoint.adapters import adapter_digest, base_model_identity
-        from magi_train.model.lora import load_adapter
+        from magi_train.model.lora import default_adapter_name, load_adapter
 
         model = self._lora_model()
         path = Path(path)
@@ -125,28 +129,32 @@ class InferenceEngine:
                              "asked for (another adapter, or a damaged copy)")
         if name is not None and name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is loaded already ({self.adapters[name]['path']})")
+        # Named here, from what is loaded on every rank (a pipeline stage may hold none of some adapter's modules).
+        name = default_adapter_name(path, self.adapters) if name is None else name
         # A pipeline stage holds only its layers' linears; the other stages adapt the rest.
         name = load_adapter(model, path, name=name, scale=scale, base_model=base_model_identity(self.cfg.model),
-                            require_all=not (self.distributed and self.parallel.pp > 1))
+                            require_all=not (self.distributed and self.parallel.pp > 1), factory=self._lora_factory())
         self.adapters[name] = {"name": name, "path": str(path.resolve()), "scale": float(scale), "sha256": digest}
         self._sync_lora_config()
         logger.info("LoRA adapter %s loaded from %s (scale %g)", name, path, scale)
         return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
-        from magi_train.model.lora import set_lora_scale
+        from magi_train.model.lora import adapter_names, set_lora_scale
 
         self._known_adapter(name)
-        set_lora_scale(self._lora_model(), name, scale)
+        if name in adapter_names(self._lora_model()):  # a pipeline stage may hold none of its modules
+            set_lora_scale(self._lora_model(), name, scale)
         self.adapters[name]["scale"] = float(scale)
         self._sync_lora_config()
 
     def unload_lora(self, name: str) -> None:
         """Remove adapter `name`; with none left the model is the plain loaded one again."""
-        from magi_train.model.lora import remove_lora
+        from magi_train.model.lora import adapter_names, remove_lora
 
         self._known_adapter(name)
-        remove_lora(self._lora_model(), name)
+        if name in adapter_names(self._lora_model()):
+            remove_lora(self._lora_model(), name)
         del self.adapters[name]
         self._sync_lora_config()
 

@@ -31,12 +31,12 @@ Why not peft (issue 18 asks for it where it fits; checked with peft 0.21.2 + acc
 So this module is ours, kept small and peft-compatible in naming and initialisation.
 
 Tensor parallelism: this module knows no process group (magi_train/model imports nothing from magi_train/parallel).
-A tensor-parallel variant subclasses `LoraLinear` and overrides the hooks `factor_shapes`, `shard_factors`,
-`full_factors` and `lora_hidden` (A replicated / B split along out for a column linear; A split along in with the
-rank-r product all-reduced / B replicated for a row linear), and is passed to `apply_lora(..., factory=...)`.
-Adapters are always drawn at their whole (TP=1) size from a generator seeded by (seed, module, adapter) and then
-cut, so every layout starts from the same adapter. `delta_weight` (B A on this rank's shards) is the merged update
-of this rank's weight shard in both cases.
+A tensor-parallel variant subclasses `LoraLinear` and is passed to `apply_lora(..., factory=...)`; the hooks
+`factor_shapes`, `shard_factors`, `full_factors`, `lora_hidden` and `delta_weight` are where a variant differs
+(magi_train/parallel/lora.py `ParallelLoraLinear` holds A and B whole on every rank and slices them in its own
+forward and `delta_weight`: A whole / B split along out for a column linear, A split along in with the rank-r
+product all-reduced / B whole for a row linear). Adapters are always drawn at their whole (TP=1) size from a
+generator seeded by (seed, module, adapter), so every layout starts from the same adapter.
 """
 
 from __future__ import annotations
@@ -388,18 +388,15 @@ def load_adapter(model: nn.Module, path, name: Optional[str] = None, scale: floa
 
     adapter = read_adapter(path, base_model=base_model)
     taken = adapter_names(model)
-    if name is None:
-        stem = re.sub(r"[^A-Za-z0-9_\-]", "_", adapter.path.name) or "adapter"
-        stem = stem if _NAME.match(stem) else f"a_{stem}"
-        name, n = stem, 2
-        while name in taken:
-            name, n = f"{stem}_{n}", n + 1
+    name = default_adapter_name(adapter.path, taken) if name is None else name
     if name in taken:
         raise ValueError(f"the model already holds an adapter named {name!r}: give load_adapter(name=...)")
     cfg = adapter.config
     present = [m for m in adapter.modules if _has_module(model, m)]
     missing = [m for m in adapter.modules if m not in present]
-    if (missing and require_all) or not present:
+    if not present and not require_all:
+        return name  # a pipeline stage holding none of the adapted modules: nothing to do here
+    if missing and require_all or not present:
         raise ValueError(f"adapter {adapter.path}: the model has no module {missing[0]!r} "
                          f"({len(missing)} of its {len(adapter.modules)} modules are missing)")
     apply_lora(model, [fnmatch_escape(m) for m in present], cfg["rank"], cfg["alpha"], cfg["dropout"], name,
@@ -414,6 +411,19 @@ def load_adapter(model: nn.Module, path, name: Optional[str] = None, scale: floa
     except BaseException:
         remove_lora(model, name)  # nothing half-loaded stays behind
         raise
+    return name
+
+
+def default_adapter_name(path, taken: Iterable[str] = ()) -> str:
+    """An adapter directory's name made an identifier, numbered (_2, _3, ...) when `taken` has it."""
+    from pathlib import Path
+
+    stem = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name) or "adapter"
+    stem = stem if _NAME.match(stem) else f"a_{stem}"
+    taken = set(taken)
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}_{n}", n + 1
     return name
 
 

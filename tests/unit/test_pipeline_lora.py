@@ -124,8 +124,10 @@ def test_the_lora_key_is_checked(pipe, adapters):
             validate_generate(dataclasses.replace(pipe.config, lora=bad))
     tp2 = dataclasses.replace(pipe.config, lora=[str(adapters["zero"])],
                               parallel=dataclasses.replace(pipe.config.parallel, tp=2))
-    with pytest.raises(ConfigError, match=r"lora with parallel.tp=2: .*magi-merge-lora"):
-        validate_generate(tp2)
+    validate_generate(tp2)  # the local spec's tensor-parallel linears take adapters (magi_train/parallel/lora.py)
+    te = dataclasses.replace(tp2, model=dataclasses.replace(tp2.model, layer_spec="te"))
+    with pytest.raises(ConfigError, match=r"lora with parallel.tp=2 and model.layer_spec=te: .*magi-merge-lora"):
+        validate_generate(te)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipe.load_lora(adapters["zero"].parent / "missing")
     assert pipe.loras == {}
@@ -148,3 +150,19 @@ def test_generate_cli_takes_lora(adapters, tmp_path):
     side = json.loads((tmp_path / "cli.mp4.json").read_text())
     assert [(e["name"], e["scale"]) for e in side["lora"]] == [("style", 0.5)]
     assert f"lora: {adapters['style'].resolve()} (scale 0.5)" in done.stdout
+
+
+def test_serve_takes_lora_at_start_up(adapters):
+    """magi-serve composes the generate schema: `lora=` on its command line reaches the pipeline it builds
+    (magi_infer/server/cli.py run(), up to uvicorn)."""
+    from magi_infer.server.cli import generate_part
+    from magi_infer.server.config import register_serve_config, to_serve_config
+    from magi_train.config.compose import compose
+
+    register_serve_config()
+    cfg = to_serve_config(compose("serve", ["model=tiny", f"ckpt.dir={TINY}", "text.encoder=hash", "vae.kind=preview",
+                                            "video.height=64", "video.width=64",
+                                            f"lora=[{{path: '{adapters['style']}', scale: 0.25}}]"]))
+    served = MagiPipeline(generate_part(cfg))
+    assert {n: e["scale"] for n, e in served.loras.items()} == {"style": 0.25}
+    assert served.engine.cfg.lora[0]["sha256"] and served.config.lora == served.engine.cfg.lora
