@@ -67,7 +67,6 @@ from magi_train.observability.memory_plan_layout import (  # noqa: F401
 from magi_train.observability.memory_plan_params import (  # noqa: F401
     BASE_DTYPES, DEFAULT_LORA_TARGETS, ModelParams, ParamInfo, Tuning, _Sized, lora_modules, optimizer_bytes,
 )
-from magi_train.parallel.zero import assign_owners
 
 
 
@@ -126,10 +125,7 @@ def estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Optional[
 
 
 def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: ModelParams, stage: int) -> MemoryEstimate:
-    held = params.stage(layout, stage)
-    trained = params.trainable(layout, stage)
-    p_bytes = sum(numel * item for _, numel, item in held)
-    group = layout.dp * layout.cp
+    p_bytes, trained_numel, trained_bytes, owned_bytes, largest = params.totals(layout, stage)
     self_in, cross_in = attention_inputs(cfg, layout, mb)
     z = _sizes(cfg, layout, mb)
     md = BYTES[cfg.params_dtype]
@@ -179,20 +175,15 @@ def _stage_estimate(cfg: ModelConfig, layout: Layout, mb: MicroBatch, params: Mo
         adapted = [name for group in adapters.values() for name, *_ in group]
         boundary -= frozen_base_boundary_savings(cfg, layout, mb, adapted, stage == 0)
     activations = in_flight * (saved + boundary + metadata) + working
-    broadcast_copy = norm_squares = 0
-    if trained:
-        owner = assign_owners([(name, _Sized(numel)) for name, numel, _ in trained], group)
-        if group > 1:
-            broadcast_copy = max(sum(numel * item for name, numel, item in trained if owner[name] == r)
-                                 for r in range(group))
-        norm_squares = 2 * 8 * max(numel for _, numel, _ in trained)  # grad.double().square() of the largest gradient
-    buckets = sum(numel for _, numel, _ in trained) * F32
+    broadcast_copy = owned_bytes if layout.dp * layout.cp > 1 else 0  # one owner's flat parameters
+    norm_squares = 2 * 8 * largest  # grad.double().square() of the largest gradient
+    buckets = trained_numel * F32
     return MemoryEstimate(
         params=p_bytes, grads=buckets, optimizer=params.optimizer(layout, stage), activations=activations,
         after_backward=max(broadcast_copy, norm_squares), stage=stage, layers=layers, in_flight=in_flight,
         per_layer=per_layer, working=working, attention_metadata=metadata + transient, terms=layer,
         lora_activations=sum(extra for _, extra, _, _, _ in per),
-        frozen=p_bytes - sum(numel * item for _, numel, item in trained),
+        frozen=p_bytes - trained_bytes,
     )
 
 

@@ -13,7 +13,7 @@ What a run trains (`Tuning`):
   any fp32 parameter does: fp32 gradient buckets, fp32 exp_avg / exp_avg_sq, no master (an fp32 parameter is its
   own master), in buckets owned over the data x context parallel group.
 * The frozen base's dtype (`base_dtype`, config lora.base_dtype): auto keeps model.params_dtype; float32 /
-  bfloat16 store every frozen parameter of the model dtype in it (the fp32 list of model/dit.py FP32_MODULES,
+  bfloat16 / float16 store every frozen parameter of the model dtype in it (the fp32 list of model/dit.py FP32_MODULES,
   embedders, head, RoPE and some norms, stays fp32: assumed, as the trainer keeps those in fp32 for its numerics);
   float8 (planner only, not a lora.base_dtype choice yet) stores the 2-D weights of the transformer layers'
   linears in 1 byte each (plus one fp32 scale per tensor), the rest as bfloat16, and assumes the fp8 linear saves
@@ -36,8 +36,9 @@ from magi_train.parallel.zero import assign_owners
 DEFAULT_LORA_TARGETS: Tuple[str, ...] = tuple(getattr(_schema, "DEFAULT_LORA_TARGETS", (
     "*.self_attention.linear_qkv.q", "*.self_attention.linear_qkv.k", "*.self_attention.linear_qkv.v",
     "*.self_attention.linear_qkv.qx", "*.self_attention.linear_proj", "*.mlp.linear_fc1", "*.mlp.linear_fc2")))
-# Frozen-base dtypes the planner models: bytes per parameter; float8 only for the layers' linear weights.
-BASE_DTYPES = ("auto", "float32", "bfloat16", "float8")
+# Frozen-base dtypes the planner models (lora.base_dtype's choices, and float8, which the trainer does not have yet:
+# 1 byte for the layers' linear weights).
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8")
 FP8 = 1
 _LAYER = "videodit_blocks.layers."
 
@@ -49,7 +50,7 @@ class Tuning:
     lora_rank: int = 0
     lora_targets: Tuple[str, ...] = DEFAULT_LORA_TARGETS
     lora_dropout: float = 0.0
-    base_dtype: str = "auto"  # of the frozen parameters: auto | float32 | bfloat16 | float8
+    base_dtype: str = "auto"  # of the frozen parameters: auto | float32 | bfloat16 | float16 | float8
     frozen: Tuple[str, ...] = ()  # full training: fnmatch patterns over parameter names that stay frozen
 
     def __post_init__(self) -> None:
@@ -202,6 +203,22 @@ class ModelParams:
         key = ("optimizer", layout.tp, layout.pp, stage, layout.dp * layout.cp)
         if key not in self._memo:
             self._memo[key] = optimizer_bytes(self.trainable(layout, stage), layout.dp * layout.cp)
+        return self._memo[key]
+
+    def totals(self, layout: Layout, stage: int) -> Tuple[int, int, int, int, int]:
+        """(bytes of every parameter held, numel and bytes of the trainable ones, the largest owner's bytes of
+        trainable parameters over the data x context parallel group, the largest trainable numel) of the stage."""
+        group = layout.dp * layout.cp
+        key = ("totals", layout.tp, layout.pp, stage, group)
+        if key not in self._memo:
+            held, trained = self.stage(layout, stage), self.trainable(layout, stage)
+            owned = 0
+            if trained:
+                owner = assign_owners([(name, _Sized(numel)) for name, numel, _ in trained], group)
+                owned = max(sum(numel * item for name, numel, item in trained if owner[name] == r) for r in range(group))
+            self._memo[key] = (sum(numel * item for _, numel, item in held), sum(numel for _, numel, _ in trained),
+                               sum(numel * item for _, numel, item in trained), owned,
+                               max((numel for _, numel, _ in trained), default=0))
         return self._memo[key]
 
     def adapters(self, layout: Layout, stage: int) -> Dict[int, List[Tuple[str, int, int, int]]]:
