@@ -36,12 +36,14 @@ Context parallelism is modelled as Ulysses (cp_impl=ulysses; MagiAttention's dis
 
 Fine-tuning (`Tuning`, memory_plan_params.py): full fine-tuning is training as above, optionally with a frozen
 part; LoRA freezes the base (in lora.base_dtype) and trains fp32 adapters. A frozen parameter holds its weights
-only: no gradient bucket, no AdamW moments, no master (ShardedAdamW takes the parameters with requires_grad). The
-activations of a frozen base are unchanged: backward still runs through every layer for the input gradients
-(of the adapters below it), and the base linears save their inputs as in full training; the adapters add what
-`lora_activations` counts (the rank-r intermediates, their own input casts). trainer.recompute_layers (the first
-N layers of a stage recompute, the others not) is modelled. Activation offload and CPU offload of optimizer
-state are not in the trainer, so not modelled; memory_plan_fit.py searches the settings that fit one budget.
+only: no gradient bucket, no AdamW moments, no master (ShardedAdamW takes the parameters with requires_grad).
+Under LoRA backward still runs through every layer for the input gradients, so a frozen layer saves nearly what
+a trained one does (the base linears save their inputs as in full training); `frozen_base_layer_activations`
+drops what only the base's parameter gradients needed (the adaLN path, the gate branches, RoPE's inputs, the
+caption-key path) and `lora_activations` adds the adapters' tensors. A frozen part of a full fine-tune is counted
+with full training's activations (a little more than it saves). trainer.recompute_layers (the first N layers of
+a stage recompute, the others not) is modelled. Activation offload and CPU offload of optimizer state are not
+in the trainer, so not modelled; memory_plan_fit.py searches the settings that fit one budget.
 
 Not counted: the CUDA caching allocator's fragmentation and the CUDA/NCCL context (a few GiB: keep a margin),
 communication buffers other than the gradient all-reduce, tensors of a few bytes per chunk row, and backward

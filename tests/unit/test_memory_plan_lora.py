@@ -207,3 +207,15 @@ def test_a_lora_layer_saves_what_the_count_says(single_process_group, params_dty
         assert lora == sum(frozen_base_layer_activations(cfg, layout, MB, names).values()) + added
     est = estimate(cfg, layout, MB, params)
     assert est.lora_activations == cfg.num_layers * lora_activations(cfg, layout, MB, adapters, dropout)
+
+
+def test_tuning_reads_the_lora_config():
+    from magi_train.config.schema import TrainConfig
+
+    cfg = TrainConfig()
+    assert Tuning.of_config(cfg) == Tuning()
+    cfg.lora.rank, cfg.lora.dropout, cfg.lora.targets = 8, 0.1, ["*.mlp.linear_fc1"]
+    cfg.lora.base_dtype = "bfloat16"
+    assert Tuning.of_config(cfg) == Tuning(8, ("*.mlp.linear_fc1",), 0.1, "bfloat16")
+    with pytest.raises(ValueError, match=r"lora.base_dtype='int4' is not one of"):
+        Tuning(8, base_dtype="int4")
