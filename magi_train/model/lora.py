@@ -128,7 +128,8 @@ class LoraLinear(nn.Module):
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, scale: float = 1.0,
                     dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> None:
-        """A fresh adapter: A kaiming-uniform (drawn whole-size from `generator` on the CPU), B zero."""
+        """A fresh adapter: A kaiming-uniform (drawn whole-size from `generator` on the CPU), B zero. On the meta
+        device (shapes only) nothing is drawn: apply adapters to a materialised model to have them initialised."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -, no dots)")
         if name in self.lora_A:
@@ -141,7 +142,8 @@ class LoraLinear(nn.Module):
         a_shape, b_shape = self.factor_shapes(rank)
         self.lora_A[name] = _Factor(a_shape, dtype, device)
         self.lora_B[name] = _Factor(b_shape, dtype, device)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A module made now starts in training mode; it follows the model's mode (an eval model drops nothing).
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.ranks[name], self.alphas[name], self.scales[name] = rank, float(alpha), float(scale)
         if device.type != "meta":
             bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) of a (rank, in) weight
@@ -286,7 +288,7 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
         module = model.get_submodule(module_name)
         if not isinstance(module, LoraLinear):
             i, o = linear_features(module)
-            module = make(module_name, module, i, o)
+            module = make(module_name, module, i, o).train(module.training)
             _set_child(model, module_name, module)
         gen = torch.Generator().manual_seed(_seed_of(seed, module_name, name))
         module.add_adapter(name, rank, alpha, dropout, scale=scale, dtype=dtype, generator=gen)

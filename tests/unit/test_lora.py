@@ -205,6 +205,33 @@ def test_wraps_torch_linear_and_refuses_to_merge_into_fp8():
     assert isinstance(seq[0], nn.Linear) and not torch.equal(unmerged, want)
 
     fp8 = nn.Sequential(Fp8PerTensorLinear(8, 8))
-    apply_lora(fp8, ["0"], rank=2, alpha=2.0)
+    with torch.no_grad():
+        fp8[0].weight.copy_(torch.randn(1, 8, 8).to(fp8[0].weight.dtype))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = fp8(x)
+        apply_lora(fp8, ["0"], rank=2, alpha=2.0)
+        assert torch.equal(fp8(x), want)  # unmerged on an fp8 base: a fresh adapter changes nothing
+        randomise(fp8, "default", 1)
+        assert fp8(x).dtype == want.dtype and not torch.equal(fp8(x), want)
     with pytest.raises(ValueError, match="fp8"):
         merge_lora(fp8)
+
+
+def test_dropout_follows_the_model_mode():
+    """Adapters added to an eval model (inference) drop nothing; train() switches their dropout on."""
+    model = make_model()  # eval
+    batch = inputs(model)
+    apply_lora(model, ["*.mlp.linear_fc1"], rank=4, alpha=4.0, dropout=0.5)
+    randomise(model, "default", 1)
+    first = run(model, batch)
+    assert torch.equal(run(model, batch), first)
+    no_drop = make_model()
+    apply_lora(no_drop, ["*.mlp.linear_fc1"], rank=4, alpha=4.0, dropout=0.0)
+    for (_, p), (_, q) in zip(lora_parameters(model), lora_parameters(no_drop)):
+        with torch.no_grad():
+            q.copy_(p)
+    assert torch.equal(run(no_drop, batch), first)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(run(model, batch), first)  # half of the adapter's inputs dropped (and rescaled)
