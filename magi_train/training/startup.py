@@ -82,6 +82,7 @@ class RunDirectory:
             lines = [line for line in [self._lock.acquire()] if line]
             try:
                 if new_run and tc.resume == "none":
+                    _check_init_outside(tc.init_from, self.path)
                     lines += start_fresh(self.path, tc.overwrite)
             except BaseException:
                 self._lock.release()
@@ -98,6 +99,18 @@ class RunDirectory:
         self._watch.stop()
         self._lock.release()
         self.locked = False
+
+
+def _check_init_outside(init_from: Optional[str], output_dir: Path) -> None:
+    """A new run never starts from weights inside its own output_dir: trainer.overwrite would delete them
+    before they are read, and without it the directory holds another run."""
+    if not init_from:
+        return
+    source, out = Path(init_from).resolve(), output_dir.resolve()
+    if source == out or out in source.parents:
+        raise ValueError(f"trainer.init_from={init_from} lies inside trainer.output_dir={output_dir}, where a new "
+                         f"run replaces what it finds; train into another trainer.output_dir (or continue that "
+                         f"run with trainer.resume=auto)")
 
 
 def choose_resume(cfg: TrainConfig, parallel: Parallel, checkpoints: CheckpointManager,

@@ -186,3 +186,13 @@ def test_a_record_whose_weights_changed_is_refused(tmp_path):
         save_magi1_checkpoint(state, copy / "inference_weight")
         with pytest.raises(ValueError, match="the weights changed since the run recorded them"):
             load_init_weights(cfg, trainer.parallel, record, models, shapes)
+
+
+def test_init_from_inside_the_output_dir_is_refused_before_anything_is_deleted(tmp_path):
+    with _trainer(_config(tmp_path / "run", max_steps=1)) as first:
+        first.fit()
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"trainer.init_from=.* lies inside trainer.output_dir"):
+            _trainer(_config(tmp_path / "run", max_steps=1, init_from=str(ckpt), overwrite=overwrite))
+        assert (ckpt / "complete.json").is_file()
