@@ -96,3 +96,19 @@ def test_tool_fit_prints_the_setting_and_its_overrides():
                           "--height", "480", "--width", "830", "--chunks", "4"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode != 0 and "--width 830 is not a multiple of 16 pixels" in bad.stderr
+
+
+def test_fine_tune_table_rows_fit_their_gpus():
+    """The README's table: every row's estimate within 95% of its GPU, LoRA on one 24 and one 80 GiB GPU."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools/estimate_memory.py"), "--fine-tune-table"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and " x " in line]
+    fitted = {}
+    for run, gpu, setting, gib, _ in rows:
+        count, size = gpu.split(" GiB")[0].split(" x ")
+        if gib.strip() != "-":
+            assert float(gib) <= 0.95 * float(size) + 0.05, (run, gpu, gib)
+            fitted[(run.strip(), int(count), int(size))] = setting
+    assert ("LoRA rank 16", 1, 24) in fitted and ("LoRA rank 16", 1, 80) in fitted
+    assert "480x832, 4 chunks (96 frames, 37440 tokens)" in out.stdout
