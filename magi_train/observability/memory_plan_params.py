@@ -100,10 +100,8 @@ def lora_modules(cfg: ModelConfig, targets: Sequence[str]) -> Dict[str, Tuple[in
     """{module name: (in_features, out_features)} of the DiT's linears that `targets` match (fnmatch over the
     names of `build_dit(cfg).named_modules()`), in module order. A pattern that matches no linear is an error
     naming it (as apply_lora does)."""
-    from torch import nn
-
     from magi_train.model.dit import build_dit  # torch + megatron: only when needed
-    from magi_train.model.linear import Linear
+    from magi_train.model.lora import linear_features  # what apply_lora can wrap
 
     model = build_dit(replace(cfg, num_layers=1), device="meta")
     first = _LAYER + "0."
@@ -111,10 +109,10 @@ def lora_modules(cfg: ModelConfig, targets: Sequence[str]) -> Dict[str, Tuple[in
     layer: List[Tuple[str, Tuple[int, int]]] = []
     after: List[Tuple[str, Tuple[int, int]]] = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Linear)):
-            out_features, in_features = module.weight.shape
+        features = linear_features(module)
+        if features is not None:
             where = layer if name.startswith(first) else (after if layer else before)
-            where.append((name, (int(in_features), int(out_features))))
+            where.append((name, features))
     # Model order: the layers' linears layer by layer, between the embedders' and the head's.
     linears = dict(before + [(f"{_LAYER}{i}." + n[len(first):], f) for i in range(cfg.num_layers) for n, f in layer]
                    + after)
