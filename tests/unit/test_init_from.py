@@ -196,3 +196,25 @@ def test_init_from_inside_the_output_dir_is_refused_before_anything_is_deleted(t
         with pytest.raises(ValueError, match=r"trainer.init_from=.* lies inside trainer.output_dir"):
             _trainer(_config(tmp_path / "run", max_steps=1, init_from=str(ckpt), overwrite=overwrite))
         assert (ckpt / "complete.json").is_file()
+
+
+def test_distillation_student_from_init_from_teacher_unchanged(tmp_path):
+    """experiment=distill with trainer.init_from: the student starts from those weights (here the tiny_base
+    release, a base model starting the distilled preset), the teacher stays distill.teacher."""
+    from magi_train.config.schema import DiffusionConfig, DistillConfig
+
+    with _trainer(_config(tmp_path / "teacher", max_steps=1)) as first:
+        first.fit()
+    teacher = tmp_path / "teacher" / "checkpoints"
+    cfg = _config(tmp_path / "distill", max_steps=1, init_from=str(TINY_BASE))
+    cfg = validate(replace(cfg, model=replace(cfg.model, distill=True),
+                           distill=DistillConfig(enabled=True, teacher=str(teacher), ema_decay=0.9),
+                           diffusion=DiffusionConfig(caption_dropout=0.0)))
+    with _trainer(cfg) as trainer:
+        _assert_equal_state(trainer.model, load_file(str(TINY_FILE)))
+        taught = read_full_model_state(sorted(teacher.glob("step_*"))[-1])
+        for name, p in trainer.objective.teacher.state_dict().items():
+            assert torch.equal(p, taught[name]), name
+        # ... and the EMA starts from the student's (init_from) weights.
+        shadow = trainer.callbacks[0].weights[0].state_dict()
+        assert all(torch.equal(shadow[n], p.float()) for n, p in trainer.model.named_parameters())
