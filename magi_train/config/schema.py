@@ -311,6 +311,9 @@ class TrainerConfig:
     # directory of ours (its newest checkpoint) or one checkpoint. None: the preset's random initialisation. A run
     # that resumes its own checkpoints (trainer.resume) keeps them and ignores this (printed).
     init_from: Optional[str] = None
+    # trainer.init_from a checkpoint of ours that kept an EMA (trainer.ema_decay > 0, or distillation): start from
+    # its EMA weights (ema.<parameter>) instead of the trained ones.
+    init_from_ema: bool = False
     # An exponential moving average of the trained weights for any run (training/ema.py), saved in every
     # checkpoint as ema.<parameter>; 0 = off. Distillation keeps its own (distill.ema_decay).
     ema_decay: float = 0.0

@@ -4,6 +4,7 @@
     trainer.init_from=<run dir of ours>      its newest complete checkpoint (<dir>/checkpoints/step_*)
     trainer.init_from=<one checkpoint>       a step directory (trainer-written, or model-only from
                                              tools/convert_checkpoint.py to-ours), or a checkpoints/ root
+    trainer.init_from_ema=true               a checkpoint's EMA weights (ema.*) instead of its trained ones
 
 Only the model weights are taken: the run starts at step 0 with a fresh optimizer, its own data order and
 learning-rate schedule, under any parallel layout (every rank reads the whole state dict and keeps its slices,
@@ -38,7 +39,9 @@ import torch
 from magi_train.checkpoint.magi1 import INDEX_NAME, SINGLE_NAME, load_magi1_state_dict
 from magi_train.checkpoint.manager import MARKER_NAME, find_checkpoint
 from magi_train.checkpoint.variants import Variant, is_weight_dir, weight_dirs
-from magi_train.checkpoint.weights import dequantize_fp8_state_dict, read_our_model_state, read_our_trainer_state
+from magi_train.checkpoint.distributed import checkpoint_has, is_distributed_checkpoint, read_full_weights
+from magi_train.checkpoint.weights import (EMA_PREFIX, dequantize_fp8_state_dict, read_our_model_state,
+                                           read_our_trainer_state)
 from magi_train.config.compose import config_to_dict
 from magi_train.config.schema import ModelConfig
 from magi_train.training.resume_config import MODEL_RUNTIME_ONLY
@@ -57,13 +60,14 @@ class InitSource:
     kind: str  # "released" | "checkpoint"
     variant: Optional[str]  # released: base | distill | fp8.distill | fp8; checkpoint: None
     sha256: str
+    ema: bool = False  # a checkpoint's EMA weights (trainer.init_from_ema)
 
     def record(self) -> Dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         what = f"released {self.variant} weights" if self.kind == "released" else "checkpoint"
-        return f"{what} {self.resolved}"
+        return f"{what} {self.resolved}" + (" (its EMA weights)" if self.ema else "")
 
 
 def _sha256(file: Path) -> str:
@@ -71,8 +75,9 @@ def _sha256(file: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def resolve_init_source(spec: str, cfg: ModelConfig) -> InitSource:
-    """trainer.init_from -> the weights it names for preset `cfg` (checked, not read)."""
+def resolve_init_source(spec: str, cfg: ModelConfig, ema: bool = False) -> InitSource:
+    """trainer.init_from -> the weights it names for preset `cfg` (checked, not read); `ema`: the EMA weights
+    of a checkpoint of ours (trainer.init_from_ema)."""
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{FIELD}={spec} does not exist")
@@ -82,7 +87,13 @@ def resolve_init_source(spec: str, cfg: ModelConfig) -> InitSource:
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() and not (path / MARKER_NAME).is_file() else path
     checkpoint = find_checkpoint(root)
     if checkpoint is not None:
-        return InitSource(spec, str(checkpoint), "checkpoint", None, _sha256(checkpoint / MARKER_NAME))
+        if ema and not (is_distributed_checkpoint(checkpoint) and checkpoint_has(checkpoint, EMA_PREFIX)):
+            raise ValueError(f"trainer.init_from_ema=true, but checkpoint {checkpoint} holds no EMA weights (its run "
+                             f"had trainer.ema_decay=0 and was no distillation run)")
+        return InitSource(spec, str(checkpoint), "checkpoint", None, _sha256(checkpoint / MARKER_NAME), ema)
+    if ema:
+        raise ValueError(f"trainer.init_from_ema=true needs a checkpoint of ours; {FIELD}={spec} is not one "
+                         f"(released weights hold one set)")
     if root is not path:
         raise FileNotFoundError(f"{FIELD}={spec} is a run directory, but {root} holds no complete checkpoint "
                                 f"(no step_* directory with a {MARKER_NAME})")
@@ -178,6 +189,9 @@ def read_init_weights(source: InitSource, cfg: ModelConfig) -> Tuple[Dict[str, t
         if saved.get("distill") is False and cfg.distill:
             notes.append(f"{FIELD}: a base checkpoint starts the distilled model={cfg.name}")
         state = read_our_model_state(path)
+        if source.ema:
+            averaged = read_full_weights(path, EMA_PREFIX)  # the averaged parameters; buffers as trained
+            state = {k: averaged.get(k, v) for k, v in state.items()}
     else:
         state = load_magi1_state_dict(source.resolved)
         if any(t.dtype == torch.float8_e4m3fn for t in state.values()):

@@ -193,7 +193,12 @@ def choose_init(cfg: TrainConfig, parallel: Parallel, resume_from: Optional[Path
 
     spec = cfg.trainer.init_from
     if resume_from is None:
-        return None if not spec else agree(parallel, lambda: resolve_init_source(spec, cfg.model).record())
+        if not spec:
+            if cfg.trainer.init_from_ema:
+                raise ValueError("trainer.init_from_ema=true without trainer.init_from: name the checkpoint whose "
+                                 "EMA weights the run starts from")
+            return None
+        return agree(parallel, lambda: resolve_init_source(spec, cfg.model, cfg.trainer.init_from_ema).record())
 
     def kept() -> Tuple[Optional[Dict[str, Any]], List[str]]:
         recorded = read_our_trainer_state(resume_from).get(RECORD_KEY)
@@ -222,7 +227,7 @@ def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, An
     from magi_train.training.init_from import InitSource, identity_problem, read_init_weights, resolve_init_source
 
     source = InitSource(**record)
-    problem = identity_problem(record, resolve_init_source(source.resolved, cfg.model))
+    problem = identity_problem(record, resolve_init_source(source.resolved, cfg.model, source.ema))
     if problem is not None:
         raise ValueError(f"{problem}: the weights changed since the run recorded them")
     state, description, notes = read_init_weights(source, cfg.model)

@@ -218,3 +218,27 @@ def test_distillation_student_from_init_from_teacher_unchanged(tmp_path):
         # ... and the EMA starts from the student's (init_from) weights.
         shadow = trainer.callbacks[0].weights[0].state_dict()
         assert all(torch.equal(shadow[n], p.float()) for n, p in trainer.model.named_parameters())
+
+
+def test_init_from_ema_takes_a_checkpoints_ema_weights(tmp_path):
+    with _trainer(_config(tmp_path / "a", max_steps=2, ema_decay=0.5)) as first:
+        first.fit()
+        shadow = {n: t.clone() for n, t in first.callbacks[0].weights[0].state_dict().items()}
+        trained = _params_of(first.model)
+    assert any(not torch.equal(shadow[n], trained[n]) for n in shadow)
+    with _trainer(_config(tmp_path / "b", max_steps=1, init_from=str(tmp_path / "a"), init_from_ema=True)) as t:
+        got = _params_of(t.model)
+        assert all(torch.equal(got[n], shadow[n]) for n in shadow)
+        assert t.init_from["ema"] is True
+    with pytest.raises(ValueError, match="holds no EMA weights"):
+        with _trainer(_config(tmp_path / "c", max_steps=1)) as plain:
+            plain.fit()
+        _trainer(_config(tmp_path / "d", init_from=str(tmp_path / "c"), init_from_ema=True))
+    with pytest.raises(ValueError, match="needs a checkpoint of ours"):
+        _trainer(_config(tmp_path / "e", init_from=str(TINY_BASE), init_from_ema=True))
+    with pytest.raises(ValueError, match="init_from_ema=true without trainer.init_from"):
+        _trainer(_config(tmp_path / "f", init_from_ema=True))
+
+
+def _params_of(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
