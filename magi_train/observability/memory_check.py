@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from magi_train.config.schema import TrainConfig
-from magi_train.observability.memory_plan import GIB, Layout, MemoryEstimate, MicroBatch, ModelParams, estimate
+from magi_train.observability.memory_plan import (GIB, Layout, MemoryEstimate, MicroBatch, ModelParams, Tuning,
+                                                   estimate)
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,20 @@ def train_estimate(cfg: TrainConfig, tp: int, cp: int, pp: int, dp: int, attenti
     """(the planner's estimate of the most loaded rank, extra rows the planner does not model: the frozen
     teacher and the EMA copy of distillation)."""
     t = cfg.trainer
-    layout = Layout(tp, cp, pp, dp, cfg.parallel.sequence_parallel, str(t.recompute), str(t.precision))
-    params = ModelParams.of(cfg.model)
+    layout = Layout(tp, cp, pp, dp, cfg.parallel.sequence_parallel, str(t.recompute), str(t.precision),
+                    t.recompute_layers)
+    # A LoRA run (lora.rank > 0) trains only its adapters: the frozen base holds weights only.
+    params = ModelParams.of(cfg.model, Tuning.of_config(cfg))
     est = estimate(cfg.model, layout, train_micro_batch(cfg, attention), params)
     extra: List[Tuple[str, int]] = []
+    # The EMA shadows the local trainable parameters in fp32 (distillation's, or trainer.ema_decay's).
+    ema = sum(numel * 4 for _, numel, _ in params.trainable(layout, est.stage))
     if cfg.distill.enabled:
-        # The teacher is whole on every rank of a stage (build_whole), the EMA shadows the local parameters in fp32.
+        # The teacher is whole on every rank of a stage (build_whole).
         whole = sum(numel * item for _, numel, item in params.stage(Layout(tp=tp), 0))
-        ema = sum(numel * 4 for _, numel, _ in params.stage(layout, est.stage))
         extra += [("distillation teacher (frozen)", whole), ("distillation EMA (fp32)", ema)]
+    elif t.ema_decay > 0:
+        extra.append(("EMA (fp32, trainer.ema_decay)", ema))
     return est, extra
 
 

@@ -72,3 +72,21 @@ def test_the_trainer_refuses_before_building_the_model(tmp_path, monkeypatch):
     cfg.trainer.check_memory = False
     with pytest.raises(AssertionError, match="must not be built"):
         trainer_module.Trainer(cfg, parallel)
+
+
+def test_a_lora_run_is_planned_with_a_frozen_base_and_its_ema_counted(tmp_path):
+    """The start-up check plans what the run trains: a LoRA run's frozen base has no gradients, optimizer state or
+    masters (so it is far below full training), and an EMA of any run is counted for its trainable parameters."""
+    from magi_train.observability.memory_check import train_estimate
+
+    cfg = tiny_train_config(tmp_path)
+    cfg.model = load_model_preset("magi1_4.5b")
+    full, _ = train_estimate(cfg, 1, 1, 1, 1, "torch")
+    cfg.lora.rank = 16
+    lora, extra = train_estimate(cfg, 1, 1, 1, 1, "torch")
+    assert lora.optimizer < full.optimizer / 100 and lora.grads < full.grads / 100
+    assert extra == []
+    cfg.trainer.ema_decay = 0.999
+    _, extra = train_estimate(cfg, 1, 1, 1, 1, "torch")
+    (name, ema), = extra
+    assert name.startswith("EMA") and ema == 4 * 32_866_304  # fp32 copies of the rank-16 adapters only
