@@ -204,8 +204,12 @@ def choose_init(cfg: TrainConfig, parallel: Parallel, resume_from: Optional[Path
         recorded = read_our_trainer_state(resume_from).get(RECORD_KEY)
         if not spec:
             return recorded, []
-        lines = [f"trainer.init_from={spec} is not applied: the run resumes from {resume_from}"
-                 + (f", which started from {recorded['resolved']}" if recorded else "")]
+        if cfg.lora.rank > 0:  # the adapters resume; the frozen base is the recorded one (loaded again)
+            lines = [f"trainer.init_from={spec}: the run resumes from {resume_from}, its frozen base is the "
+                     f"weights it recorded" + (f" ({recorded['resolved']})" if recorded else "")]
+        else:
+            lines = [f"trainer.init_from={spec} is not applied: the run resumes from {resume_from}"
+                     + (f", which started from {recorded['resolved']}" if recorded else "")]
         if recorded:
             problem = identity_problem(recorded, resolve_init_source(spec, cfg.model))
             if problem:
@@ -218,7 +222,8 @@ def choose_init(cfg: TrainConfig, parallel: Parallel, resume_from: Optional[Path
     return recorded
 
 
-def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, Any], models, full_shapes) -> None:
+def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, Any], models, full_shapes,
+                      resuming: bool = False) -> None:
     """The init_from weights of `record` (choose_init) into this rank's model chunks (each rank reads the whole
     state dict and keeps its tensor-parallel slices of the layers it holds); a mismatch with the preset names
     every field. The source must still be the weights the record names (sha256): a run that rebuilds its
@@ -237,5 +242,6 @@ def load_init_weights(cfg: TrainConfig, parallel: Parallel, record: Dict[str, An
     if parallel.is_main:
         for line in notes:
             print(line, flush=True)
-        print(f"initialised from {source.describe()} (sha256 {source.sha256[:12]}): step 0, fresh optimizer",
-              flush=True)
+        what = ("the frozen base reloaded from" if resuming else "initialised from")
+        print(f"{what} {source.describe()} (sha256 {source.sha256[:12]})" + ("" if resuming else
+              ": step 0, fresh optimizer"), flush=True)

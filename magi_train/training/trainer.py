@@ -106,7 +106,7 @@ class Trainer:
         if self.init_from is not None and (resume_from is None or lora):
             if resume_from is not None:
                 check_base_identity(self.init_from, cfg.model)
-            load_init_weights(cfg, p, self.init_from, self.models, self.full_shapes)
+            load_init_weights(cfg, p, self.init_from, self.models, self.full_shapes, resuming=resume_from is not None)
         # LoRA (training/lora.py): adapters on the final base weights, the base frozen; only they train.
         self.lora: Optional[LoraRun] = start_lora(cfg, p, self.models, self.init_from) if lora else None
         if self.lora is not None:

@@ -122,3 +122,30 @@ def test_only_trainable_parameters_are_averaged():
     with ema.swapped(model):
         assert torch.equal(model[1].weight, ema.weights[0].state_dict()["1.weight"])
     assert not torch.equal(model[1].weight, ema.weights[0].state_dict()["1.weight"])
+
+
+def test_lora_run_averages_the_adapters_alone_and_resumes_them(tmp_path):
+    from pathlib import Path
+
+    from magi_train.config import validate
+
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_base"
+
+    def config(out, **trainer):
+        cfg = tiny_train_config(out, init_from=str(base), ema_decay=DECAY, **trainer)
+        return validate(replace(cfg, lora=replace(cfg.lora, rank=4)))
+
+    cfg = config(tmp_path / "lora", max_steps=3, save_every=2)
+    with Trainer(cfg, init_parallel(cfg.parallel)) as trainer:
+        trainable = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+        assert trainable and len(trainable) < len(list(trainer.model.named_parameters()))
+        assert sorted(trainer.callbacks[0].weights[0].names) == trainable
+        trainer.fit()
+        final = {n: t.clone() for n, t in trainer.callbacks[0].weights[0].state_dict().items()}
+    cfg = config(tmp_path / "lora", max_steps=3, save_every=2, resume=str(tmp_path / "lora" / "checkpoints"
+                                                                           / "step_00000002"))
+    with Trainer(cfg, init_parallel(cfg.parallel)) as resumed:
+        assert resumed.step == 2
+        resumed.train_step()
+        got = resumed.callbacks[0].weights[0].state_dict()
+        assert sorted(got) == sorted(final) and all(torch.equal(got[n], final[n]) for n in final)
