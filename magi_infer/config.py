@@ -22,6 +22,8 @@ class CheckpointConfig:
     # A sha256sum-format manifest (`<hex>  <file name>` lines, tools/hash_weights.py writes one) the released
     # shard files must match; a SHA256SUMS file beside the shards is checked without it.
     sha256: Optional[str] = None
+    # A checkpoint of ours that kept an EMA (trainer.ema_decay > 0, or distillation): generate with its EMA weights.
+    ema: bool = False
 
 
 @dataclass

@@ -80,7 +80,7 @@ class InferenceEngine:
         self.cfg = cfg
         if cfg.ckpt.sha256 is not None:
             self._verify_manifest()
-        state, source = load_weights(cfg.ckpt.dir, cfg.model, cfg.sampler.fp8)
+        state, source = load_weights(cfg.ckpt.dir, cfg.model, cfg.sampler.fp8, ema=cfg.ckpt.ema)
         self.model = build_model(cfg.model, state, source, parallel, cfg.sampler.fp8).to(self.device).eval()
         # Every rank builds caption rows, but with pipeline parallelism only the first stage has y_embedder.
         self.null_caption = state["y_embedder.null_caption_embedding"].detach().float().cpu()

@@ -101,6 +101,13 @@ def test_inference_loads_the_ema_of_a_checkpoint(tmp_path):
     for name, value in averaged.items():
         assert torch.equal(value, shadow[name] if name in shadow else trained[name]), name
     assert any(not torch.equal(averaged[n], trained[n]) for n in shadow)
+    # The generate config's ckpt.ema makes the inference engine run on the EMA weights.
+    from magi_infer import MagiPipeline
+
+    pipe = MagiPipeline.from_pretrained(ckpt, overrides={"ckpt.ema": True, "progress": False})
+    served = pipe.engine.model.state_dict()
+    assert "EMA" in pipe.engine.source
+    assert all(torch.equal(served[n].float(), averaged[n].float()) for n in shadow)
     # A run without an EMA says so.
     with _trainer(tmp_path / "plain", max_steps=1) as plain:
         plain.fit()
