@@ -1,6 +1,7 @@
 """LoRA under each layout gives the single-process LoRA run's loss and adapter gradients (tiny preset, fp32,
 gloo ranks): TP2 (and SwiGLU under sequence parallel, the caption KV linear adapted too), CP2, PP2, DP2 on two
 ranks; TP2 x CP2 with sequence parallel and TP4 (more ranks than KV heads: replicated KV adapters' rows) on four.
+Three LoRA steps under TP2 with sequence parallelism equal one process's, and its checkpoint resumes in one.
 """
 
 from __future__ import annotations
@@ -93,6 +94,37 @@ def _step_errors(out_dir: str, cases):
     return results
 
 
+def _tp2_trains_and_reshards(out_dir: str):
+    """Three LoRA steps under TP2 (from a trained base: trainer.init_from) against one process, and the TP2
+    checkpoint of step 2 resumed by one process: the same third step."""
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training.trainer import Trainer
+
+    import torch.distributed as dist
+    base = f"{out_dir}/base"
+    # A base whose output layer has left zero (so that the adapters get gradients), trained by both ranks (DP2).
+    Trainer(train_config(base, {}, max_steps=3), init_parallel(ParallelConfig())).fit()
+    alone = single_process_parallel()
+    layout = {"tp": 2, "sequence_parallel": True}
+
+    def cfg(out, parallel, **trainer):
+        c = lora_config(out, parallel, 8)
+        return replace(c, trainer=replace(c.trainer, init_from=base, max_steps=3, **trainer))
+
+    tp2 = [r["loss"] for r in Trainer(cfg(f"{out_dir}/tp2", layout, save_every=2), init_parallel(ParallelConfig(**layout))).fit()]
+    me = dist.get_rank()
+    one = [r["loss"] for r in Trainer(cfg(f"{out_dir}/one{me}", {}), alone).fit()]
+    resumed = Trainer(cfg(f"{out_dir}/resumed{me}", {}, resume=f"{out_dir}/tp2/checkpoints/step_00000002"), alone)
+    assert resumed.step == 2
+    again = [r["loss"] for r in resumed.fit()]
+    return {"tp2": tp2, "one": one, "resumed": again}
+
+
+def _two_rank_suite(out_dir: str, cases):
+    return {"steps": _step_errors(out_dir, cases), "train": _tp2_trains_and_reshards(f"{out_dir}/train")}
+
+
 def check(per_rank) -> None:
     for rank, results in enumerate(per_rank):
         for name, err in results.items():
@@ -114,7 +146,15 @@ CASES_4 = [
 
 
 def test_lora_two_rank_layouts_match_single_process(tmp_path):
-    check(run_ranks(2, _step_errors, str(tmp_path), CASES_2))
+    per_rank = run_ranks(2, _two_rank_suite, str(tmp_path), CASES_2)
+    check([r["steps"] for r in per_rank])
+    for rank, r in enumerate(per_rank):
+        tp2, one, resumed = r["train"]["tp2"], r["train"]["one"], r["train"]["resumed"]
+        assert len(tp2) == len(one) == 3 and len(resumed) == 1, r["train"]
+        assert len(set(tp2)) == 3  # the adapters train: every step's loss differs
+        for a, b in zip(tp2, one):
+            assert abs(a - b) <= 1e-5 * abs(b), (rank, r["train"])
+        assert abs(resumed[0] - tp2[2]) <= 1e-5 * abs(tp2[2]), (rank, r["train"])
 
 
 def test_lora_four_rank_layouts_match_single_process(tmp_path):
