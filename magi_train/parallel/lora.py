@@ -33,8 +33,10 @@ backward: megatron's copy-to-tensor-parallel-region; so is the column intermedia
 column layer's input); with it they are partial per rank, and `finalize_model_grads` sums them like every other
 replicated parameter (`tp_partial_grad`).
 
-Dropout draws its own mask on every rank: a run with lora.dropout > 0 is not the same run under another layout
-(with 0, the default, it is).
+Dropout draws its own mask on every rank, which is right where a rank's adapter input is its own (row layers'
+feature slices, sequence-parallel tokens) and wrong where it is replicated (a column layer without sequence
+parallelism, the caption KV linear): those refuse lora.dropout > 0 under tp > 1. A run with dropout is not the
+same run under another layout (with 0, the default, it is).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class ParallelLoraLinear(LoraLinear):
         self.kind, self.weight_key, self.model_cfg = kind, weight_key, cfg
         self.tp_group, self.tp_rank, self.tp = tp_group, tp_rank, tp
         self.sp, self.partial_grads = sequence_parallel, partial_grads
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, **kwargs) -> None:
+        if dropout > 0 and self.kind == "column" and not self.sp:
+            raise NotImplementedError(
+                f"lora.dropout={dropout} on {self.weight_key[:-len('.weight')]} under parallel.tp={self.tp}: its input "
+                f"is replicated over the tensor-parallel ranks, which would drop different elements of it; use "
+                f"parallel.sequence_parallel=true (not for linear_kv_xattn) or lora.dropout=0")
+        super().add_adapter(name, rank, alpha, dropout, **kwargs)
 
     def _spec(self, rank: int) -> ShardSpec:
         """How this rank's slice is cut from B (column) or A (row) of rank `rank`."""

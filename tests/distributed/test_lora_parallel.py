@@ -121,8 +121,23 @@ def _tp2_trains_and_reshards(out_dir: str):
     return {"tp2": tp2, "one": one, "resumed": again}
 
 
+def _dropout_refused(out_dir: str) -> str:
+    """lora.dropout > 0 on a column linear whose input is replicated over TP2 (no sequence parallel): refused."""
+    from magi_train.config.schema import ParallelConfig
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training.trainer import Trainer
+
+    cfg = lora_config(out_dir, {"tp": 2}, 8)
+    try:
+        Trainer(replace(cfg, lora=replace(cfg.lora, dropout=0.1)), init_parallel(ParallelConfig(tp=2)))
+    except NotImplementedError as e:
+        return str(e)
+    return "not refused"
+
+
 def _two_rank_suite(out_dir: str, cases):
-    return {"steps": _step_errors(out_dir, cases), "train": _tp2_trains_and_reshards(f"{out_dir}/train")}
+    return {"steps": _step_errors(out_dir, cases), "train": _tp2_trains_and_reshards(f"{out_dir}/train"),
+            "dropout": _dropout_refused(f"{out_dir}/dropout")}
 
 
 def check(per_rank) -> None:
@@ -155,6 +170,7 @@ def test_lora_two_rank_layouts_match_single_process(tmp_path):
         for a, b in zip(tp2, one):
             assert abs(a - b) <= 1e-5 * abs(b), (rank, r["train"])
         assert abs(resumed[0] - tp2[2]) <= 1e-5 * abs(tp2[2]), (rank, r["train"])
+        assert "lora.dropout=0.1" in r["dropout"] and "replicated" in r["dropout"], r["dropout"]
 
 
 def test_lora_four_rank_layouts_match_single_process(tmp_path):
