@@ -123,5 +123,11 @@ def start_lora(cfg: TrainConfig, parallel: Parallel, models: Sequence[nn.Module]
 
     fingerprint = frozen_fingerprint(models, parallel)
     modules = apply_train_lora(models, cfg.lora, cfg.trainer.seed, ADAPTER)
-    keys = [n for n in plan_of(models[0]).full_parameters if is_lora_parameter(n)]
+    plan = plan_of(models[0])
+    keys = [n for n in plan.full_parameters if is_lora_parameter(n)]
+    if parallel.is_main:
+        count = lambda names: sum(math.prod(plan.full_state[n][0]) for n in names)  # noqa: E731
+        trained, total = count(keys), count(plan.full_parameters)
+        print(f"LoRA: rank {cfg.lora.rank} adapters on {len(modules)} linears, {trained:,} trainable parameters of "
+              f"{total:,} ({100 * trained / total:.2f}%); the base is frozen", flush=True)
     return LoraRun(cfg, parallel, modules, keys, fingerprint, init_from)
