@@ -145,8 +145,12 @@ class ParallelLoraLinear(LoraLinear):
         return (b @ a) * self.scaling(name)
 
 
-def _factory(model: nn.Module):
-    """The `apply_lora` factory of a tensor-parallel model: a ParallelLoraLinear per parallel linear."""
+def parallel_lora_factory(model: nn.Module):
+    """The `apply_lora` / `load_adapter` factory of a model `parallelize_dit` split over tp > 1 ranks (training
+    or inference): a ParallelLoraLinear per tensor-parallel linear; None for a single-rank model (model/lora.py's
+    LoraLinear is then the adapter)."""
+    if plan_of(model).tp == 1:
+        return None
     from magi_train.parallel.tensor import ColumnLinear, RowLinear
 
     plan = plan_of(model)
@@ -212,7 +216,7 @@ def apply_train_lora(models: Sequence[nn.Module], lora: LoraConfig, seed: int,
     for model in models:
         plan = plan_of(model)
         held = [m for m in modules if _has_module(model, m)]
-        factory = _factory(model) if plan.tp > 1 else None
+        factory = parallel_lora_factory(model)
         if held:
             apply_lora(model, [fnmatch_escape(m) for m in held], lora.rank, lora.alpha, lora.dropout, name,
                        dtype=ADAPTER_DTYPE, seed=seed, freeze_base=True, factory=factory)
