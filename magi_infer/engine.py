@@ -109,9 +109,9 @@ class InferenceEngine:
         """Under tensor parallelism the adapters wrap the sharded linears (magi_train/parallel/lora.py)."""
         if not (self.distributed and self.parallel.tp > 1):
             return None
-        from magi_train.parallel.lora import _factory  # the trainer's ParallelLoraLinear builder
+        from magi_train.parallel.lora import parallel_lora_factory  # the trainer's ParallelLoraLinear builder
 
-        return _factory(self._lora_model())
+        return parallel_lora_factory(self._lora_model())
 
     def load_lora(self, path, scale: float = 1.0, name: Optional[str] = None, sha256: Optional[str] = None) -> str:
         """Add the adapter directory `path` with multiplier `scale` (unmerged); `sha256`: the digest its
