@@ -181,7 +181,13 @@ def read_init_weights(source: InitSource, cfg: ModelConfig) -> Tuple[Dict[str, t
     notes: List[str] = []
     if source.kind == "checkpoint":
         path = Path(source.resolved)
-        saved = read_our_trainer_state(path).get("config", {}).get("model", {})
+        trainer_state = read_our_trainer_state(path)
+        if trainer_state.get("lora"):  # training/lora.py's record: the checkpoint holds adapters, not a model
+            raise ValueError(f"{FIELD}={source.path}: checkpoint {path} is a LoRA run's: it holds adapters only, not "
+                             f"the model's weights; merge them into their base first (tools/merge_lora.py --base "
+                             f"<its base> --lora {path.parent.parent / 'adapter'} --out DIR) and start from DIR, or "
+                             f"load the adapters at inference with lora=")
+        saved = trainer_state.get("config", {}).get("model", {})
         problems = architecture_problems(saved, cfg, "checkpoint", allow_base_for_distill=True)
         if problems:
             raise ValueError(f"{FIELD}={source.path}: checkpoint {path} has another architecture than "

@@ -95,6 +95,9 @@ def test_checkpoints_hold_the_adapters_alone_and_the_adapter_files_match(tmp_pat
     assert set(adapter.tensors) == set(mine)
     for key, value in mine.items():
         assert torch.equal(adapter.tensors[key], value), key
+    # A LoRA run is no base to start another run from: init_from says what to do instead.
+    with pytest.raises(ValueError, match="holds adapters only.*tools/merge_lora.py"):
+        Trainer(tiny_train_config(tmp_path / "next", init_from=str(tmp_path)), parallel)
 
 
 def test_resume_is_exact_and_reloads_the_same_base(tmp_path, base_run, parallel):
