@@ -180,6 +180,10 @@ class LoraLinear(nn.Module):
             raise KeyError(f"no adapter {name!r} on this linear (adapters: {self.adapters})")
 
     # ------------------------------------------------------------------ compute
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B A x of adapter `name`, unscaled (a tensor-parallel subclass adds its communication here)."""
+        return F.linear(self.lora_hidden(name, x), self.lora_B[name].weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         delta = None
@@ -187,7 +191,7 @@ class LoraLinear(nn.Module):
             s = self.scaling(name)
             if s == 0.0:
                 continue
-            d = F.linear(self.lora_hidden(name, x), self.lora_B[name].weight) * s
+            d = self._delta(name, x) * s
             delta = d if delta is None else delta + d
         if delta is None:
             return out

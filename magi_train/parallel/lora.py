@@ -99,6 +99,7 @@ class ParallelLoraLinear(LoraLinear):
         return local_from_full(w, self._spec(rank))
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """LoraLinear.forward sums these (one rounding); here with this rank's slice and the tp communication."""
         from magi_train.mcore import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
         from magi_train.parallel.tensor import sp_gather, sp_reduce_scatter
 
@@ -118,21 +119,6 @@ class ParallelLoraLinear(LoraLinear):
         else:
             h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
         return F.linear(h, b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # model/lora.py LoraLinear.forward's sum and single rounding, with the tensor-parallel delta.
-        out = self.base_layer(x)
-        delta = None
-        for name in self.lora_A:
-            s = self.scaling(name)
-            if s == 0.0:
-                continue
-            d = self._delta(name, x) * s
-            delta = d if delta is None else delta + d
-        if delta is None:
-            return out
-        wide = torch.promote_types(out.dtype, delta.dtype)
-        return (out.to(wide) + delta.to(wide)).to(out.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scale * alpha / rank * B A for this rank's base weight shard (fp32)."""
