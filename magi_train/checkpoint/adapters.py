@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+from magi_train.checkpoint.atomic import fsync_dir, replace_dir, write_json_durably
 from magi_train.checkpoint.tensorfile import open_tensor_file, write_tensor_file
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,7 @@ def write_adapter(directory, tensors: Mapping[str, torch.Tensor], *, rank: int, 
         write_tensor_file(tmp / WEIGHTS_NAME,
                           [(k, tensors[k] if dtype is None else tensors[k].to(dtype)) for k in order],
                           metadata={"format": FORMAT})
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_json_durably(tmp / CONFIG_NAME, config)
         fsync_dir(tmp)
         replace_dir(tmp, directory, aside_prefix=f".{directory.name}.old_")
     except BaseException:

@@ -4,6 +4,7 @@ full disk raises (saying so, with the free space left)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,16 @@ def replace_text(path: Path, text: str, tmp_name: str | None = None) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_durably(path: Path, obj) -> None:
+    """Write `obj` as indented JSON to a new file (one inside a temporary directory that is renamed into place
+    afterwards) and fsync it, so the rename publishes complete contents."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def replace_dir(tmp: Path, final: Path, aside_prefix: str) -> Path:

@@ -31,7 +31,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from magi_train.checkpoint.atomic import fsync_dir, replace_dir
+from magi_train.checkpoint.atomic import fsync_dir, replace_dir, write_json_durably
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -331,11 +331,7 @@ def save_magi1_checkpoint(
             "metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values())},
             "weight_map": {key: weight_map[key] for key in state_dict},
         }
-        with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_json_durably(tmp / INDEX_NAME, index)
         fsync_dir(tmp)
         replace_dir(tmp, directory, aside_prefix=f".{directory.name}.old_")
     except BaseException:
