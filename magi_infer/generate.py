@@ -44,7 +44,7 @@ def run(cfg: DictConfig):
     # Imported when a video is to be made, not with the module: `--help` and a bad override are answered
     # without loading torch (seconds of a start-up that ends in a message).
     from magi_infer.engine import InferenceEngine, Request
-    from magi_infer.preflight import preflight
+    from magi_infer.preflight import check_one_replica, preflight
     from magi_train.parallel.groups import init_parallel, shutdown
 
     gen_cfg = to_generate_config(cfg)
@@ -52,10 +52,7 @@ def run(cfg: DictConfig):
     # The process group first (cheap): it says which rank writes the output and which GPU this rank measures.
     parallel = init_parallel(gen_cfg.parallel)
     try:
-        if parallel.dp > 1:
-            raise ValueError(f"{parallel.world_size} processes with parallel.tp x parallel.cp x parallel.pp = "
-                             f"{parallel.tp} x {parallel.cp} x {parallel.pp} leave parallel.dp={parallel.dp}: inference "
-                             "runs one request on all ranks; start exactly tp x cp x pp processes")
+        check_one_replica(parallel)
         preflight(gen_cfg, parallel, request)  # every check of config, inputs, output and memory, before the engine
         engine = InferenceEngine(gen_cfg, parallel=parallel)
         if parallel.is_main:

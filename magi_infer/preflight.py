@@ -168,6 +168,14 @@ def _vae_problems(cfg: GenerateConfig) -> List[str]:
 # ---------------------------------------------------------------------------- one request
 
 
+def check_one_replica(parallel) -> None:
+    """Inference (the CLI and the server) runs each request on all ranks: the world must be tp x cp x pp."""
+    if parallel.dp > 1:
+        raise ValueError(f"{parallel.world_size} processes with parallel.tp x parallel.cp x parallel.pp = "
+                         f"{parallel.tp} x {parallel.cp} x {parallel.pp} leave parallel.dp={parallel.dp}: inference "
+                         "runs one request on all ranks; start exactly tp x cp x pp processes")
+
+
 def request_problems(cfg: GenerateConfig, req: Request, is_main: bool = True, output: Optional[str] = None) -> List[str]:
     """What stops `req` (written to `output`, default req.output) from being generated; warns about what only
     degrades it. Every rank reads the conditioning inputs; only rank 0 writes, so only it checks the output."""

@@ -36,16 +36,14 @@ def generate_part(cfg):
 
 def run(cfg: DictConfig) -> None:
     from magi_infer.pipeline import MagiPipeline
+    from magi_infer.preflight import check_one_replica
     from magi_train.parallel.groups import init_parallel, shutdown
 
     serve_cfg = to_serve_config(cfg)
     gen_cfg = generate_part(serve_cfg)
     parallel = init_parallel(gen_cfg.parallel)
     try:
-        if parallel.dp > 1:
-            raise ValueError(f"{parallel.world_size} processes with parallel.tp x parallel.cp x parallel.pp = "
-                             f"{parallel.tp} x {parallel.cp} x {parallel.pp} leave parallel.dp={parallel.dp}: one "
-                             "engine serves each request on all ranks; start exactly tp x cp x pp processes")
+        check_one_replica(parallel)
         pipe = MagiPipeline(gen_cfg, parallel=parallel if parallel.world_size > 1 else None)
         if not pipe.is_main:
             import signal
