@@ -365,10 +365,8 @@ class InferenceEngine:
                     prompts, start)
 
     def _steps(self, run: _Run, live, callback, cancel) -> Iterator:
-        """The sampler's emitted chunks (prefix pasted), with live prompts, progress and cancellation after
-        every step. Under several ranks, rank 0 decides (live prompt, cancel) and broadcasts the decision."""
-        from magi_infer.live import collapse
-
+        """The sampler's emitted chunks (prefix pasted); live prompts and cancellation are polled before every
+        step, progress reported after it. Under several ranks, rank 0 decides (live prompt, cancel) and broadcasts the decision."""
         plans, off = run.plans, run.off
         first_step = {}  # absolute chunk -> the step at which it first denoises
         for plan in plans:

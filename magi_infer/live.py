@@ -46,11 +46,6 @@ class LivePrompts:
         with self._lock:
             return self._started
 
-    @property
-    def pending(self) -> Optional[str]:
-        with self._lock:
-            return self._pending
-
     # ------------------------------------------------------------------ the generating thread's side
     def take(self) -> Optional[str]:
         with self._lock:
