@@ -1,6 +1,7 @@
 #!/bin/bash
 # MAGI-1 24B generation on one node of 8 GPUs (context parallel over 8: one video, same result as one GPU).
-# Submit from the repository root:
+# With `sbatch --nodes=N` the context-parallel group spans every process of the job (N x 8). Submit from the
+# repository root:
 #
 #   sbatch slurm/generate_24b.sh ckpt.dir=/ckpt/magi/24B_distill text.t5_dir=/ckpt/t5 vae.dir=/ckpt/vae \
 #       prompt="A red fox runs through snow" output=outputs/fox.mp4
@@ -21,5 +22,9 @@ export MAX_RESTARTS="${MAX_RESTARTS:-0}"
 source "${MAGI_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
 magi_setup
 mkdir -p outputs
-magi_torchrun magi_infer/generate.py model=magi1_24b_distill parallel.cp="$NPROC_PER_NODE" \
+# One replica over the whole job (generate refuses a world that is not tp x cp x pp); an override such as
+# parallel.cp=8 parallel.pp=2 after the script name wins.
+MAGI_CP=$(( ${SLURM_JOB_NUM_NODES:-1} * NPROC_PER_NODE ))
+echo "magi: generating with parallel.cp=${MAGI_CP} (${SLURM_JOB_NUM_NODES:-1} node(s) x ${NPROC_PER_NODE})"
+magi_torchrun magi_infer/generate.py model=magi1_24b_distill parallel.cp="$MAGI_CP" \
     output="outputs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}.mp4" "$@"

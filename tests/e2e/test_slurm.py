@@ -24,10 +24,8 @@ def slurm(tmp_path_factory):
     reason = install()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:  # stops the daemons if start-up fails too
+        yield cluster
 
 
 def records(out: Path):
