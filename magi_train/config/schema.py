@@ -152,6 +152,9 @@ class DataConfig:
     latent_width: int = 8
     latent_channels: int = 16
     num_blobs: int = 1
+    # A one-style synthetic dataset (e.g. to train a style LoRA): every blob is drawn in this palette colour while
+    # the captions still name the colour sampled for it, so the style is in the pixels, not the text. "" = off.
+    style_colour: str = ""
     # Text tokens per caption row (<= model.caption_max_length): synthetic captions have this many; shard
     # captions are padded or cut to it (>= model.null_caption_length), so every packed sequence has one shape.
     caption_length: int = 32

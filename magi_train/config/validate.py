@@ -273,6 +273,13 @@ def _check_data(d: DataConfig, m: ModelConfig, diff: DiffusionConfig) -> Iterato
     sizes = _at_least("data", d, synthetic_sizes + ("latent_frames_per_chunk", "latent_channels", "micro_batch_size"), 1)
     yield from sizes
     yield from _at_least("data", d, ("num_workers", "global_batch_size", "prefetch"), 0)
+    if d.style_colour:
+        from magi_train.data.synthetic import PALETTE
+
+        if webdataset:
+            yield "data.style_colour applies to data.kind=synthetic only (shards carry their own pixels)"
+        elif d.style_colour not in PALETTE:
+            yield f"data.style_colour ({d.style_colour!r}) must be one of {list(PALETTE)} or \"\" (off)"
     if d.global_batch_size and d.micro_batch_size >= 1 and d.global_batch_size % d.micro_batch_size:
         yield (f"data.global_batch_size ({d.global_batch_size}) must be a multiple of data.micro_batch_size "
                f"({d.micro_batch_size})")

@@ -133,6 +133,10 @@ class SyntheticBlobDataset(Dataset):
             cfg.num_blobs <= len(PALETTE),
             f"data.num_blobs ({cfg.num_blobs}) must be <= {len(PALETTE)} (the number of palette colours)",
         )
+        _check(
+            cfg.style_colour == "" or cfg.style_colour in PALETTE,
+            f"data.style_colour ({cfg.style_colour!r}) must be one of {list(PALETTE)} or \"\" (off)",
+        )
         _check(caption_channels >= 1, f"model.caption_channels ({caption_channels}) must be >= 1")
         _check(cfg.caption_length >= 1, f"data.caption_length ({cfg.caption_length}) must be >= 1")
         _check(
@@ -206,9 +210,10 @@ class SyntheticBlobDataset(Dataset):
         for blob in blobs:
             cx, cy = blob.start_x + t * blob.velocity_x, blob.start_y + t * blob.velocity_y
             bump = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * blob.sigma**2))  # (T, H, W)
-            if blob.colour not in self._signatures:
-                self._signatures[blob.colour] = colour_signature(blob.colour, channels)
-            signature = self._signatures[blob.colour] * blob.amplitude
+            drawn = cfg.style_colour or blob.colour  # a one-style dataset paints every blob in its colour
+            if drawn not in self._signatures:
+                self._signatures[drawn] = colour_signature(drawn, channels)
+            signature = self._signatures[drawn] * blob.amplitude
             latent = latent + signature[:, None, None, None] * bump[None]
 
         latent = latent + rng.standard_normal(latent.shape) * _NOISE_STD

@@ -122,6 +122,16 @@ class LoraLinear(nn.Module):
     def adapters(self) -> List[str]:
         return list(self.lora_A.keys())
 
+    # Code around a linear reads its `weight` (e.g. the embedders cast their input to `mlp[0].weight.dtype`): a
+    # wrapped linear answers with the frozen base's, so any linear of the DiT can be a target.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
     def weight_device(self) -> torch.device:
         w = getattr(self.base_layer, "weight", None)
         return w.device if isinstance(w, torch.Tensor) else torch.device("cpu")

@@ -153,6 +153,25 @@ def test_a_pattern_that_matches_nothing_is_an_error_naming_it():
     assert not lora_modules(model)  # nothing was wrapped by the failed calls
 
 
+def test_every_linear_of_the_dit_can_be_a_target():
+    """`lora.targets=["*"]`: the embedders' and the final layer's linears too (the embedders read their first
+    linear's weight dtype, which a wrapped linear answers), fresh = base bit for bit, merged = unmerged."""
+    from magi_train.model.lora import linear_features
+
+    model = make_model()
+    batch = inputs(model)
+    base = run(model, batch)
+    linears = [n for n, m in model.named_modules() if linear_features(m) is not None]
+    names = apply_lora(model, ["*"], rank=2, alpha=2.0)
+    assert sorted(names) == sorted(linears) and any(n.startswith("y_embedder.") for n in names)
+    assert torch.equal(run(model, batch), base)
+    randomise(model, "default", seed=3)
+    unmerged = run(model, batch)
+    assert (unmerged - base).abs().max() > 1e-3
+    merge_lora(model)
+    torch.testing.assert_close(run(model, batch), unmerged, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_reach_only_the_factors():
     model = make_model().train()
     apply_lora(model, DEFAULT_LORA_TARGETS, rank=4, alpha=4.0, dropout=0.1)
