@@ -7,13 +7,18 @@ moves where during that second, the first one in more detail (the background too
 The wording follows `synthetic.py` (palette colours, compass directions, the nine locations).
 
 Every clip is a pure function of (seed, kind, index), so adding clips does not change the earlier ones.
+A clip is drawn in two steps: `plan_clip` draws what it shows (background, shapes, paths, colours; cheap, no
+pixels) and `render_clip` paints it and words its captions, so a caller can choose clips by their content (the
+prompt-following evaluation keeps one-shape clips with or without a change) without painting the rejected ones.
+`colour_change` (off by default, and then no random number is drawn for it) lets a shape change colour between
+seconds ("the red circle turns blue and moves down ...").
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -63,6 +68,22 @@ class Shape:
     radius: float
     path: np.ndarray  # (frames, 2) centre (x, y) in pixels at every frame
     directions: tuple[str | None, ...]  # per second: a DIRECTIONS phrase, or None when still
+    colours: tuple[str, ...] = ()  # per second when the colour may change (plan_clip's colour_change); () = `colour`
+
+    def colour_at(self, second: int) -> str:
+        return self.colours[second] if self.colours else self.colour
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """What a clip shows, before any pixel is painted (`render_clip` paints it)."""
+    width: int
+    height: int
+    frames: int
+    fps: int
+    background: np.ndarray  # (H, W, 3) float
+    background_phrase: str
+    shapes: tuple[Shape, ...]
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,7 @@ class Clip:
     frames: np.ndarray  # uint8 (T, H, W, 3)
     captions: list[str]  # one per second (per `fps` frames, the last second possibly partial)
     caption: str  # the whole clip
+    shapes: tuple[Shape, ...] = ()  # what was drawn: the ground truth behind the captions
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
@@ -117,8 +139,8 @@ def _shape_path(rng: np.random.Generator, radius: float, frames: int, fps: int, 
     return path, tuple(directions)
 
 
-def _draw(canvas: np.ndarray, shape: Shape, frame: int, y: np.ndarray, x: np.ndarray) -> None:
-    """Paint `shape` at its frame-`frame` position; y, x are the (H, W) pixel-coordinate grids."""
+def _draw(canvas: np.ndarray, shape: Shape, frame: int, y: np.ndarray, x: np.ndarray, colour: str) -> None:
+    """Paint `shape` in `colour` at its frame-`frame` position; y, x are the (H, W) pixel-coordinate grids."""
     cx, cy = shape.path[frame]
     r = shape.radius
     if shape.kind == "circle":
@@ -127,7 +149,7 @@ def _draw(canvas: np.ndarray, shape: Shape, frame: int, y: np.ndarray, x: np.nda
         inside = (np.abs(x - cx) <= 0.85 * r) & (np.abs(y - cy) <= 0.85 * r)
     else:  # an upward triangle: apex at (cx, cy - r), base on y = cy + r/2, half-width growing downwards
         inside = (y <= cy + 0.5 * r) & (np.abs(x - cx) <= (y - (cy - r)) * (0.866 / 1.5))
-    canvas[inside] = COLOUR_RGB[shape.colour]
+    canvas[inside] = COLOUR_RGB[colour]
 
 
 def _motion(direction: str | None) -> str:
@@ -138,12 +160,22 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def make_clip(rng: np.random.Generator, width: int, height: int, frames: int, fps: int) -> Clip:
-    """Frames and captions of one clip; `frames` = 1 gives a still image (its caption has no motion)."""
+def make_clip(rng: np.random.Generator, width: int, height: int, frames: int, fps: int,
+              colour_change: float = 0.0) -> Clip:
+    """Frames and captions of one clip; `frames` = 1 gives a still image (its caption has no motion).
+    `colour_change`: the probability that a shape changes colour at each new second (0: never)."""
+    return render_clip(plan_clip(rng, width, height, frames, fps, colour_change))
+
+
+def plan_clip(rng: np.random.Generator, width: int, height: int, frames: int, fps: int,
+              colour_change: float = 0.0) -> ClipPlan:
+    """What `make_clip` draws from `rng`, without painting it (the same random numbers in the same order)."""
     if width < 8 or height < 8:
         raise ValueError(f"clip size {width}x{height} is too small (at least 8x8)")
     if frames < 1 or fps < 1:
         raise ValueError(f"frames ({frames}) and fps ({fps}) must be >= 1")
+    if not 0.0 <= colour_change <= 1.0:
+        raise ValueError(f"colour_change ({colour_change}) is a probability: it must be in [0, 1]")
     background, background_phrase = _background(rng, height, width)
     count = 1 if rng.uniform() < 0.6 else 2
     colours = [PALETTE[k] for k in rng.permutation(len(PALETTE))[:count]]  # distinct: captions stay unambiguous
@@ -153,38 +185,73 @@ def make_clip(rng: np.random.Generator, width: int, height: int, frames: int, fp
         radius = rng.uniform(*_SIZE_FRACTION) * min(height, width)
         path, directions = _shape_path(rng, radius, frames, fps, height, width)
         shapes.append(Shape(kind, colour, radius, path, directions))
+    if colour_change > 0 and frames > 1:
+        # Drawn after every path, and only when asked for, so that clips without it stay as they always were.
+        # A new colour is one no shape of the clip has had: "the blue circle" names one shape for the whole clip.
+        used = set(colours)
+        for i, shape in enumerate(shapes):
+            sequence = [shape.colour]
+            for _ in range(1, len(shape.directions)):
+                free = [c for c in PALETTE if c not in used]
+                if free and rng.uniform() < colour_change:
+                    sequence.append(free[int(rng.integers(len(free)))])
+                    used.add(sequence[-1])
+                else:
+                    sequence.append(sequence[-1])
+            shapes[i] = replace(shape, colours=tuple(sequence))
+    return ClipPlan(width, height, frames, fps, background, background_phrase, tuple(shapes))
 
-    video = np.empty((frames, height, width, 3), np.uint8)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    for f in range(frames):
-        canvas = background.copy()
-        for shape in shapes:
-            _draw(canvas, shape, f, y, x)
+
+def render_clip(plan: ClipPlan) -> Clip:
+    """Paint a plan and word its captions."""
+    video = np.empty((plan.frames, plan.height, plan.width, 3), np.uint8)
+    y, x = np.mgrid[0:plan.height, 0:plan.width].astype(np.float64)
+    for f in range(plan.frames):
+        canvas = plan.background.copy()
+        for shape in plan.shapes:
+            _draw(canvas, shape, f, y, x, shape.colour_at(f // plan.fps))
         video[f] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    captions, caption = clip_captions(plan)
+    return Clip(video, captions, caption, plan.shapes)
 
+
+def clip_captions(plan: ClipPlan) -> tuple[list[str], str]:
+    """A plan's per-second captions and its whole-clip caption (no pixels painted)."""
+    frames, fps, height, width, shapes = plan.frames, plan.fps, plan.height, plan.width, plan.shapes
+    background_phrase = plan.background_phrase
     if frames == 1:
         text = " and ".join(f"{_article(s.colour)} {s.colour} {s.kind} "
                             f"{location_phrase(*s.path[0], height, width)}" for s in shapes)
         caption = f"{text}, over {background_phrase}"
-        return Clip(video, [caption], caption)
+        return [caption], caption
 
     captions = []
     for second, start in enumerate(range(0, frames, fps)):
         middle = min(start + fps // 2, frames - 1)  # where the shape is half-way through that second
         clauses = []
         for s in shapes:
-            article = _article(s.colour) if second == 0 else "the"  # later seconds refer back to it
             where = location_phrase(*s.path[middle], height, width)
-            clauses.append(f"{article} {s.colour} {s.kind} {_motion(s.directions[second])} {where}")
+            motion = _motion(s.directions[second])
+            if second == 0:
+                clauses.append(f"{_article(s.colour)} {s.colour} {s.kind} {motion} {where}")
+            elif s.colour_at(second) != s.colour_at(second - 1):  # named by the colour it had, then the new one
+                clauses.append(f"the {s.colour_at(second - 1)} {s.kind} turns {s.colour_at(second)} and {motion} "
+                               f"{where}")
+            else:  # later seconds refer back to it
+                clauses.append(f"the {s.colour_at(second)} {s.kind} {motion} {where}")
         text = ", ".join(clauses)
         captions.append(f"{text}, over {background_phrase}" if second == 0 else text)
 
     def summary(s: Shape) -> str:
-        steps = [d for i, d in enumerate(s.directions) if i == 0 or d != s.directions[i - 1]]
-        return f"{_article(s.colour)} {s.colour} {s.kind} " + ", then ".join(_motion(d) for d in steps)
+        steps = []
+        for i, d in enumerate(s.directions):
+            turned = i > 0 and s.colour_at(i) != s.colour_at(i - 1)
+            if i == 0 or d != s.directions[i - 1] or turned:
+                steps.append((f"turns {s.colour_at(i)} and " if turned else "") + _motion(d))
+        return f"{_article(s.colour)} {s.colour} {s.kind} " + ", then ".join(steps)
 
     caption = ", while ".join(summary(s) for s in shapes) + f", over {background_phrase}"
-    return Clip(video, captions, caption)
+    return captions, caption
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
@@ -241,12 +308,14 @@ def parse_seconds(text: str) -> tuple[float, float]:
 
 
 def make_dataset(out: Path, num_videos: int, num_images: int, fps: int, seconds: tuple[float, float],
-                 sizes: Sequence[tuple[int, int]], seed: int = 0, sidecars: bool = False) -> list[dict]:
+                 sizes: Sequence[tuple[int, int]], seed: int = 0, sidecars: bool = False,
+                 colour_change: float = 0.0) -> list[dict]:
     """Write the videos, the stills and `captions.jsonl` under `out`; returns the list entries.
 
     Clip i takes size i mod len(sizes), so every size is used once there are enough clips; its duration is drawn
     in whole frames from `seconds`. With `sidecars`, each file also gets a `<name>.json` with its captions, the
-    layout `prepare_dataset.py` reads from a folder.
+    layout `prepare_dataset.py` reads from a folder. `colour_change` as `make_clip`'s (videos only; 0: the
+    dataset is what it was before the option existed).
     """
     if num_videos < 0 or num_images < 0 or num_videos + num_images == 0:
         raise ValueError(f"need at least one video or image (got {num_videos} videos, {num_images} images)")
@@ -256,7 +325,7 @@ def make_dataset(out: Path, num_videos: int, num_images: int, fps: int, seconds:
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF, 0, index]))
         width, height = sizes[index % len(sizes)]
         frames = int(rng.integers(round(seconds[0] * fps), round(seconds[1] * fps) + 1))
-        clip = make_clip(rng, width, height, max(frames, 2), fps)
+        clip = make_clip(rng, width, height, max(frames, 2), fps, colour_change)
         name = f"clip_{index:04d}.mp4"
         write_mp4(out / name, clip.frames, fps)
         entries.append({"path": name, "captions": clip.captions, "caption": clip.caption})
