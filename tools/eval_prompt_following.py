@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     runs: List[Run] = []
     try:
         if args.model:
-            runs.append((f"{Path(args.model).name}@{args.steps or 'default'}", args.model, args.steps))
+            # A run's folder is often just ".../checkpoints": the row says the steps, the JSON the model path.
+            runs.append((f"model@{args.steps or 'default'}", args.model, args.steps))
         elif args.steps is not None:
             raise ValueError("--steps goes with --model; a --run gives its steps as LABEL:MODEL_DIR:STEPS")
         runs += [parse_run(r) for r in args.run]
