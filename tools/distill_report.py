@@ -2,7 +2,7 @@
 """Distilled vs undistilled few-step sampling, both measured against the teacher's 64-step samples.
 
     python tools/distill_report.py --teacher runs/tiny/checkpoints --student runs/distill_tiny/checkpoints \
-        [--steps 8] [--samples 8] [--weights ema|student] [--json OUT.json]
+        [--steps 8 [4 ...]] [--samples 8] [--weights ema|student] [--json OUT.json]
 
 The teacher is a base-model checkpoint of this trainer, the student a distillation checkpoint
 (experiment=distill_tiny); model and data settings come from the student's saved config. Held-out captions
@@ -25,14 +25,15 @@ from magi_train.checkpoint.weights import load_weights  # noqa: E402
 from magi_train.checkpoint.distributed import checkpoint_has, read_full_weights, read_trainer_state  # noqa: E402
 from magi_train.checkpoint.manager import find_checkpoint  # noqa: E402
 from magi_train.config import to_train_config  # noqa: E402
-from magi_train.training.evaluation.distill_report import compare  # noqa: E402
+from magi_train.training.evaluation.distill_report import compare_steps  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="base-model checkpoint (or a run's checkpoint root)")
     ap.add_argument("--student", required=True, help="distillation checkpoint (or a run's checkpoint root)")
-    ap.add_argument("--steps", type=int, default=8, help="few-step sampler steps for both (default 8)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[8],
+                    help="few-step sampler steps for both, one report per count (default 8)")
     ap.add_argument("--samples", type=int, default=8, help="held-out captions x noise seeds (default 8)")
     ap.add_argument("--weights", choices=("ema", "student"), default="ema", help="student weights to sample")
     ap.add_argument("--nearly-clean-weight", type=float, default=0.7,
@@ -53,17 +54,21 @@ def main(argv=None) -> int:
     student = read_full_weights(student_ckpt, prefix)
     teacher, _ = load_weights(args.teacher, replace(cfg.model, distill=False), fp8=False)
     x = cfg.distill
-    report = compare(teacher, student, cfg.model, cfg.data, steps=args.steps, samples=args.samples, seed=args.seed,
-                     nearly_clean_weight=args.nearly_clean_weight,
-                     guidance=(x.cfg_t_range, x.prev_chunk_scales, x.text_scales))
+    bad = [k for k in args.steps if k < 1 or 64 % k]
+    if bad:
+        ap.error(f"--steps {bad}: each must divide 64 (a distilled step is a power-of-two multiple of 1/64)")
+    reports = compare_steps(teacher, student, cfg.model, cfg.data, steps=args.steps, samples=args.samples,
+                            seed=args.seed, nearly_clean_weight=args.nearly_clean_weight,
+                            guidance=(x.cfg_t_range, x.prev_chunk_scales, x.text_scales))
     print(f"teacher {args.teacher}; student {student_ckpt} ({args.weights} weights, step "
           f"{read_trainer_state(student_ckpt)['step']})")
-    print("\n".join(report.lines()))
+    for report in reports:
+        print("\n".join(report.lines()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": report.steps, "samples": report.samples,
-                                               "base_error": report.base_error,
-                                               "student_error": report.student_error,
-                                               "per_sample": report.per_sample}, indent=2))
+        # One step count: the report itself (as before); several: {"reports": [...]}.
+        rows = [{"steps": r.steps, "samples": r.samples, "base_error": r.base_error,
+                 "student_error": r.student_error, "per_sample": r.per_sample} for r in reports]
+        Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else {"reports": rows}, indent=2))
     return 0
 
 

@@ -59,22 +59,33 @@ def compare(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, tor
     """Reference / base@steps / student@steps over `samples` held-out synthetic captions (data seed + 1e6, as the
     trainer's held-out set). `guidance` = (cfg_t_range, prev_chunk_scales, text_scales) of the teacher, default
     the released ones; `nearly_clean_weight` as the distilled sampler's blend (released 0.7)."""
+    return compare_steps(teacher_state, student_state, model_cfg, data_cfg, [steps], samples, seed,
+                         nearly_clean_weight, guidance)[0]
+
+
+def compare_steps(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, torch.Tensor],
+                  model_cfg: ModelConfig, data_cfg: DataConfig, steps: Sequence[int], samples: int = 8, seed: int = 0,
+                  nearly_clean_weight: float = 0.7, guidance: Sequence[Sequence[float]] = ()) -> List[DistillReport]:
+    """`compare` at several step counts (e.g. 8 and 4), each sample's 64-step reference generated once."""
+    if not steps:
+        raise ValueError("compare_steps needs at least one step count")
     base = build_model(replace(model_cfg, distill=False), teacher_state, "teacher").eval()
     student = build_model(replace(model_cfg, distill=True), student_state, "student").eval()
     held_out = SyntheticBlobDataset(replace(data_cfg, seed=data_cfg.seed + 1_000_000), model_cfg.caption_channels,
                                     model_cfg.caption_max_length)
     scales = dict(zip(("cfg_t_range", "prev_chunk_scales", "text_scales"), guidance)) if guidance else {}
     reference_cfg = SamplerConfig(cfg_number=3, num_steps=64, **scales)
-    base_cfg = SamplerConfig(cfg_number=3, num_steps=steps, **scales)
-    student_cfg = SamplerConfig(cfg_number=1, num_steps=steps, nearly_clean_weight=nearly_clean_weight)
     n = data_cfg.chunks_per_sample
     hw = (data_cfg.latent_height, data_cfg.latent_width)
-    rows = []
+    rows: Dict[int, List[Dict[str, float]]] = {k: [] for k in steps}
     for i in range(samples):
         item = held_out[i]
         args = (item["caption"], item["caption_mask"], n, hw, seed + i)
         reference = generate(base, reference_cfg, *args)
-        rows.append({"base": float((generate(base, base_cfg, *args) - reference).square().mean()),
-                     "student": float((generate(student, student_cfg, *args) - reference).square().mean())})
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    return DistillReport(steps, samples, mean("base"), mean("student"), rows)
+        for k in steps:
+            base_cfg = SamplerConfig(cfg_number=3, num_steps=k, **scales)
+            student_cfg = SamplerConfig(cfg_number=1, num_steps=k, nearly_clean_weight=nearly_clean_weight)
+            rows[k].append({"base": float((generate(base, base_cfg, *args) - reference).square().mean()),
+                            "student": float((generate(student, student_cfg, *args) - reference).square().mean())})
+    mean = lambda got, key: sum(r[key] for r in got) / len(got)  # noqa: E731
+    return [DistillReport(k, samples, mean(rows[k], "base"), mean(rows[k], "student"), rows[k]) for k in steps]
