@@ -83,8 +83,6 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    import torch
-
     from magi_train.checkpoint.distributed import read_trainer_state
     from magi_train.checkpoint.manager import find_checkpoint
     from magi_train.checkpoint.weights import load_weights
@@ -104,7 +102,6 @@ def main(argv=None) -> int:
     if cfg.data.style_colour != args.style:
         ap.error(f"--run {run} was trained with data.style_colour={cfg.data.style_colour!r}, not --style {args.style}")
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     weights, source = load_weights(args.base, cfg.model, fp8=False)
     base = build_model(cfg.model, weights, source).eval()
     adapted = build_model(cfg.model, weights, source).eval()
