@@ -22,10 +22,7 @@ $(STAMP): pyproject.toml setup.py
 # Train the tiny preset on built-in synthetic data and report the loss curve, then generate a video with
 # the trained model (chunk-wise prompts; its latents are shown with the synthetic-data colour preview).
 demo: venv
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 1 magi_train/train.py experiment=tiny trainer.overwrite=true
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 1 magi_infer/generate.py model=tiny \
-		ckpt.dir=runs/tiny/checkpoints num_frames=72 output=runs/tiny/demo.mp4 overwrite=true \
-		prompt='[a red blob moves right on the left, the red blob moves right in the center, the red blob moves down on the right]'
+	$(PY) tools/demo.py --out runs/demo
 
 # The whole suite: fast unit tests plus the slow end-to-end tests, on two pytest workers (each test file on
 # one worker: module fixtures such as the Slurm cluster are built once), handed out in the order that

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="WIDTHxHEIGHT, or several separated by commas (clip i takes size i mod count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sidecars", action="store_true", help="also write <name>.json caption files")
+    parser.add_argument("--colour-change", type=float, default=0.0,
+                        help="probability that a shape turns a new colour at each new second ('the red circle "
+                             "turns blue and ...'); 0 (default): never, the clips are as without the option")
     return parser
 
 
@@ -49,8 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     if args.fps < 1:
         parser.error(f"--fps must be >= 1, got {args.fps}")
+    if not 0.0 <= args.colour_change <= 1.0:
+        parser.error(f"--colour-change is a probability: it must be in [0, 1], got {args.colour_change}")
     entries = make_dataset(args.out, args.num_videos, args.num_images, args.fps, seconds, sizes, args.seed,
-                           sidecars=args.sidecars)
+                           sidecars=args.sidecars, colour_change=args.colour_change)
     print(f"wrote {args.num_videos} videos and {args.num_images} images to {args.out} "
           f"(list: {args.out / 'captions.jsonl'}, {len(entries)} entries)")
     return 0
