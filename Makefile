@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml setup.py
 	@$(PY) -c "import importlib.util,sys; sys.exit('transformer_engine must not be installed on a CPU machine' if importlib.util.find_spec('transformer_engine') and not __import__('torch').cuda.is_available() else 0)"
 	touch $(STAMP)
 
-# Train the tiny preset on built-in synthetic data and report the loss curve, then generate a video with
-# the trained model (chunk-wise prompts; its latents are shown with the synthetic-data colour preview).
+# The demo on real pixels (tools/demo.py): synthetic shape clips -> shards through the shipped tiny VAE ->
+# the tiny DiT trained on them -> a chunk-wise prompted 128x128 mp4 + frame strip -> prompt-following scores.
 demo: venv
 	$(PY) tools/demo.py --out runs/demo
 

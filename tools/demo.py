@@ -3,8 +3,9 @@ r"""`make demo`: the whole chain on real pixels, on a CPU, in minutes.
 
     python tools/demo.py [--out runs/demo] [--vae data/tiny_vae] [--clips 320] [--steps N] [--cases 16]
 
-1. tools/make_synthetic_dataset.py draws 2-second clips of coloured shapes moving over plain or gradient
-   backgrounds at 128x128, each with one caption per second (per 24-frame chunk), as H.264 mp4s.
+1. tools/make_synthetic_dataset.py draws 2-second clips of a coloured shape moving over a plain or gradient
+   background at 128x128 (one shape, as the held-out cases of step 5), each with one caption per second (per
+   24-frame chunk), as H.264 mp4s.
 2. tools/prepare_dataset.py encodes them into webdataset shards with the tiny ViT VAE shipped in data/tiny_vae
    (tools/train_vae.py made it) and the hash text encoder.
 3. magi_train/train.py experiment=demo trains the tiny DiT on the shards (torchrun, one process).
@@ -101,10 +102,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     times["clips"] = run([py, "tools/make_synthetic_dataset.py", "--out", str(clips), "--num-videos",
                           str(args.clips), "--num-images", "0", "--seconds", args.seconds, "--size", "128x128",
-                          "--colour-change", str(args.colour_change), "--seed", "0"], args.threads)
+                          "--colour-change", str(args.colour_change), "--max-shapes", "1", "--seed", "0"], args.threads)
+    per_shard = min(64, max(1, args.clips // 2))  # at least the 2 shards the preset's 2 loader streams need
     times["shards"] = run([py, "tools/prepare_dataset.py", "--input", str(clips / "captions.jsonl"), "--out",
                            str(shards), "--vae", str(args.vae), "--text-encoder", "hash:64", "--buckets",
-                           "128x128", "--samples-per-shard", "64", "--workers", "0", "--no-progress"],
+                           "128x128", "--samples-per-shard", str(per_shard), "--workers", "0", "--no-progress"],
                           args.threads)
     steps = [f"trainer.max_steps={args.steps}"] if args.steps else []
     times["train"] = run([torchrun, "--standalone", "--nproc_per_node", "1", "magi_train/train.py", "experiment=demo",
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     video = out / "demo.mp4"
     prompt = "[" + ", ".join(json.dumps(p) for p in DEMO_PROMPT) + "]"
     times["generate"] = run([torchrun, "--standalone", "--nproc_per_node", "1", "magi_infer/generate.py",
-                             "model=tiny", f"ckpt.dir={ckpt}", "vae.kind=vit", f"vae.dir={args.vae}",
-                             "video.width=128", "video.height=128", f"sampler.num_steps={args.sample_steps}",
+                             "model=tiny_pixels", f"ckpt.dir={ckpt}", f"vae.dir={args.vae}",
+                             f"sampler.num_steps={args.sample_steps}",
                              f"num_frames={24 * len(DEMO_PROMPT)}", f"prompt={prompt}", f"output={video}",
                              "overwrite=true", "progress=false"], args.threads)
     frame_strip(video, out / "demo_strip.png")

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--colour-change", type=float, default=0.0,
                         help="probability that a shape turns a new colour at each new second ('the red circle "
                              "turns blue and ...'); 0 (default): never, the clips are as without the option")
+    parser.add_argument("--max-shapes", type=int, choices=(1, 2), default=2,
+                        help="shapes per video at most; 1 drops the second shape of the two-shape clips (the "
+                             "held-out cases of tools/eval_prompt_following.py have one shape)")
     return parser
 
 
@@ -55,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0.0 <= args.colour_change <= 1.0:
         parser.error(f"--colour-change is a probability: it must be in [0, 1], got {args.colour_change}")
     entries = make_dataset(args.out, args.num_videos, args.num_images, args.fps, seconds, sizes, args.seed,
-                           sidecars=args.sidecars, colour_change=args.colour_change)
+                           sidecars=args.sidecars, colour_change=args.colour_change,
+                           max_shapes=args.max_shapes)
     print(f"wrote {args.num_videos} videos and {args.num_images} images to {args.out} "
           f"(list: {args.out / 'captions.jsonl'}, {len(entries)} entries)")
     return 0

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--mlp-ratio", type=float, default=DEFAULTS.mlp_ratio)
     p.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight)
     p.add_argument("--edge-weight", type=float, default=DEFAULTS.edge_weight)
+    p.add_argument("--shape-weight", type=float, default=DEFAULTS.shape_weight,
+                   help="extra L1/MSE weight on the shapes' pixels (1 + this there); 0: every pixel alike")
     p.add_argument("--eval-clips", type=int, default=DEFAULTS.eval_clips)
     p.add_argument("--eval-size", type=parse_size, default=DEFAULTS.eval_size)
     p.add_argument("--stats-clips", type=int, default=DEFAULTS.stats_clips)
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
                          warmup=args.warmup, seed=args.seed, eval_seed=args.eval_seed, sizes=args.sizes,
                          frames=args.frames, fps=args.fps, embed_dim=args.embed_dim, depth=args.depth,
                          num_heads=args.heads, mlp_ratio=args.mlp_ratio, kl_weight=args.kl_weight,
-                         edge_weight=args.edge_weight, eval_clips=args.eval_clips, eval_size=args.eval_size,
+                         edge_weight=args.edge_weight, shape_weight=args.shape_weight, eval_clips=args.eval_clips,
+                         eval_size=args.eval_size,
                          stats_clips=args.stats_clips, weights_dtype=args.weights_dtype, log_every=args.log_every)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads={args.threads}: must be a positive integer")

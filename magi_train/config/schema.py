@@ -197,6 +197,13 @@ class DiffusionConfig:
     # Clean chunks get up to 5% noise (MAGI-1 report: exposure bias): t ~ U[clean_t_min, 1].
     clean_t_min: float = 0.95
     caption_dropout: float = 0.1  # rows replaced by the learned null caption (for CFG)
+    # Share of samples whose chunk times are those of the inference window instead of sorted draws: chunk 0 at
+    # grid position u ~ U[0, 1], chunk k `1 / staircase_stages` behind it (0 = not started yet: pure noise),
+    # each mapped to t as the sampler's grid maps it (u², then the shift). Sorted draws give chunk 0 the largest
+    # of `chunks` draws, so the first chunk is almost never seen near noise, where sampling starts it; a model
+    # trained for a long time gets away with that, a small one trained for minutes does not. 0 = released.
+    staircase_prob: float = 0.0
+    staircase_stages: int = 4  # = sampler.window_size (released 4): a chunk is one stage behind the one before
 
 
 @dataclass

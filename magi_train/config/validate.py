@@ -423,6 +423,10 @@ def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
                f"<= 1 (t2v takes the rest)")
     if not 0.0 <= f.caption_dropout < 1.0:
         yield f"diffusion.caption_dropout ({f.caption_dropout}) must be in [0, 1)"
+    if not 0.0 <= f.staircase_prob <= 1.0:
+        yield f"diffusion.staircase_prob ({f.staircase_prob}) must be in [0, 1]"
+    if f.staircase_stages < 1:
+        yield f"diffusion.staircase_stages ({f.staircase_stages}) must be >= 1"
     if not 0.0 < f.clean_t_min <= 1.0:
         yield f"diffusion.clean_t_min ({f.clean_t_min}) must be in (0, 1]"
     if f.t_logit_mean != f.t_logit_mean:  # NaN

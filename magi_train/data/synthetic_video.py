@@ -161,14 +161,15 @@ def _article(word: str) -> str:
 
 
 def make_clip(rng: np.random.Generator, width: int, height: int, frames: int, fps: int,
-              colour_change: float = 0.0) -> Clip:
+              colour_change: float = 0.0, max_shapes: int = 2) -> Clip:
     """Frames and captions of one clip; `frames` = 1 gives a still image (its caption has no motion).
-    `colour_change`: the probability that a shape changes colour at each new second (0: never)."""
-    return render_clip(plan_clip(rng, width, height, frames, fps, colour_change))
+    `colour_change`: the probability that a shape changes colour at each new second (0: never).
+    `max_shapes`: 1 keeps only the first shape of two-shape clips (what the held-out cases show)."""
+    return render_clip(plan_clip(rng, width, height, frames, fps, colour_change, max_shapes))
 
 
 def plan_clip(rng: np.random.Generator, width: int, height: int, frames: int, fps: int,
-              colour_change: float = 0.0) -> ClipPlan:
+              colour_change: float = 0.0, max_shapes: int = 2) -> ClipPlan:
     """What `make_clip` draws from `rng`, without painting it (the same random numbers in the same order)."""
     if width < 8 or height < 8:
         raise ValueError(f"clip size {width}x{height} is too small (at least 8x8)")
@@ -176,9 +177,13 @@ def plan_clip(rng: np.random.Generator, width: int, height: int, frames: int, fp
         raise ValueError(f"frames ({frames}) and fps ({fps}) must be >= 1")
     if not 0.0 <= colour_change <= 1.0:
         raise ValueError(f"colour_change ({colour_change}) is a probability: it must be in [0, 1]")
+    if max_shapes not in (1, 2):
+        raise ValueError(f"max_shapes ({max_shapes}) must be 1 or 2")
     background, background_phrase = _background(rng, height, width)
     count = 1 if rng.uniform() < 0.6 else 2
     colours = [PALETTE[k] for k in rng.permutation(len(PALETTE))[:count]]  # distinct: captions stay unambiguous
+    # The draws above stay as they are (so max_shapes=2 clips are unchanged); the second shape is then not drawn.
+    colours = colours[:max_shapes]
     shapes = []
     for colour in colours:
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -309,13 +314,13 @@ def parse_seconds(text: str) -> tuple[float, float]:
 
 def make_dataset(out: Path, num_videos: int, num_images: int, fps: int, seconds: tuple[float, float],
                  sizes: Sequence[tuple[int, int]], seed: int = 0, sidecars: bool = False,
-                 colour_change: float = 0.0) -> list[dict]:
+                 colour_change: float = 0.0, max_shapes: int = 2) -> list[dict]:
     """Write the videos, the stills and `captions.jsonl` under `out`; returns the list entries.
 
     Clip i takes size i mod len(sizes), so every size is used once there are enough clips; its duration is drawn
     in whole frames from `seconds`. With `sidecars`, each file also gets a `<name>.json` with its captions, the
     layout `prepare_dataset.py` reads from a folder. `colour_change` as `make_clip`'s (videos only; 0: the
-    dataset is what it was before the option existed).
+    dataset is what it was before the option existed); `max_shapes` as `make_clip`'s (videos only).
     """
     if num_videos < 0 or num_images < 0 or num_videos + num_images == 0:
         raise ValueError(f"need at least one video or image (got {num_videos} videos, {num_images} images)")
@@ -325,7 +330,7 @@ def make_dataset(out: Path, num_videos: int, num_images: int, fps: int, seconds:
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF, 0, index]))
         width, height = sizes[index % len(sizes)]
         frames = int(rng.integers(round(seconds[0] * fps), round(seconds[1] * fps) + 1))
-        clip = make_clip(rng, width, height, max(frames, 2), fps, colour_change)
+        clip = make_clip(rng, width, height, max(frames, 2), fps, colour_change, max_shapes)
         name = f"clip_{index:04d}.mp4"
         write_mp4(out / name, clip.frames, fps)
         entries.append({"path": name, "captions": clip.captions, "caption": clip.caption})

@@ -55,6 +55,8 @@ def draw_objective(latent_frames: int, chunk_frames: int, is_image: bool, cfg: D
     task = TASKS[int(torch.multinomial(task_probabilities(cfg, chunks, is_image), 1, generator=g))]
     t = shift_time(logit_normal((chunks,), cfg.t_logit_mean, cfg.t_logit_std, g), cfg.t_shift)
     t = torch.sort(t, descending=True).values
+    if cfg.staircase_prob > 0 and bool(torch.rand(1, generator=g) < cfg.staircase_prob):
+        t = staircase_times(chunks, cfg, g)
     # Clean times for every chunk, and one for the i2v frame (drawn whatever the task: a fixed draw order).
     clean_t = cfg.clean_t_min + (1 - cfg.clean_t_min) * torch.rand(chunks + 1, generator=g)
     n_clean = int(torch.randint(1, max(chunks, 2), (1,), generator=g))
@@ -72,6 +74,14 @@ def draw_objective(latent_frames: int, chunk_frames: int, is_image: bool, cfg: D
         clean_frames[0] = True
         frame_t[0] = clean_t[chunks]
     return ObjectiveDraw(task, t, clean_chunks, clean_frames, frame_t, dropped)
+
+
+def staircase_times(chunks: int, cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """(chunks,) times as the inference window holds them: chunk 0 at grid position u ~ U[0, 1], chunk k at
+    u - k / staircase_stages (clamped at 0: not started), each t = shift(u²) (the sampler's TimeGrid map)."""
+    u0 = torch.rand(1, generator=generator)
+    u = (u0 - torch.arange(chunks, dtype=torch.float32) / cfg.staircase_stages).clamp(min=0.0)
+    return shift_time(u * u, cfg.t_shift)
 
 
 def fixed_draw(latent_frames: int, chunk_frames: int, t: float) -> ObjectiveDraw:

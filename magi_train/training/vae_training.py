@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from magi_train.checkpoint.atomic import fsync_dir, replace_dir, write_json_durably
-from magi_train.data.synthetic_video import make_clip
+from magi_train.data.synthetic_video import plan_clip, render_clip
 from magi_train.model.vae.codec import RELEASED_SCALE_FACTOR, VaeCodec
 from magi_train.model.vae.model import CONFIG_NAME, WEIGHTS_NAME, ViTVAE
 
@@ -67,6 +67,9 @@ class VaeTrainConfig:
     fps: int = 24
     kl_weight: float = 1e-4
     edge_weight: float = 0.5
+    # Extra L1+MSE weight on the pixels of the shapes (1 + shape_weight there): they are a few percent of the
+    # pixels but what a prompt-following detector reads (their colour); 0 = every pixel alike.
+    shape_weight: float = 0.0
     # The model (the released ViTVAE; 8x8 spatial, 4x temporal patches and 16 channels as released).
     embed_dim: int = 192
     depth: int = 2
@@ -95,6 +98,9 @@ class VaeTrainConfig:
             fail("warmup", "warmup, kl_weight and edge_weight must be >= 0 and grad_clip > 0 "
                            f"(got warmup={self.warmup}, grad_clip={self.grad_clip}, kl_weight={self.kl_weight}, "
                            f"edge_weight={self.edge_weight})")
+        if not (isinstance(self.shape_weight, (int, float)) and math.isfinite(self.shape_weight)
+                and self.shape_weight >= 0):
+            fail("shape_weight", f"must be a finite number >= 0, got {self.shape_weight!r}")
         if self.seed == self.eval_seed:
             fail("eval_seed", f"must differ from seed={self.seed}: the held-out clips would be training clips")
         if self.frames % 4:
@@ -130,22 +136,26 @@ class VaeTrainConfig:
 
 
 def synthetic_clips(seed: int, stream: int, index: int, count: int, size: Tuple[int, int], frames: int,
-                    fps: int) -> np.ndarray:
+                    fps: int, masks: bool = False):
     """uint8 (count, frames, H, W, 3): clips drawn from (seed, stream, index, k). A training clip is a window of
-    `frames` frames at a random offset in a clip twice as long, so direction changes fall inside some windows."""
+    `frames` frames at a random offset in a clip twice as long, so direction changes fall inside some windows.
+    `masks`: also return bool (count, frames, H, W), True where a shape is painted (the frame is not its
+    background), for the loss's shape weight."""
     width, height = size
     out = np.empty((count, frames, height, width, 3), np.uint8)
+    painted = np.empty((count, frames, height, width), bool)
     for k in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF, stream, index, k]))
-        if stream == _HELD_OUT:
-            out[k] = make_clip(rng, width, height, frames, fps).frames
-        else:
-            # Long enough to span a change of direction (at frame fps) from any window start.
-            total = max(2 * frames, fps + frames)
-            clip = make_clip(rng, width, height, total, fps).frames
-            start = int(rng.integers(0, total - frames + 1))
-            out[k] = clip[start:start + frames]
-    return out
+        # Long enough to span a change of direction (at frame fps) from any window start.
+        total = frames if stream == _HELD_OUT else max(2 * frames, fps + frames)
+        plan = plan_clip(rng, width, height, total, fps)  # make_clip's draws, with the background kept
+        clip = render_clip(plan).frames
+        start = 0 if stream == _HELD_OUT else int(rng.integers(0, total - frames + 1))
+        out[k] = clip[start:start + frames]
+        if masks:
+            background = np.clip(np.round(plan.background), 0, 255).astype(np.uint8)
+            painted[k] = (out[k] != background[None]).any(-1)
+    return (out, painted) if masks else out
 
 
 def to_pixels(clips: np.ndarray) -> torch.Tensor:
@@ -170,14 +180,21 @@ def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean())
 
 
-def vae_loss(vae: ViTVAE, x: torch.Tensor, noise: torch.Generator, cfg: VaeTrainConfig
-             ) -> Tuple[torch.Tensor, Dict[str, float]]:
+def vae_loss(vae: ViTVAE, x: torch.Tensor, noise: torch.Generator, cfg: VaeTrainConfig,
+             shapes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """`shapes`: bool (B, T, H, W) shape pixels, weighted 1 + cfg.shape_weight in L1 and MSE (mean weight 1)."""
     mean, logvar = posterior(vae, x)
     eps = torch.randn(mean.shape, generator=noise, dtype=mean.dtype)
     z = mean + torch.exp(0.5 * logvar) * eps
     recon = vae.decoder(z)
-    l1 = (recon - x).abs().mean()
-    mse = F.mse_loss(recon, x)
+    if shapes is None or cfg.shape_weight == 0:
+        l1 = (recon - x).abs().mean()
+        mse = F.mse_loss(recon, x)
+    else:
+        w = 1.0 + cfg.shape_weight * shapes[:, None].float()
+        w = w / w.mean()
+        l1 = (w * (recon - x).abs()).mean()
+        mse = (w * (recon - x).square()).mean()
     edge = edge_l1(recon, x)
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     loss = l1 + mse + cfg.edge_weight * edge + cfg.kl_weight * kl
@@ -227,10 +244,17 @@ def train_vae(cfg: VaeTrainConfig, log: Callable[[str], None] = print) -> TrainR
     start = time.perf_counter()
     for step in range(cfg.steps):
         size = cfg.sizes[step % len(cfg.sizes)]
-        x = to_pixels(synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps))
+        shapes = None
+        if cfg.shape_weight > 0:
+            clips, painted = synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps,
+                                             masks=True)
+            shapes = torch.from_numpy(painted)
+        else:
+            clips = synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps)
+        x = to_pixels(clips)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss, parts = vae_loss(vae, x, noise, cfg)
+        loss, parts = vae_loss(vae, x, noise, cfg, shapes)
         if not math.isfinite(parts["loss"]):
             raise FloatingPointError(f"VAE training diverged at step {step}: loss {parts['loss']} ({parts}); "
                                      f"try a lower lr (now {cfg.lr})")

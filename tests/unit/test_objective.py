@@ -74,3 +74,35 @@ def test_noisy_input_interpolates_per_frame():
     out = noisy_input(x, noise, t)
     for f in range(3):
         torch.testing.assert_close(out[:, f], (1 - t[f]) * noise[:, f] + t[f] * x[:, f])
+
+
+def test_staircase_times_are_the_sampler_window():
+    from magi_train.diffusion.objective import staircase_times
+    from magi_train.diffusion.time_grid import TimeGrid
+
+    cfg = DiffusionConfig(staircase_prob=1.0, clean_prefix_prob=0.0, i2v_prob=0.0)
+    g = torch.Generator().manual_seed(3)
+    u0 = float(torch.rand(1, generator=torch.Generator().manual_seed(3)))
+    t = staircase_times(4, cfg, g)
+    # Chunk k sits k stages (of 4) behind chunk 0 on the sampler's grid u -> shift(u^2); not started = 0.
+    grid = TimeGrid(64).shift
+    expected = [max(u0 - k / 4, 0.0) for k in range(4)]
+    expected = [grid * u * u / (1 + (grid - 1) * u * u) for u in expected]
+    assert torch.allclose(t, torch.tensor(expected), atol=1e-6), (t, expected)
+    # Over many draws chunk 0 is spread like the sampler's own grid: half its steps lie below t = shift(1/4).
+    draws = _draws(4000, cfg, frames=12)
+    first = torch.stack([d.t[0] for d in draws])
+    assert abs(float((first < 0.1).float().mean()) - 0.5) < 0.03
+    assert all(torch.all(d.t[1:] <= d.t[:-1]) for d in draws)
+
+
+def test_staircase_prob_zero_draws_exactly_as_before_and_a_share_mixes():
+    # No random number is drawn for the option at 0: the released draws stay bit-identical.
+    base, off = _draws(200, DiffusionConfig()), _draws(200, DiffusionConfig(staircase_prob=0.0))
+    assert all(torch.equal(a.t, b.t) and a.task == b.task and a.dropped == b.dropped for a, b in zip(base, off))
+    # With sorted draws alone the first of two chunks is (almost) never near noise; with half staircase it is.
+    sorted_first = torch.stack([d.t[0] for d in _draws(2000, DiffusionConfig(clean_prefix_prob=0.0), frames=12)])
+    mixed = DiffusionConfig(clean_prefix_prob=0.0, staircase_prob=0.5)
+    mixed_first = torch.stack([d.t[0] for d in _draws(2000, mixed, frames=12)])
+    assert float((sorted_first < 0.1).float().mean()) < 0.005
+    assert 0.2 < float((mixed_first < 0.1).float().mean()) < 0.3

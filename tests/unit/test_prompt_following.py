@@ -137,6 +137,26 @@ def test_colour_change_paints_and_words_the_new_colour():
         make_clip(np.random.default_rng(0), 64, 64, 48, 24, colour_change=2.0)
 
 
+def test_max_shapes_one_keeps_the_first_shape_and_every_other_draw():
+    two_shape = 0
+    for seed in range(12):
+        full = make_clip(np.random.default_rng(seed), 64, 64, 48, 24, colour_change=0.3)
+        rng = np.random.default_rng(seed)
+        one = make_clip(rng, 64, 64, 48, 24, colour_change=0.3, max_shapes=1)
+        assert len(one.shapes) == 1
+        if len(full.shapes) == 1:  # nothing to drop: the very same clip
+            assert np.array_equal(one.frames, full.frames) and one.captions == full.captions
+            continue
+        two_shape += 1
+        first = full.shapes[0]
+        assert (one.shapes[0].kind, one.shapes[0].colour, one.shapes[0].radius) == (first.kind, first.colour, first.radius)
+        assert np.array_equal(one.shapes[0].path, first.path)
+        assert " while " not in one.caption and first.kind in one.caption
+    assert two_shape >= 2
+    with pytest.raises(ValueError, match=r"max_shapes \(3\) must be 1 or 2"):
+        make_clip(np.random.default_rng(0), 64, 64, 48, 24, max_shapes=3)
+
+
 # --- the detector on the data's own clips ---------------------------------------------------------------------
 
 

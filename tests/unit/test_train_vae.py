@@ -45,6 +45,22 @@ def test_a_few_steps_lower_the_loss_and_the_directory_loads(tmp_path):
     assert evaluate(vae, clips, 24).psnr == pytest.approx(record["psnr_db"], abs=1e-3)
 
 
+def test_shape_masks_mark_exactly_the_painted_pixels_and_the_shape_weight_trains():
+    from magi_train.training.vae_training import synthetic_clips
+
+    clips, masks = synthetic_clips(0, 0, 5, 3, (48, 32), 12, 24, masks=True)
+    assert np.array_equal(clips, synthetic_clips(0, 0, 5, 3, (48, 32), 12, 24))  # the same clips with or without
+    assert masks.shape == clips.shape[:-1] and 0.002 < masks.mean() < 0.5
+    # Off the masks every pixel of a frame is the background: in each frame, off-mask colours repeat those of
+    # the first frame at the same place (the background never moves).
+    off = ~masks
+    both = off & off[:, :1]
+    assert np.array_equal(clips[both], np.broadcast_to(clips[:, :1], clips.shape)[both])
+    torch.manual_seed(0)
+    result = train_vae(small_config(steps=40, lr=3e-3, shape_weight=4.0), log=lambda _: None)
+    assert result.last_loss < 0.7 * result.first_window_loss, (result.first_window_loss, result.last_loss)
+
+
 def test_psnr():
     a = np.zeros((2, 4, 4, 3), np.uint8)
     assert psnr(a, a) == float("inf")
@@ -60,6 +76,7 @@ def test_psnr():
     (dict(sizes=((36, 32),)), "36x32"),
     (dict(embed_dim=30, num_heads=4), "num_heads"),
     (dict(weights_dtype="float16"), "weights_dtype"),
+    (dict(shape_weight=-1.0), "shape_weight"),
 ])
 def test_bad_settings_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
