@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from magi_train.config.schema import DiffusionConfig
-from magi_train.diffusion.time_grid import logit_normal, shift_time
+from magi_train.diffusion.time_grid import grid_time, logit_normal, shift_time
 
 TASKS = ("t2v", "i2v", "v2v")
 
@@ -81,7 +81,7 @@ def staircase_times(chunks: int, cfg: DiffusionConfig, generator: torch.Generato
     u - k / staircase_stages (clamped at 0: not started), each t = shift(u²) (the sampler's TimeGrid map)."""
     u0 = torch.rand(1, generator=generator)
     u = (u0 - torch.arange(chunks, dtype=torch.float32) / cfg.staircase_stages).clamp(min=0.0)
-    return shift_time(u * u, cfg.t_shift)
+    return grid_time(u, cfg.t_shift)
 
 
 def fixed_draw(latent_frames: int, chunk_frames: int, t: float) -> ObjectiveDraw:

@@ -28,6 +28,11 @@ def shift_time(t: torch.Tensor, w: float) -> torch.Tensor:
     return w * t / (1 + (w - 1) * t)
 
 
+def grid_time(u: torch.Tensor, w: float) -> torch.Tensor:
+    """The sampler grid's map from position u in [0, 1] to time: u² (released power 2), then the shift."""
+    return shift_time(u * u, w)
+
+
 def logit_normal(shape, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:
     """The training-time draw before the shift: sigmoid of a normal."""
     return torch.sigmoid(mean + std * torch.randn(shape, generator=generator))
@@ -64,7 +69,7 @@ class TimeGrid:
             u = torch.cat([base + a for a in torch.linspace(0, 1, 5)])[: self.num_steps + 1]
         else:
             u = torch.linspace(0, 1, self.num_steps + 1)
-        return shift_time(u * u, self.shift)
+        return grid_time(u, self.shift)
 
     @property
     def intervals(self) -> torch.Tensor:

@@ -143,7 +143,7 @@ def synthetic_clips(seed: int, stream: int, index: int, count: int, size: Tuple[
     background), for the loss's shape weight."""
     width, height = size
     out = np.empty((count, frames, height, width, 3), np.uint8)
-    painted = np.empty((count, frames, height, width), bool)
+    painted = np.empty((count, frames, height, width), bool) if masks else None
     for k in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF, stream, index, k]))
         # Long enough to span a change of direction (at frame fps) from any window start.
@@ -244,13 +244,9 @@ def train_vae(cfg: VaeTrainConfig, log: Callable[[str], None] = print) -> TrainR
     start = time.perf_counter()
     for step in range(cfg.steps):
         size = cfg.sizes[step % len(cfg.sizes)]
-        shapes = None
-        if cfg.shape_weight > 0:
-            clips, painted = synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps,
-                                             masks=True)
-            shapes = torch.from_numpy(painted)
-        else:
-            clips = synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps)
+        weighted = cfg.shape_weight > 0
+        drawn = synthetic_clips(cfg.seed, _TRAIN, step, cfg.batch_size, size, cfg.frames, cfg.fps, masks=weighted)
+        clips, shapes = (drawn[0], torch.from_numpy(drawn[1])) if weighted else (drawn, None)
         x = to_pixels(clips)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
