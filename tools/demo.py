@@ -14,6 +14,11 @@ r"""`make demo`: the whole chain on real pixels, on a CPU, in minutes.
 5. tools/eval_prompt_following.py generates held-out captions with the trained model and scores the decoded
    videos: colour, direction and per-chunk switch accuracy, printed at the end (OUT/scores.json).
 
+With --distill-steps N (not part of `make demo`: it adds minutes) the model is then distilled for N steps
+(experiment=distill_demo), step 5 scores base@64, base@8, distilled@8 and distilled@4, and
+tools/distill_report.py measures both few-step samplers against the base model's 64 guided steps
+(OUT/distill_report.json).
+
 Every step is the command a user would type; each is printed before it runs, with its wall time after.
 """
 
@@ -51,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
     ap.add_argument("--sample-steps", type=int, default=64, help="sampler steps per chunk")
     ap.add_argument("--cases", type=int, default=16, help="held-out prompt-following cases")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="also distil the trained model for this many steps and score it at 8 and 4 steps (0: no)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every step")
     ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for the training step")
@@ -122,20 +129,32 @@ def main(argv=None) -> int:
                              "overwrite=true", "progress=false"], args.threads)
     frame_strip(video, out / "demo_strip.png")
     print(f"wrote {video} and {out / 'demo_strip.png'}")
+    runs = [f"demo@{args.sample_steps}:{ckpt}:{args.sample_steps}"]
+    if args.distill_steps > 0:
+        student = out / "distill" / "checkpoints"
+        times["distill"] = run([torchrun, "--standalone", "--nproc_per_node", "1", "magi_train/train.py",
+                                "experiment=distill_demo", f"distill.teacher={ckpt}", f"data.shards={shards}",
+                                f"trainer.output_dir={out / 'distill'}", "trainer.overwrite=true",
+                                f"trainer.num_threads={args.threads}", f"trainer.max_steps={args.distill_steps}",
+                                f"trainer.save_every={args.distill_steps}"], args.threads)
+        runs += [f"demo@8:{ckpt}:8", f"distilled@8:{student}:8", f"distilled@4:{student}:4"]
+        times["distill_report"] = run([py, "tools/distill_report.py", "--teacher", str(ckpt), "--student",
+                                       str(student), "--steps", "8", "4", "--samples", str(min(8, args.cases)), "--json",
+                                       str(out / "distill_report.json")], args.threads)
     times["score"] = run([py, "tools/eval_prompt_following.py", "--vae", str(args.vae), "--cases", str(args.cases),
                           "--size", "128x128",
                           "--colour-fraction", "0.5" if args.colour_change > 0 else "0",
-                          "--run", f"demo@{args.sample_steps}:{ckpt}:{args.sample_steps}",
+                          *[a for r in runs for a in ("--run", r)],
                           "--json", str(out / "scores.json")], args.threads)
     total = time.perf_counter() - start
-    report = json.loads((out / "scores.json").read_text())["runs"][0]
+    reports = json.loads((out / "scores.json").read_text())["runs"]
     print("\n" + "  ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"  total {total:.0f} s")
     print(f"demo video: {video}  frame strip: {out / 'demo_strip.png'}")
-    print("prompt following of the demo model ({} held-out cases, {} steps):".format(report["cases"],
-                                                                                    args.sample_steps))
-    for key in ("colour", "direction", "switch"):
-        value = report[key]
-        print(f"  {key:<9} accuracy {'n/a' if value is None else f'{100 * value:.1f}%'}")
+    for report in reports:
+        print("prompt following of {} ({} held-out cases):".format(report["label"], report["cases"]))
+        for key in ("colour", "direction", "switch"):
+            value = report[key]
+            print(f"  {key:<9} accuracy {'n/a' if value is None else f'{100 * value:.1f}%'}")
     return 0
 
 

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", choices=("ema", "student"), default="ema", help="student weights to sample")
     ap.add_argument("--nearly-clean-weight", type=float, default=0.7,
                     help="distilled sampler's with-context blend of the oldest chunk (released 0.7; 1 = no blend)")
+    ap.add_argument("--size", default="128x128",
+                    help="students trained on webdataset shards (experiment=distill_demo): the video size WxH of "
+                         "the held-out prompt-following cases they generate, through a ViT VAE of spatial patch 8 "
+                         "(default 128x128 = 16x16 latents, as make demo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args(argv)
@@ -57,9 +61,24 @@ def main(argv=None) -> int:
     bad = [k for k in args.steps if k < 1 or 64 % k]
     if bad:
         ap.error(f"--steps {bad}: each must divide 64 (a distilled step is a power-of-two multiple of 1/64)")
+    held_out, latent_hw = None, None
+    if cfg.data.kind.value == "webdataset":
+        # No built-in caption source: the held-out cases of tools/eval_prompt_following.py (2 chunks each).
+        from magi_train.training.evaluation.distill_report import hashed_held_out
+        from magi_train.training.evaluation.prompt_following import held_out_cases
+
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            ap.error(f"--size {args.size!r}: expected WxH, e.g. 128x128")
+        if width % 8 or height % 8:
+            ap.error(f"--size {args.size}: both sides must be multiples of 8 (the VAE's spatial patch)")
+        cases = held_out_cases(args.samples, seed=args.seed, width=width, height=height, colour_fraction=0.5)
+        held_out, latent_hw = hashed_held_out(cfg.model, [c.captions for c in cases]), (height // 8, width // 8)
     reports = compare_steps(teacher, student, cfg.model, cfg.data, steps=args.steps, samples=args.samples,
                             seed=args.seed, nearly_clean_weight=args.nearly_clean_weight,
-                            guidance=(x.cfg_t_range, x.prev_chunk_scales, x.text_scales))
+                            guidance=(x.cfg_t_range, x.prev_chunk_scales, x.text_scales),
+                            held_out=held_out, latent_hw=latent_hw)
     print(f"teacher {args.teacher}; student {student_ckpt} ({args.weights} weights, step "
           f"{read_trainer_state(student_ckpt)['step']})")
     for report in reports:

@@ -14,7 +14,7 @@ Distillation worked when student@N is closer to the reference than base@N.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,24 +63,47 @@ def compare(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, tor
                          nearly_clean_weight, guidance)[0]
 
 
-def compare_steps(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, torch.Tensor],
-                  model_cfg: ModelConfig, data_cfg: DataConfig, steps: Sequence[int], samples: int = 8, seed: int = 0,
-                  nearly_clean_weight: float = 0.7, guidance: Sequence[Sequence[float]] = ()) -> List[DistillReport]:
-    """`compare` at several step counts (e.g. 8 and 4), each sample's 64-step reference generated once."""
-    if not steps:
-        raise ValueError("compare_steps needs at least one step count")
-    base = build_model(replace(model_cfg, distill=False), teacher_state, "teacher").eval()
-    student = build_model(replace(model_cfg, distill=True), student_state, "student").eval()
+HeldOut = Tuple[torch.Tensor, torch.Tensor]  # one video's captions (num_chunks, L, C) and mask (num_chunks, L)
+
+
+def synthetic_held_out(model_cfg: ModelConfig, data_cfg: DataConfig, samples: int) -> List[HeldOut]:
+    """The synthetic dataset's held-out captions (data seed + 1e6, as the trainer's held-out set)."""
     held_out = SyntheticBlobDataset(replace(data_cfg, seed=data_cfg.seed + 1_000_000), model_cfg.caption_channels,
                                     model_cfg.caption_max_length)
+    return [(item["caption"], item["caption_mask"]) for item in (held_out[i] for i in range(samples))]
+
+
+def hashed_held_out(model_cfg: ModelConfig, videos: Sequence[Sequence[str]]) -> List[HeldOut]:
+    """Per-chunk caption texts of each video embedded by the hash text encoder, as generation embeds them
+    (magi_infer/engine.py: dim = caption_channels, max_length = caption_max_length)."""
+    from magi_train.model.text.hash import HashTextEncoder
+
+    encoder = HashTextEncoder(dim=model_cfg.caption_channels, max_length=model_cfg.caption_max_length)
+    return [encoder.encode(list(texts)) for texts in videos]
+
+
+def compare_steps(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, torch.Tensor],
+                  model_cfg: ModelConfig, data_cfg: DataConfig, steps: Sequence[int], samples: int = 8, seed: int = 0,
+                  nearly_clean_weight: float = 0.7, guidance: Sequence[Sequence[float]] = (),
+                  held_out: Optional[Sequence[HeldOut]] = None,
+                  latent_hw: Optional[Tuple[int, int]] = None) -> List[DistillReport]:
+    """`compare` at several step counts (e.g. 8 and 4), each sample's 64-step reference generated once.
+    `held_out` (with `latent_hw`): the captions to generate instead of the synthetic dataset's (`samples` and
+    the data config's latent size and chunk count are then unused: a video has one caption row per chunk)."""
+    if not steps:
+        raise ValueError("compare_steps needs at least one step count")
+    if held_out is None:
+        held_out = synthetic_held_out(model_cfg, data_cfg, samples)
+        latent_hw = (data_cfg.latent_height, data_cfg.latent_width)
+    elif latent_hw is None:
+        raise ValueError("compare_steps: held_out captions need latent_hw (the latent height and width)")
+    base = build_model(replace(model_cfg, distill=False), teacher_state, "teacher").eval()
+    student = build_model(replace(model_cfg, distill=True), student_state, "student").eval()
     scales = dict(zip(("cfg_t_range", "prev_chunk_scales", "text_scales"), guidance)) if guidance else {}
     reference_cfg = SamplerConfig(cfg_number=3, num_steps=64, **scales)
-    n = data_cfg.chunks_per_sample
-    hw = (data_cfg.latent_height, data_cfg.latent_width)
     rows: Dict[int, List[Dict[str, float]]] = {k: [] for k in steps}
-    for i in range(samples):
-        item = held_out[i]
-        args = (item["caption"], item["caption_mask"], n, hw, seed + i)
+    for i, (caption, mask) in enumerate(held_out):
+        args = (caption, mask, caption.shape[0], latent_hw, seed + i)
         reference = generate(base, reference_cfg, *args)
         for k in steps:
             base_cfg = SamplerConfig(cfg_number=3, num_steps=k, **scales)
@@ -88,4 +111,4 @@ def compare_steps(teacher_state: Dict[str, torch.Tensor], student_state: Dict[st
             rows[k].append({"base": float((generate(base, base_cfg, *args) - reference).square().mean()),
                             "student": float((generate(student, student_cfg, *args) - reference).square().mean())})
     mean = lambda got, key: sum(r[key] for r in got) / len(got)  # noqa: E731
-    return [DistillReport(k, samples, mean(rows[k], "base"), mean(rows[k], "student"), rows[k]) for k in steps]
+    return [DistillReport(k, len(held_out), mean(rows[k], "base"), mean(rows[k], "student"), rows[k]) for k in steps]
