@@ -36,7 +36,7 @@ class VideoConfig:
 
 @dataclass
 class TextConfig:
-    encoder: TextEncoder = TextEncoder.t5  # t5 | hash (the synthetic-data encoder of the tiny preset)
+    encoder: TextEncoder = TextEncoder.t5  # t5 | hash | hash_bigram (synthetic-data encoders: tiny presets)
     t5_dir: Optional[str] = None  # t5-v1_1-xxl directory, or its parent
     device: str = "cpu"  # where T5 runs (released: cpu for 4.5B, cuda for 24B)
     max_length: int = 800

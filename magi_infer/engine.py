@@ -184,17 +184,18 @@ class InferenceEngine:
 
     def _build_text_encoder(self):
         tc, mc = self.cfg.text, self.cfg.model
-        if tc.encoder == "hash":
+        if tc.encoder in ("hash", "hash_bigram"):
             from magi_train.model.text.hash import HashTextEncoder
 
-            return HashTextEncoder(dim=mc.caption_channels, max_length=mc.caption_max_length)
+            return HashTextEncoder(dim=mc.caption_channels, max_length=mc.caption_max_length,
+                                   bigrams=tc.encoder == "hash_bigram")
         if tc.encoder == "t5":
             from magi_train.model.text.t5 import T5TextEncoder
 
             if tc.t5_dir is None:
                 raise ValueError("text.t5_dir is required for text.encoder=t5 (the t5-v1_1-xxl directory or its parent)")
             return T5TextEncoder(tc.t5_dir, device=tc.device, max_length=tc.max_length)
-        raise ValueError(f"text.encoder={tc.encoder!r} is not one of ['t5', 'hash']")
+        raise ValueError(f"text.encoder={tc.encoder!r} is not one of ['t5', 'hash', 'hash_bigram']")
 
     def _caption_options(self):
         from magi_infer.conditioning import CaptionOptions

@@ -306,7 +306,7 @@ def _is_empty(cfg: GenerateConfig, prompt: str) -> bool:
     encoder's word split."""
     if not str(prompt).strip():
         return True
-    if cfg.text.encoder == "hash":
+    if cfg.text.encoder in ("hash", "hash_bigram"):
         from magi_train.model.text.hash import tokenize
 
         return not tokenize(str(prompt))

@@ -28,6 +28,16 @@ from magi_train.config import to_train_config  # noqa: E402
 from magi_train.training.evaluation.distill_report import compare_steps  # noqa: E402
 
 
+def shards_text_encoder(shards: str):
+    """The text-encoder kind ("hash", "t5", ...) that tools/prepare_dataset.py recorded in SHARDS/prepare.json,
+    or None when there is none to read."""
+    try:
+        spec = json.loads((Path(shards) / "prepare.json").read_text())["text_encoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(spec).partition(":")[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="base-model checkpoint (or a run's checkpoint root)")
@@ -42,6 +52,9 @@ def main(argv=None) -> int:
                     help="students trained on webdataset shards (experiment=distill_demo): the video size WxH of "
                          "the held-out prompt-following cases they generate, through a ViT VAE of spatial patch 8 "
                          "(default 128x128 = 16x16 latents, as make demo)")
+    ap.add_argument("--text-encoder", choices=("hash", "hash_bigram"),
+                    help="webdataset students: the encoder of those captions (default: the one data.shards/"
+                         "prepare.json of the student's config records)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args(argv)
@@ -73,8 +86,16 @@ def main(argv=None) -> int:
             ap.error(f"--size {args.size!r}: expected WxH, e.g. 128x128")
         if width % 8 or height % 8:
             ap.error(f"--size {args.size}: both sides must be multiples of 8 (the VAE's spatial patch)")
+        encoder = args.text_encoder or shards_text_encoder(cfg.data.shards)
+        if encoder is None:
+            ap.error(f"the student's data.shards ({cfg.data.shards}) has no readable prepare.json naming its text "
+                     "encoder: give --text-encoder hash or hash_bigram")
+        if encoder not in ("hash", "hash_bigram"):
+            ap.error(f"the student was trained on {encoder} captions: this report embeds its held-out captions "
+                     "with the hash encoders only (hash, hash_bigram)")
         cases = held_out_cases(args.samples, seed=args.seed, width=width, height=height, colour_fraction=0.5)
-        held_out, latent_hw = hashed_held_out(cfg.model, [c.captions for c in cases]), (height // 8, width // 8)
+        held_out = hashed_held_out(cfg.model, [c.captions for c in cases], bigrams=encoder == "hash_bigram")
+        latent_hw = (height // 8, width // 8)
     reports = compare_steps(teacher, student, cfg.model, cfg.data, steps=args.steps, samples=args.samples,
                             seed=args.seed, nearly_clean_weight=args.nearly_clean_weight,
                             guidance=(x.cfg_t_range, x.prev_chunk_scales, x.text_scales),

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", type=Path, required=True, help="folder, .csv or .jsonl list")
     parser.add_argument("--out", type=Path, required=True, help="shard folder (created)")
     parser.add_argument("--vae", type=Path, required=True, help="diffusers-style ViT VAE folder")
-    parser.add_argument("--text-encoder", required=True, help="t5:DIR (a t5-v1_1-xxl folder) or hash:DIM")
+    parser.add_argument("--text-encoder", required=True,
+                        help="t5:DIR (a t5-v1_1-xxl folder), hash:DIM or hash_bigram:DIM (synthetic captions)")
     parser.add_argument("--buckets", default=",".join(DEFAULT_BUCKETS),
                         help="HEIGHTxWIDTH resolutions, comma-separated (default %(default)s)")
     parser.add_argument("--fps", type=int, default=DEFAULTS.fps)

@@ -125,6 +125,7 @@ class GenerateMode(enum.StrEnum):
 class TextEncoder(enum.StrEnum):
     t5 = "t5"
     hash = "hash"
+    hash_bigram = "hash_bigram"  # hash + each word's left neighbour (magi_train/model/text/hash.py: when)
 
 
 def choices(enum_type: Type[enum.Enum]) -> List[str]:

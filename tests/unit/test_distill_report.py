@@ -4,6 +4,8 @@ built-in caption source): the held-out captions are embedded as generation embed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,9 @@ def test_hashed_held_out_embeds_each_chunk_caption_as_generation_does():
         want, want_mask = encoder.encode(texts)
         assert caption.shape == (2, cfg.caption_max_length, cfg.caption_channels)
         assert torch.equal(caption, want) and torch.equal(mask, want_mask)
+    pairs = HashTextEncoder(dim=cfg.caption_channels, max_length=cfg.caption_max_length, bigrams=True)
+    for (caption, _), texts in zip(hashed_held_out(cfg, VIDEOS, bigrams=True), VIDEOS):
+        assert torch.equal(caption, pairs.encode(texts)[0])
 
 
 def random_state(cfg, group):
@@ -49,3 +54,14 @@ def test_compare_steps_generates_the_given_captions(single_process_group):
     [again] = compare_steps(teacher, student, cfg, None, steps=[8], held_out=other, latent_hw=(4, 4))
     assert again.per_sample[0] == report.per_sample[0]
     assert again.per_sample[1] != report.per_sample[1]
+
+
+def test_the_report_reads_the_shards_text_encoder(tmp_path):
+    from tools.distill_report import shards_text_encoder
+
+    assert shards_text_encoder(str(tmp_path)) is None  # no prepare.json
+    (tmp_path / "prepare.json").write_text(json.dumps({"text_encoder": "hash_bigram:64"}))
+    assert shards_text_encoder(str(tmp_path)) == "hash_bigram"
+    (tmp_path / "prepare.json").write_text("{not json")
+    assert shards_text_encoder(str(tmp_path)) is None
+    assert shards_text_encoder(str(tmp_path / "shard-{000000..000003}.tar")) is None

@@ -32,6 +32,15 @@ def test_the_preset_is_inferred_from_the_weights(pipe):
     assert pipe.num_chunks(48) == 2 and pipe.num_chunks(49) == 3
 
 
+def test_text_encoder_hash_bigram_is_the_pairs_encoder(pipe):
+    assert pipe.engine.text_encoder.bigrams is False
+    bigram = MagiPipeline.from_pretrained(TINY, overrides={"progress": False, "text.encoder": "hash_bigram"})
+    assert bigram.config.text.encoder == "hash_bigram" and bigram.engine.text_encoder.bigrams is True
+    a = pipe(["a red blob moves left"], num_frames=24, num_steps=STEPS, seed=0)
+    b = bigram(["a red blob moves left"], num_frames=24, num_steps=STEPS, seed=0)
+    assert not np.array_equal(a.frames, b.frames)  # the captions reach the DiT through the other encoder
+
+
 def test_call_returns_the_frames_and_stream_yields_the_same_chunk_by_chunk(pipe):
     prompts = ["a red blob moves right", "a blue blob moves down"]
     whole = pipe(prompts, num_frames=40, seed=3, num_steps=STEPS)

@@ -381,3 +381,18 @@ def test_synthetic_dataset_is_a_function_of_the_seed(tmp_path):
     assert [i.source for i in items] == ["clip_0000.mp4", "clip_0001.mp4", "image_0000.png"]
     assert [list(i.captions) for i in items] == [e["captions"] for e in entries]
     assert read_video(tmp_path / "a" / "clip_0001.mp4", 24, 32, 48).shape[1:] == (32, 48, 3)  # sizes cycle
+
+
+def test_text_encoder_specs():
+    from magi_train.data.prepare import HashCaptions, PrepareError, parse_text_encoder
+
+    assert parse_text_encoder("hash:32") == ("hash", "32")
+    assert parse_text_encoder("hash_bigram:64") == ("hash_bigram", "64")
+    for bad in ("hash", "hash:0", "hash_bigram:x", "bigram:8", "t5:"):
+        with pytest.raises(PrepareError, match="hash_bigram:DIM"):
+            parse_text_encoder(bad)
+    texts = ["a red circle moves left on the right"]
+    plain, plain_lengths = HashCaptions(16, 32).encode(texts)
+    pairs, pair_lengths = HashCaptions(16, 32, bigrams=True).encode(texts)
+    assert plain.shape == pairs.shape == (1, 8, 16) and plain_lengths.tolist() == pair_lengths.tolist() == [8]
+    assert not torch.allclose(plain, pairs)

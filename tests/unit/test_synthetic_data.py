@@ -270,6 +270,25 @@ def test_encoder_truncates_long_texts():
     assert torch.equal(long_emb, short_emb)
 
 
+def test_bigram_encoder_tells_a_heading_from_a_place():
+    # "left" is the heading in the first caption and the place in the second: the unigram rows differ only by
+    # the faint position code; the bigram rows carry the word before it ("moves left" vs "the left").
+    texts = ["a red circle moves left on the right", "a red circle moves right on the left"]
+    plain, _ = HashTextEncoder(dim=64, max_length=8).encode(texts)
+    pairs, mask = HashTextEncoder(dim=64, max_length=8, bigrams=True).encode(texts)
+    assert mask.sum(1).tolist() == [8, 8]
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    # Heading "left" (row 4 of text 0) vs place "left" (row 7 of text 1):
+    assert cosine(plain[0, 4], plain[1, 7]) > 0.95
+    assert cosine(pairs[0, 4], pairs[1, 7]) < 0.7
+    # ...and the word itself still shows: the two "left" rows are closer than "left" and "right" rows.
+    assert cosine(pairs[0, 4], pairs[1, 7]) > cosine(pairs[0, 4], pairs[1, 4]) + 0.3
+    assert (pairs[mask].norm(dim=-1) - 1).abs().max() < 0.3  # unit-ish, as the unigram rows
+    # The first word's pair is with the start of the text; the default encoder is the unigram one.
+    assert not torch.equal(pairs[0, 0], plain[0, 0])
+    assert torch.equal(HashTextEncoder(dim=64, max_length=8, bigrams=False).encode(texts)[0], plain)
+
+
 def test_encoder_seed_changes_vectors():
     a, _ = HashTextEncoder(dim=8, max_length=2, seed=0).encode(["red"])
     b, _ = HashTextEncoder(dim=8, max_length=2, seed=1).encode(["red"])

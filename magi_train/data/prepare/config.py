@@ -18,7 +18,7 @@ class PrepareConfig:
     input: Path
     out: Path
     vae: Path
-    text_encoder: str  # t5:DIR | hash:DIM
+    text_encoder: str  # t5:DIR | hash:DIM | hash_bigram:DIM
     buckets: tuple[str, ...] = DEFAULT_BUCKETS  # HEIGHTxWIDTH
     fps: int = 24
     max_seconds: Optional[float] = None  # longer clips keep their first whole chunks within this
@@ -93,13 +93,14 @@ def make_plan(cfg: PrepareConfig) -> Plan:
 
 
 def parse_text_encoder(spec: str) -> tuple[str, str]:
-    """"t5:DIR" or "hash:DIM" -> (kind, argument). Only the folder's existence is checked here: importing the T5
+    """"t5:DIR", "hash:DIM" or "hash_bigram:DIM" -> (kind, argument). Only the folder's existence is checked here: importing the T5
     code (transformers) costs seconds, so the workers check the folder's contents when they load it."""
     kind, _, arg = spec.partition(":")
     if kind == "t5" and arg:
         if not Path(arg).expanduser().is_dir():
             raise PrepareError(f"--text-encoder {spec}: {arg} is not a folder (a t5-v1_1-xxl folder, or its parent)")
         return kind, arg
-    if kind == "hash" and arg.isdigit() and int(arg) >= 1:
+    if kind in ("hash", "hash_bigram") and arg.isdigit() and int(arg) >= 1:
         return kind, arg
-    raise PrepareError(f"--text-encoder {spec!r} is not t5:DIR (a T5 encoder folder) or hash:DIM (e.g. hash:32)")
+    raise PrepareError(f"--text-encoder {spec!r} is not t5:DIR (a T5 encoder folder), hash:DIM (e.g. hash:32) "
+                       "or hash_bigram:DIM")

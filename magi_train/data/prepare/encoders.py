@@ -43,10 +43,10 @@ class T5Captions:
 
 
 class HashCaptions:
-    def __init__(self, dim: int, max_length: int) -> None:
+    def __init__(self, dim: int, max_length: int, bigrams: bool = False) -> None:
         from magi_train.model.text.hash import HashTextEncoder
 
-        self.encoder = HashTextEncoder(dim=dim, max_length=max_length)
+        self.encoder = HashTextEncoder(dim=dim, max_length=max_length, bigrams=bigrams)
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [_trimmed(*self.encoder.encode(texts[i : i + _HASH_ROWS_PER_CALL]))
@@ -73,7 +73,7 @@ def load_encoders(cfg: PrepareConfig, device: torch.device) -> Encoders:
     codec = VaeCodec(vae, fps=cfg.fps, tile_px=cfg.vae_tile_px, overlap=cfg.vae_overlap)
     kind, arg = parse_text_encoder(cfg.text_encoder)
     text: CaptionEncoder = (T5Captions(arg, device, cfg.text_length) if kind == "t5"
-                            else HashCaptions(int(arg), cfg.text_length))
+                            else HashCaptions(int(arg), cfg.text_length, bigrams=kind == "hash_bigram"))
     return Encoders(codec, text)
 
 

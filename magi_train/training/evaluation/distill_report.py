@@ -73,12 +73,14 @@ def synthetic_held_out(model_cfg: ModelConfig, data_cfg: DataConfig, samples: in
     return [(item["caption"], item["caption_mask"]) for item in (held_out[i] for i in range(samples))]
 
 
-def hashed_held_out(model_cfg: ModelConfig, videos: Sequence[Sequence[str]]) -> List[HeldOut]:
-    """Per-chunk caption texts of each video embedded by the hash text encoder, as generation embeds them
-    (magi_infer/engine.py: dim = caption_channels, max_length = caption_max_length)."""
+def hashed_held_out(model_cfg: ModelConfig, videos: Sequence[Sequence[str]], bigrams: bool = False
+                    ) -> List[HeldOut]:
+    """Per-chunk caption texts of each video embedded by the hash text encoder (`bigrams`: hash_bigram), as
+    generation embeds them (magi_infer/engine.py: dim = caption_channels, max_length = caption_max_length)."""
     from magi_train.model.text.hash import HashTextEncoder
 
-    encoder = HashTextEncoder(dim=model_cfg.caption_channels, max_length=model_cfg.caption_max_length)
+    encoder = HashTextEncoder(dim=model_cfg.caption_channels, max_length=model_cfg.caption_max_length,
+                              bigrams=bigrams)
     return [encoder.encode(list(texts)) for texts in videos]
 
 
