@@ -427,6 +427,10 @@ def _check_diffusion(f: DiffusionConfig) -> Iterator[str]:
         yield f"diffusion.staircase_prob ({f.staircase_prob}) must be in [0, 1]"
     if f.staircase_stages < 1:
         yield f"diffusion.staircase_stages ({f.staircase_stages}) must be >= 1"
+    if not f.motion_weight >= 0.0:  # also NaN
+        yield f"diffusion.motion_weight ({f.motion_weight}) must be >= 0 (0 = off)"
+    if not f.motion_scale > 0.0:
+        yield f"diffusion.motion_scale ({f.motion_scale}) must be > 0"
     if not 0.0 < f.clean_t_min <= 1.0:
         yield f"diffusion.clean_t_min ({f.clean_t_min}) must be in (0, 1]"
     if f.t_logit_mean != f.t_logit_mean:  # NaN

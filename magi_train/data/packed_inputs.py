@@ -9,7 +9,7 @@ to no row and carry zero loss weight. See `VideoDiT.forward_packed` for the tens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from einops import rearrange
@@ -36,6 +36,8 @@ class PackedItem:
     caption_mask: torch.Tensor  # (chunks, L)
     null_rows: torch.Tensor  # (chunks,) bool: row replaced by the learned null caption
     adaln_uncond: torch.Tensor  # (chunks,) bool: adaLN "caption dropped" flag
+    # (T, H, W) loss weight of each latent position on top of its frame's (diffusion.motion_weight), or None.
+    position_weight: Optional[torch.Tensor] = None
 
 
 def pack_inputs(items: List[PackedItem], cfg: ModelConfig, seq_length: int, max_rows: int, weight_scale: float = 1.0):
@@ -70,7 +72,10 @@ def pack_inputs(items: List[PackedItem], cfg: ModelConfig, seq_length: int, max_
         frames = item.frame_weight.repeat_interleave(H * W).reshape(1, T, H, W).expand(C, T, H, W)
         target[pos:pos + n, :P] = patchify(item.target, pt, p)
         # Every element of a patch shares its frame's weight (t_patch frames of one chunk share it).
-        target[pos:pos + n, P] = patchify(frames.float(), pt, p)[:, 0] * weight_scale
+        weight = patchify(frames.float(), pt, p)[:, 0]
+        if item.position_weight is not None:  # a token weighs the mean of its patch's positions
+            weight = weight * patchify(item.position_weight[None].float(), pt, p).mean(dim=1)
+        target[pos:pos + n, P] = weight * weight_scale
         coords[pos:pos + n] = rope_coords(*grid, cfg.rope_reference_tokens)
         tokens_per_chunk = n // chunks
         token_map[pos:pos + n, 0] = torch.arange(row, row + chunks).repeat_interleave(tokens_per_chunk).float()

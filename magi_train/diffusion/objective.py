@@ -92,6 +92,17 @@ def fixed_draw(latent_frames: int, chunk_frames: int, t: float) -> ObjectiveDraw
                          torch.zeros(latent_frames, dtype=torch.bool), times.repeat_interleave(chunk_frames), False)
 
 
+def motion_weight(x: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """Loss weight of each latent element's position, (T, H, W) for x (C, T, H, W) or (N, T, H, W) for
+    (N, C, T, H, W): 1 + motion_weight * min(d / motion_scale, 1), d the RMS over channels of x's departure
+    from its temporal median (the still background departs by VAE noise only, a moving shape by its whole
+    contrast; a still shape is in the median and keeps weight 1). All ones for one-frame samples."""
+    c = x.ndim - 4  # the channel dim
+    median = x.median(dim=c + 1, keepdim=True).values
+    d = (x - median).square().mean(dim=c).sqrt()
+    return 1.0 + cfg.motion_weight * (d / cfg.motion_scale).clamp(max=1.0)
+
+
 def noisy_input(x: torch.Tensor, noise: torch.Tensor, frame_t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) noise + t x per latent frame; x, noise (C, T, H, W) or (N, C, T, H, W), frame_t (T,) or (N, T)."""
     tt = frame_t.to(x.dtype)

@@ -34,7 +34,7 @@ from magi_train.config.schema import TrainConfig
 from magi_train.data.loader import PackedSequence, WebDatasetLoader, merge_loader_states
 from magi_train.data.packed_inputs import PackedItem, caption_rows, pack_inputs
 from magi_train.data.synthetic import SyntheticBlobDataset, collate
-from magi_train.diffusion.objective import ObjectiveDraw, noisy_input
+from magi_train.diffusion.objective import ObjectiveDraw, motion_weight, noisy_input
 from magi_train.observability.flops import SampleShape, train_flops
 from magi_train.parallel.groups import Parallel
 from magi_train.parallel.pipeline import MicroBatchShape
@@ -322,6 +322,8 @@ class BatchBuilder:
             null_rows = dropped.repeat_interleave(n) | clean.flatten()
             frame_weight = torch.stack([draws[i].frame_weight for i in pos])  # (N, T): 0 on clean frames
             weight = frame_weight[:, None, :, None, None].expand(x.shape[0], 1, *x.shape[2:]) / count
+            if self.cfg.diffusion.motion_weight > 0:
+                weight = weight * motion_weight(x, self.cfg.diffusion)[:, None]
             inputs = (x_t, t, s.caption, s.caption_mask, null_rows, dropped)
             target = torch.cat([s.velocity, weight], dim=1)
             dev = p.device
@@ -382,9 +384,11 @@ class BatchBuilder:
         caption, mask = caption_rows(sample.caption, sample.caption_lengths, chunks, self.cfg.data.caption_length)
         # Dropped samples (for CFG) and clean context chunks see the learned null caption, as at inference.
         null_rows = draw.clean_chunks | draw.dropped
+        diffusion = self.cfg.diffusion
         return PackedItem(x_t=noisy_input(x, noise, draw.frame_t), target=velocity_target(x, noise),
                           frame_weight=draw.frame_weight, t=draw.t, caption=caption, caption_mask=mask,
-                          null_rows=null_rows, adaln_uncond=torch.full((chunks,), draw.dropped))
+                          null_rows=null_rows, adaln_uncond=torch.full((chunks,), draw.dropped),
+                          position_weight=motion_weight(x, diffusion) if diffusion.motion_weight > 0 else None)
 
     # ------------------------------------------------------------------ the loader's state
     def data_counters(self) -> Dict[str, float]:

@@ -221,6 +221,8 @@ def test_wrong_type_fails_naming_the_key():
         (["diffusion.caption_dropout=1.0"], "diffusion.caption_dropout (1.0)"),
         (["diffusion.clean_t_min=0"], "diffusion.clean_t_min (0.0)"),
         (["diffusion.clean_t_min=1.1"], "diffusion.clean_t_min (1.1)"),
+        (["diffusion.motion_weight=-1"], "diffusion.motion_weight (-1.0) must be >= 0"),
+        (["diffusion.motion_scale=0"], "diffusion.motion_scale (0.0) must be > 0"),
         # optimizer
         (["optimizer.lr=0"], "optimizer.lr (0.0)"),
         (["optimizer.min_lr=1"], "optimizer.min_lr (1.0)"),

@@ -6,7 +6,7 @@ import math
 import torch
 
 from magi_train.config.schema import DiffusionConfig
-from magi_train.diffusion.objective import draw_objective, noisy_input
+from magi_train.diffusion.objective import draw_objective, motion_weight, noisy_input
 
 
 def _draws(n, cfg, frames=24, chunk=6, is_image=False, seed=0):
@@ -106,3 +106,32 @@ def test_staircase_prob_zero_draws_exactly_as_before_and_a_share_mixes():
     mixed_first = torch.stack([d.t[0] for d in _draws(2000, mixed, frames=12)])
     assert float((sorted_first < 0.1).float().mean()) < 0.005
     assert 0.2 < float((mixed_first < 0.1).float().mean()) < 0.3
+
+
+def test_motion_weight_marks_what_moves_and_nothing_else():
+    # A gradient background that never changes, a 2x2 block of contrast 2 moving one column per frame, and a
+    # still block of the same contrast (it is in the temporal median: no weight).
+    C, T, H, W = 4, 6, 8, 8
+    x = torch.linspace(-1, 1, W).expand(C, T, H, W).clone()
+    for f in range(T):
+        x[:, f, 0:2, f:f + 2] += 2.0
+    x[:, :, 5:7, 5:7] -= 2.0
+    cfg = DiffusionConfig(motion_weight=3.0, motion_scale=0.5)
+    w = motion_weight(x, cfg)
+    assert w.shape == (T, H, W)
+    moving = torch.zeros(T, H, W, dtype=torch.bool)
+    for f in range(T):
+        moving[f, 0:2, f:f + 2] = True
+    # Where the block is, it departs by its whole contrast (the median is the background there, as the block
+    # covers a position for at most 2 of 6 frames): weight 1 + 3. Everywhere else the latent is its median.
+    assert torch.equal(w[moving], torch.full((int(moving.sum()),), 4.0))
+    assert torch.equal(w[~moving], torch.ones(int((~moving).sum())))
+    # Batched (N, C, T, H, W) gives each sample's own weights; one-frame samples (images) weigh 1 everywhere.
+    batch = torch.stack([x, torch.zeros_like(x)])
+    wb = motion_weight(batch, cfg)
+    assert torch.equal(wb[0], w) and torch.equal(wb[1], torch.ones(T, H, W))
+    assert torch.equal(motion_weight(x[:, :1], cfg), torch.ones(1, H, W))
+    # Departures below motion_scale weigh in proportion: d = 0.25 -> 1 + 3 * 0.5.
+    y = torch.zeros(C, 3, 2, 2)
+    y[:, 0, 0, 0] = 0.25
+    assert float(motion_weight(y, cfg)[0, 0, 0]) == 2.5

@@ -63,3 +63,24 @@ def test_caption_ranges_follow_row_runs():
     rows = torch.tensor([0, 0, 1, 1, 1, -1, 2, 0])
     r = caption_ranges(rows, [3, 0, 2])
     assert r.pairs() == [(0, 2, 0, 3), (6, 7, 3, 5), (7, 8, 0, 3)]
+
+
+def test_position_weight_is_the_patch_mean_times_the_frame_weight():
+    cfg = tiny()
+    g = torch.Generator().manual_seed(3)
+    C, T, H, W = cfg.in_channels, cfg.chunk_width, 4, 4
+    item = _item(g, C, T, H, W, 1, 6, cfg.caption_channels)
+    item.frame_weight = torch.ones(T)
+    item.frame_weight[0] = 0.0  # an i2v frame: no loss whatever its motion
+    position = 1.0 + torch.rand(T, H, W, generator=g)
+    plain_inputs, plain = pack_inputs([item], cfg, 64, 2, weight_scale=0.5)
+    item.position_weight = position
+    inputs, weighted = pack_inputs([item], cfg, 64, 2, weight_scale=0.5)
+    # Only the weight channel changes; each token weighs its 2x2 patch's mean position weight.
+    assert torch.equal(weighted[0, :-1], plain[0, :-1]) and all(torch.equal(a, b) for a, b in zip(inputs, plain_inputs))
+    n = T * H * W // 4
+    patch_mean = position.reshape(T, H // 2, 2, W // 2, 2).mean(dim=(2, 4)).reshape(n)
+    expected = patch_mean * item.frame_weight.repeat_interleave(n // T) * 0.5
+    torch.testing.assert_close(weighted[0, -1, :n], expected, rtol=1e-6, atol=0)
+    assert torch.equal(plain[0, -1, :n], item.frame_weight.repeat_interleave(n // T) * 0.5)
+    assert not weighted[0, -1, n:].any()

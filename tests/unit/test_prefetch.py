@@ -146,3 +146,22 @@ def test_prefetch_must_not_be_negative(tmp_path):
     cfg = tiny_train_config(tmp_path)
     with pytest.raises(ValueError, match=r"data\.prefetch \(-1\) must be >= 0"):
         validate(replace(cfg, data=replace(cfg.data, prefetch=-1)))
+
+
+def test_dense_batches_weigh_moving_content_with_motion_weight(tmp_path, parallel):
+    """The synthetic (dense) path under diffusion.motion_weight: the same inputs and velocity target, the loss
+    weight of every element multiplied by motion_weight of its sample's clean latent."""
+    from magi_train.diffusion.objective import motion_weight
+
+    cfg = _config(tmp_path, 0)
+    weighted = replace(cfg, diffusion=replace(cfg.diffusion, motion_weight=2.0))
+    builder = _builder(cfg, parallel)
+    plain, moving = builder.step(0), _builder(weighted, parallel).step(0)
+    samples = builder._step_samples(0)
+    assert len(samples) == len(plain) == len(moving)
+    for (inputs_a, target_a), (inputs_b, target_b), s in zip(plain, moving, samples):
+        assert all(torch.equal(a, b) for a, b in zip(inputs_a, inputs_b))
+        assert torch.equal(target_a[:, :-1], target_b[:, :-1])
+        w = motion_weight(s.latent, weighted.diffusion)[:, None]
+        assert float(w.max()) > 1.5, "the synthetic blobs move: some elements must weigh more"
+        torch.testing.assert_close(target_b[:, -1:], target_a[:, -1:] * w, rtol=1e-6, atol=0)

@@ -154,3 +154,31 @@ def test_validation_videos_are_written_and_logged(shards, parallel, tmp_path):
         info = probe_video(path)
         # 2 chunks x CHUNK latent frames, 4 pixel frames each.
         assert info.frames == 2 * CHUNK * 4 and info.width > 0, (name, info)
+
+
+def test_motion_weight_weighs_each_token_by_its_patch(shards, parallel, tmp_path, monkeypatch):
+    """diffusion.motion_weight: the same zero-prediction loss with each token's squared error weighed by the
+    mean motion weight of its patch, over the same element count (t2v: every frame has loss)."""
+    from magi_train.data.packed_inputs import patchify
+    from magi_train.diffusion.objective import motion_weight
+
+    root, _, _ = shards
+    diffusion = DiffusionConfig(i2v_prob=0.0, clean_prefix_prob=0.0, caption_dropout=0.0, motion_weight=3.0)
+    trainer = Trainer(config(root / "train", tmp_path, diffusion=diffusion), parallel)
+    monkeypatch.setattr(trainer.batches, "noise", lambda stream, position, shape: torch.zeros(shape))
+    m = trainer.cfg.model
+    sequences = []
+    for seq in WebDatasetLoader(trainer.cfg.data, m, 0, 1):
+        sequences.append(seq)
+        if len(sequences) == 2:
+            break
+    num, plain, den = 0.0, 0.0, 0
+    for seq in sequences:
+        for s in seq.samples:
+            x = s.latent.double()
+            w = patchify(motion_weight(x, diffusion)[None], m.t_patch_size, m.patch_size).mean(dim=1)
+            num += float((patchify(x.square(), m.t_patch_size, m.patch_size).sum(dim=1) * w).sum())
+            plain += float(x.square().sum())
+            den += x.numel()
+    assert num > plain * 1.05, "the test shards must have moving content for the weight to change the loss"
+    assert _step_loss(trainer, sequences) == pytest.approx(num / den, rel=1e-5)
