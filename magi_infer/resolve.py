@@ -43,6 +43,10 @@ ENGINE_KEYS = {
 # Architecture fields that tell the presets apart (compared against the weights or config.json).
 ARCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
         "in_channels", "out_channels", "caption_channels", "gated_linear_unit", "half_channel_vae", "x_rescale_factor")
+# Further fields that fix the shapes or the numerics of a trained model (a checkpoint of ours records them).
+SHAPE = ("caption_max_length", "null_caption_length", "patch_size", "t_patch_size", "cond_hidden_ratio",
+         "xattn_cond_hidden_ratio", "cond_gating_ratio", "proj_interleave_groups", "chunk_width", "layernorm_epsilon",
+         "apply_layernorm_1p", "rope_temperature", "rope_reference_tokens", "timestep_rescale_factor")
 
 
 def hydra_value(value: Any) -> str:
@@ -97,6 +101,15 @@ def _from_our_checkpoint(ckpt: Path, model: Optional[str]) -> Dict[str, Any]:
         raise ValueError(f"from_pretrained: checkpoint {ckpt} was trained with model.name={stored.get('name')!r}, "
                          f"which is not a preset of conf/model ({', '.join(model_preset_names())}); pass model=PRESET")
     out: Dict[str, Any] = {"model": name}
+    if not model:
+        # A run may change the preset's architecture on the command line (e.g. model.num_layers=4): the weights
+        # then have the trained shape, not the preset's, and the overrides that made it travel with them.
+        from magi_train.config.compose import load_model_preset
+
+        preset = load_model_preset(name)
+        for key in ARCH + SHAPE:
+            if key in stored and stored[key] != getattr(preset, key):
+                out[f"model.{key}"] = stored[key]
     if stored.get("distill") and not model:
         out.update({"model.distill": True, "sampler.cfg_number": 1})  # guidance was distilled in (released rule)
     return out

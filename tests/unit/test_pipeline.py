@@ -222,6 +222,30 @@ def test_from_pretrained_names_what_is_wrong(tmp_path):
         MagiPipeline.from_pretrained(TINY, overrides="video.height=32")
 
 
+def test_a_run_that_changed_the_presets_architecture_loads_as_trained(tmp_path):
+    """model.num_layers=3 on the command line of a tiny run: its checkpoint names preset tiny (2 layers), and
+    from_pretrained takes the recorded architecture, so the 3-layer weights load without an override."""
+    from dataclasses import replace
+
+    from magi_train.config import validate
+    from magi_train.parallel.groups import init_parallel
+    from magi_train.training.trainer import Trainer
+    from tests.configs import tiny_train_config
+
+    cfg = tiny_train_config(tmp_path / "run", max_steps=1)
+    cfg = validate(replace(cfg, model=replace(cfg.model, num_layers=3, null_caption_length=12)))
+    with Trainer(cfg, init_parallel(cfg.parallel)) as trainer:
+        trainer.fit()
+        trained = {n: p.detach().clone() for n, p in trainer.models[0].named_parameters()}
+    found = released_overrides(tmp_path / "run" / "checkpoints")
+    assert found["model"] == "tiny" and found["model.num_layers"] == "3" and found["model.null_caption_length"] == "12"
+    assert "model.hidden_size" not in found  # only what differs from the preset
+    pipe = MagiPipeline.from_pretrained(tmp_path / "run" / "checkpoints", overrides={"progress": False})
+    served = pipe.engine.model.state_dict()
+    assert pipe.engine.model.cfg.num_layers == 3
+    assert all(torch.equal(served[n].float(), value.float()) for n, value in trained.items())
+
+
 def test_v2v_continues_from_cached_latents(pipe):
     """An extension from a finished video's latents: its first output chunk follows the prefix, and continuing
     the latents of the first part of a video gives a valid, different continuation per seed."""
